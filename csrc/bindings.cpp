@@ -1,0 +1,171 @@
+// The only pybind11 file: validate every array once (dtype, C-contiguity, shape, writability),
+// take raw pointers, release the GIL and call the kernel. A bad argument raises ValueError.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "dispatch.h"
+#include "ops.h"
+
+namespace py = pybind11;
+using glm4rt::AttentionArgs;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Checks dtype, C-contiguity and rank of a kernel argument; `shape` entries < 0 are free.
+template <typename T>
+void expect(const py::array& a, const char* name, std::vector<py::ssize_t> shape,
+            bool writable = false) {
+  GLM4RT_CHECK(a.dtype().is(py::dtype::of<T>()))
+      << name << ": expected dtype " << std::string(py::str(py::dtype::of<T>())) << ", got "
+      << std::string(py::str(a.dtype()));
+  GLM4RT_CHECK(a.flags() & py::array::c_style) << name << ": array must be C-contiguous";
+  GLM4RT_CHECK(a.ndim() == static_cast<py::ssize_t>(shape.size()))
+      << name << ": expected " << shape.size() << " dimensions, got shape " << shape_str(a);
+  for (size_t i = 0; i < shape.size(); ++i)
+    GLM4RT_CHECK(shape[i] < 0 || a.shape(i) == shape[i])
+        << name << ": dimension " << i << " must be " << shape[i] << ", got shape " << shape_str(a);
+  GLM4RT_CHECK(!writable || a.writeable()) << name << ": output array must be writable";
+}
+
+void matmul(const py::array& x, const py::array& w, const py::object& bias, py::array& out) {
+  expect<float>(x, "x", {-1, -1});
+  const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
+  GLM4RT_CHECK(w.ndim() == 2) << "weight: expected 2 dimensions [N, K], got shape " << shape_str(w);
+  const int N = static_cast<int>(w.shape(0));
+  GLM4RT_CHECK(K > 0 && N > 0) << "matmul: empty weight " << shape_str(w);
+  const bool bf16 = w.dtype().is(py::dtype::of<uint16_t>());
+  if (bf16)
+    expect<uint16_t>(w, "weight (bf16 bits)", {N, K});
+  else
+    expect<float>(w, "weight", {N, K});
+  const float* bias_ptr = nullptr;
+  if (!bias.is_none()) {
+    py::array b = bias.cast<py::array>();
+    expect<float>(b, "bias", {N});
+    bias_ptr = static_cast<const float*>(b.data());
+  }
+  expect<float>(out, "out", {M, N}, true);
+  const float* xp = static_cast<const float*>(x.data());
+  float* yp = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  if (bf16)
+    glm4rt::matmul_bf16(xp, M, K, static_cast<const uint16_t*>(w.data()), N, bias_ptr, yp);
+  else
+    glm4rt::matmul_f32(xp, M, K, static_cast<const float*>(w.data()), N, bias_ptr, yp);
+}
+
+void rms_norm(const py::array& x, const py::array& weight, float eps, py::array& out) {
+  expect<float>(x, "x", {-1, -1});
+  const int M = static_cast<int>(x.shape(0)), H = static_cast<int>(x.shape(1));
+  expect<float>(weight, "weight", {H});
+  expect<float>(out, "out", {M, H}, true);
+  GLM4RT_CHECK(eps >= 0.0f) << "eps must be >= 0, got " << eps;
+  const float* xp = static_cast<const float*>(x.data());
+  const float* wp = static_cast<const float*>(weight.data());
+  float* yp = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  glm4rt::rms_norm(xp, wp, yp, M, H, eps);
+}
+
+void rotary(py::array& x, const py::array& pos, const py::array& inv_freq, int rot_dim) {
+  expect<float>(x, "x", {-1, -1, -1}, true);
+  const int T = static_cast<int>(x.shape(0)), nh = static_cast<int>(x.shape(1)),
+            d = static_cast<int>(x.shape(2));
+  expect<int64_t>(pos, "positions", {T});
+  GLM4RT_CHECK(rot_dim >= 0 && rot_dim <= d && rot_dim % 2 == 0)
+      << "rot_dim must be even and in [0, head_dim=" << d << "], got " << rot_dim;
+  expect<float>(inv_freq, "inv_freq", {rot_dim / 2});
+  float* xp = static_cast<float*>(x.mutable_data());
+  const int64_t* pp = static_cast<const int64_t*>(pos.data());
+  const float* fp = static_cast<const float*>(inv_freq.data());
+  py::gil_scoped_release release;
+  glm4rt::rotary_interleaved(xp, T, nh, d, pp, fp, rot_dim);
+}
+
+void silu_mul(const py::array& gate_up, py::array& out) {
+  expect<float>(gate_up, "gate_up", {-1, -1});
+  const int M = static_cast<int>(gate_up.shape(0)), I2 = static_cast<int>(gate_up.shape(1));
+  GLM4RT_CHECK(I2 % 2 == 0) << "gate_up: last dimension must be even (gate then up), got " << I2;
+  expect<float>(out, "out", {M, I2 / 2}, true);
+  const float* gp = static_cast<const float*>(gate_up.data());
+  float* op = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  glm4rt::silu_mul(gp, op, M, I2 / 2);
+}
+
+void attention(const py::array& q, const py::array& k, const py::array& v, int n_keys,
+               const py::array& q_pos, const py::object& key_mask, float scale, py::array& out,
+               const py::object& probs) {
+  expect<float>(q, "q", {-1, -1, -1, -1});
+  AttentionArgs a{};
+  a.batch = static_cast<int>(q.shape(0));
+  a.n_queries = static_cast<int>(q.shape(1));
+  a.n_heads = static_cast<int>(q.shape(2));
+  a.head_dim = static_cast<int>(q.shape(3));
+  expect<float>(k, "k", {a.batch, -1, -1, a.head_dim});
+  a.n_kv_heads = static_cast<int>(k.shape(1));
+  a.capacity = static_cast<int>(k.shape(2));
+  expect<float>(v, "v", {a.batch, a.n_kv_heads, a.capacity, a.head_dim});
+  GLM4RT_CHECK(a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0)
+      << "n_heads (" << a.n_heads << ") must be a multiple of n_kv_heads (" << a.n_kv_heads << ")";
+  GLM4RT_CHECK(n_keys > 0 && n_keys <= a.capacity)
+      << "n_keys must be in [1, capacity=" << a.capacity << "], got " << n_keys;
+  a.n_keys = n_keys;
+  expect<int64_t>(q_pos, "q_pos", {a.n_queries});
+  const int64_t* qp = static_cast<const int64_t*>(q_pos.data());
+  for (int t = 0; t < a.n_queries; ++t)
+    GLM4RT_CHECK(qp[t] >= 0 && qp[t] < n_keys)
+        << "q_pos[" << t << "] = " << qp[t] << " is outside the " << n_keys << " keys";
+  if (!key_mask.is_none()) {
+    py::array m = key_mask.cast<py::array>();
+    expect<uint8_t>(m, "key_mask", {a.batch, n_keys});
+    a.key_mask = static_cast<const uint8_t*>(m.data());
+  }
+  expect<float>(out, "out", {a.batch, a.n_queries, a.n_heads, a.head_dim}, true);
+  if (!probs.is_none()) {
+    py::array p = probs.cast<py::array>();
+    expect<float>(p, "probs", {a.batch, a.n_heads, a.n_queries, n_keys}, true);
+    a.probs = static_cast<float*>(p.mutable_data());
+  }
+  a.q = static_cast<const float*>(q.data());
+  a.k = static_cast<const float*>(k.data());
+  a.v = static_cast<const float*>(v.data());
+  a.q_pos = qp;
+  a.out = static_cast<float*>(out.mutable_data());
+  a.scale = scale;
+  py::gil_scoped_release release;
+  glm4rt::attention(a);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "glm4rt C++ kernels (import through glm4rt.ops)";
+  glm4rt::kernels();  // resolve GLM4RT_ISA now: a bad value fails the import with its message
+
+  m.def("matmul", &matmul, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+        "out[M, N] = x[M, K] @ weight[N, K]^T (+ bias); weight fp32 or bf16 bits (uint16).");
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
+  m.def("rotary", &rotary, py::arg("x"), py::arg("positions"), py::arg("inv_freq"),
+        py::arg("rot_dim"), "Interleaved partial rotary, in place on x[n_tokens, n_heads, d].");
+  m.def("silu_mul", &silu_mul, py::arg("gate_up"), py::arg("out"));
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_keys"),
+        py::arg("q_pos"), py::arg("key_mask"), py::arg("scale"), py::arg("out"),
+        py::arg("probs"));
+  m.def("supported_isas", &glm4rt::supported_isas);
+  m.def("set_isa", &glm4rt::set_isa, py::arg("name"));
+  m.def("active_isa", &glm4rt::active_isa);
+  m.def("set_num_threads", &glm4rt::set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &glm4rt::get_num_threads);
+}

@@ -1,0 +1,128 @@
+#include "dispatch.h"
+
+#include <atomic>
+#include <cstdlib>
+
+#include "check.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#if defined(GLM4RT_X86)
+#include <cpuid.h>
+#endif
+
+namespace glm4rt {
+namespace {
+
+struct CpuFeatures {
+  bool avx2 = false;
+  bool avx512 = false;
+};
+
+#if defined(GLM4RT_X86)
+unsigned long long xgetbv0() {
+  unsigned int eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<unsigned long long>(edx) << 32) | eax;
+}
+#endif
+
+CpuFeatures detect() {
+  CpuFeatures f;
+#if defined(GLM4RT_X86)
+  unsigned int eax, ebx, ecx, edx;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return f;
+  bool osxsave = ecx & (1u << 27), fma = ecx & (1u << 12), f16c = ecx & (1u << 29);
+  if (!osxsave) return f;
+  unsigned long long xcr0 = xgetbv0();
+  bool os_avx = (xcr0 & 0x6) == 0x6;        // XMM and YMM state saved by the OS
+  bool os_avx512 = (xcr0 & 0xE6) == 0xE6;   // + opmask, ZMM_Hi256, Hi16_ZMM
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return f;
+  bool avx2 = ebx & (1u << 5);
+  bool avx512f = ebx & (1u << 16), avx512dq = ebx & (1u << 17);
+  bool avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31);
+  f.avx2 = os_avx && avx2 && fma && f16c;
+  f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl;
+#endif
+  return f;
+}
+
+const CpuFeatures& cpu() {
+  static const CpuFeatures features = detect();
+  return features;
+}
+
+const KernelTable* table_for(const std::string& name) {
+  if (name == "generic") return &generic_kernels();
+#if defined(GLM4RT_X86)
+  if (name == "avx2" && cpu().avx2) return &avx2_kernels();
+  if (name == "avx512" && cpu().avx512) return &avx512_kernels();
+#endif
+  return nullptr;
+}
+
+std::string supported_list() {
+  std::string out;
+  for (const std::string& name : supported_isas()) out += (out.empty() ? "" : ", ") + name;
+  return out;
+}
+
+const KernelTable* initial_table() {
+  const char* env = std::getenv("GLM4RT_ISA");
+  if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
+    const KernelTable* t = table_for(env);
+    GLM4RT_CHECK(t != nullptr) << "GLM4RT_ISA=" << env << " is not available on this CPU or unknown;"
+                               << " this CPU supports: " << supported_list();
+    return t;
+  }
+  return table_for(supported_isas().back());
+}
+
+std::atomic<const KernelTable*> g_table{nullptr};
+std::atomic<int> g_threads{0};
+
+}  // namespace
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out{"generic"};
+  if (cpu().avx2) out.push_back("avx2");
+  if (cpu().avx512) out.push_back("avx512");
+  return out;
+}
+
+void set_isa(const std::string& name) {
+  const KernelTable* t = name == "auto" ? table_for(supported_isas().back()) : table_for(name);
+  GLM4RT_CHECK(t != nullptr) << "ISA '" << name << "' is not available on this CPU or unknown;"
+                             << " this CPU supports: " << supported_list();
+  g_table.store(t);
+}
+
+std::string active_isa() { return kernels().name; }
+
+const KernelTable& kernels() {
+  const KernelTable* t = g_table.load();
+  if (t == nullptr) {
+    t = initial_table();
+    g_table.store(t);
+  }
+  return *t;
+}
+
+void set_num_threads(int n) {
+  GLM4RT_CHECK(n >= 1) << "number of threads must be >= 1, got " << n;
+  g_threads.store(n);
+}
+
+int get_num_threads() {
+  int n = g_threads.load();
+  if (n > 0) return n;
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace glm4rt

@@ -1,0 +1,24 @@
+// Runtime CPU dispatch: detect the ISA once (CPUID + XGETBV), allow an override
+// (GLM4RT_ISA=generic|avx2|avx512 or set_isa()), and hand out the chosen kernel table.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace glm4rt {
+
+// ISAs this CPU (and its OS) can run, best last: always starts with "generic".
+std::vector<std::string> supported_isas();
+// Select the kernel table by name; throws if the name is unknown or the CPU cannot run it.
+void set_isa(const std::string& name);
+// Name of the active table.
+std::string active_isa();
+// The active table (chosen on first use from GLM4RT_ISA or the best supported ISA).
+const KernelTable& kernels();
+
+// Threads used by every parallel kernel (a process-wide setting, not per calling thread).
+void set_num_threads(int n);
+int get_num_threads();
+
+}  // namespace glm4rt

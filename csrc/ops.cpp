@@ -1,0 +1,173 @@
+#include "ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "dispatch.h"
+
+namespace glm4rt {
+namespace {
+
+// Tile sizes of the cache blocking: a [kBlockM, kBlockK] slice of x (128 KiB) stays in L2 while
+// every weight tile of nr rows x kBlockK (8 KiB) streams through L1 once per block of tokens.
+constexpr int kBlockM = 64;
+constexpr int kBlockK = 512;
+// Below this many multiply-adds a matmul runs on the calling thread.
+constexpr long long kParallelWork = 1 << 15;
+
+template <typename W, typename Tile>
+void matmul_impl(const float* x, int M, int K, const W* w, int N, const float* bias, float* y,
+                 Tile tile, int mr, int nr) {
+  const int n_tiles = (N + nr - 1) / nr;
+  const bool parallel = static_cast<long long>(M) * N * K >= kParallelWork;
+#pragma omp parallel num_threads(get_num_threads()) if (parallel)
+  for (int m0 = 0; m0 < M; m0 += kBlockM) {
+    const int mb = std::min(kBlockM, M - m0);
+#pragma omp for schedule(static)
+    for (int t = 0; t < n_tiles; ++t) {
+      const int n0 = t * nr, nn = std::min(nr, N - n0);
+      for (int k0 = 0; k0 < K; k0 += kBlockK) {
+        const int kb = std::min(kBlockK, K - k0);
+        for (int i = 0; i < mb; i += mr)
+          tile(x + static_cast<size_t>(m0 + i) * K + k0, K, w + static_cast<size_t>(n0) * K + k0,
+               K, y + static_cast<size_t>(m0 + i) * N + n0, N, std::min(mr, mb - i), nn, kb,
+               k0 > 0);
+      }
+      if (bias != nullptr)
+        for (int i = 0; i < mb; ++i)
+          for (int j = 0; j < nn; ++j) y[static_cast<size_t>(m0 + i) * N + n0 + j] += bias[n0 + j];
+    }
+  }
+}
+
+}  // namespace
+
+void matmul_f32(const float* x, int M, int K, const float* w, int N, const float* bias, float* y) {
+  const KernelTable& kt = kernels();
+  matmul_impl(x, M, K, w, N, bias, y, kt.gemm_tile_f32, kt.mr, kt.nr);
+}
+
+void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const float* bias,
+                 float* y) {
+  const KernelTable& kt = kernels();
+  matmul_impl(x, M, K, w, N, bias, y, kt.gemm_tile_bf16, kt.mr, kt.nr);
+}
+
+void rms_norm(const float* x, const float* weight, float* y, int M, int H, float eps) {
+  const KernelTable& kt = kernels();
+#pragma omp parallel for num_threads(get_num_threads()) if (static_cast<long long>(M) * H >= kParallelWork)
+  for (int m = 0; m < M; ++m) {
+    const float* xr = x + static_cast<size_t>(m) * H;
+    float* yr = y + static_cast<size_t>(m) * H;
+    const float mean_sq = kt.dot_f32(xr, xr, H) / static_cast<float>(H);
+    const float inv_rms = 1.0f / std::sqrt(mean_sq + eps);
+    for (int i = 0; i < H; ++i) yr[i] = weight[i] * (xr[i] * inv_rms);
+  }
+}
+
+void rotary_interleaved(float* x, int n_tokens, int n_heads, int head_dim, const int64_t* pos,
+                        const float* inv_freq, int rot_dim) {
+  const int half = rot_dim / 2;
+#pragma omp parallel num_threads(get_num_threads()) if (static_cast<long long>(n_tokens) * n_heads * head_dim >= kParallelWork)
+  {
+    std::vector<float> cos_t(half), sin_t(half);
+#pragma omp for schedule(static)
+    for (int t = 0; t < n_tokens; ++t) {
+      for (int i = 0; i < half; ++i) {
+        const float angle = static_cast<float>(pos[t]) * inv_freq[i];  // fp32, as transformers
+        cos_t[i] = std::cos(angle);
+        sin_t[i] = std::sin(angle);
+      }
+      for (int h = 0; h < n_heads; ++h) {
+        float* xh = x + (static_cast<size_t>(t) * n_heads + h) * head_dim;
+        for (int i = 0; i < half; ++i) {  // adjacent pairs (2i, 2i+1), not NeoX halves
+          const float x0 = xh[2 * i], x1 = xh[2 * i + 1];
+          xh[2 * i] = x0 * cos_t[i] - x1 * sin_t[i];
+          xh[2 * i + 1] = x1 * cos_t[i] + x0 * sin_t[i];
+        }
+      }
+    }
+  }
+}
+
+void silu_mul(const float* gate_up, float* out, int M, int I) {
+#pragma omp parallel for num_threads(get_num_threads()) if (static_cast<long long>(M) * I >= kParallelWork)
+  for (int m = 0; m < M; ++m) {
+    const float* gate = gate_up + static_cast<size_t>(m) * 2 * I;
+    const float* up = gate + I;
+    float* o = out + static_cast<size_t>(m) * I;
+    for (int i = 0; i < I; ++i) o[i] = up[i] * (gate[i] / (1.0f + std::exp(-gate[i])));
+  }
+}
+
+void attention(const AttentionArgs& a) {
+  const KernelTable& kt = kernels();
+  const int group = a.n_heads / a.n_kv_heads;  // query heads sharing one kv head
+  const int d = a.head_dim, S = a.n_keys;
+  const long long n_items = static_cast<long long>(a.batch) * a.n_kv_heads * a.n_queries;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel num_threads(get_num_threads()) if (n_items * S * d * group >= kParallelWork)
+  {
+    std::vector<float> scores(static_cast<size_t>(group) * S);  // [group, n_keys]
+    std::vector<float> maxv(group);                             // [group]
+#pragma omp for schedule(static)
+    for (long long item = 0; item < n_items; ++item) {
+      const int t = static_cast<int>(item % a.n_queries);
+      const int g = static_cast<int>((item / a.n_queries) % a.n_kv_heads);
+      const int b = static_cast<int>(item / (static_cast<long long>(a.n_queries) * a.n_kv_heads));
+      const size_t kv_off = (static_cast<size_t>(b) * a.n_kv_heads + g) * a.capacity * d;
+      const float* kb = a.k + kv_off;  // [capacity, d]
+      const float* vb = a.v + kv_off;
+      const uint8_t* mask = a.key_mask ? a.key_mask + static_cast<size_t>(b) * S : nullptr;
+      const int64_t last = std::min<int64_t>(a.q_pos[t], S - 1);  // causal limit
+      // q and out of head h = g * group + j: [B, T, n_heads, d]
+      const size_t row0 = (static_cast<size_t>(b) * a.n_queries + t) * a.n_heads + g * group;
+      const float* q = a.q + row0 * d;
+      float* out = a.out + row0 * d;
+
+      // Scores: each key row is read once for all `group` query heads.
+      std::fill(maxv.begin(), maxv.end(), neg_inf);
+      for (int s = 0; s < S; ++s) {
+        const bool visible = s <= last && (mask == nullptr || mask[s] != 0);
+        for (int j = 0; j < group; ++j) {
+          float sc = visible ? kt.dot_f32(q + static_cast<size_t>(j) * d, kb + static_cast<size_t>(s) * d, d) * a.scale
+                             : neg_inf;
+          scores[static_cast<size_t>(j) * S + s] = sc;
+          maxv[j] = std::max(maxv[j], sc);
+        }
+      }
+      // Softmax per head (a head with no visible key gets all-zero probabilities).
+      for (int j = 0; j < group; ++j) {
+        float* sj = scores.data() + static_cast<size_t>(j) * S;
+        if (maxv[j] == neg_inf) {
+          std::fill(sj, sj + S, 0.0f);
+          continue;
+        }
+        float sum = 0.0f;
+        for (int s = 0; s < S; ++s) {
+          sj[s] = sj[s] == neg_inf ? 0.0f : std::exp(sj[s] - maxv[j]);
+          sum += sj[s];
+        }
+        const float inv = 1.0f / sum;
+        for (int s = 0; s < S; ++s) sj[s] *= inv;
+      }
+      // out = probs @ V, each value row read once for the group.
+      std::fill(out, out + static_cast<size_t>(group) * d, 0.0f);
+      for (int s = 0; s <= last; ++s)
+        for (int j = 0; j < group; ++j) {
+          const float p = scores[static_cast<size_t>(j) * S + s];
+          if (p != 0.0f) kt.axpy_f32(p, vb + static_cast<size_t>(s) * d, out + static_cast<size_t>(j) * d, d);
+        }
+      if (a.probs != nullptr)
+        for (int j = 0; j < group; ++j) {
+          const int h = g * group + j;
+          float* dst = a.probs + ((static_cast<size_t>(b) * a.n_heads + h) * a.n_queries + t) * S;
+          std::copy(scores.data() + static_cast<size_t>(j) * S, scores.data() + static_cast<size_t>(j + 1) * S, dst);
+        }
+    }
+  }
+}
+
+}  // namespace glm4rt

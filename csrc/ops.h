@@ -1,0 +1,46 @@
+// ISA-neutral kernel drivers: OpenMP threading, cache tiling, and the transformer ops built on the
+// primitives of the active KernelTable. No model logic here; every pointer is only used during
+// the call. Shapes are row-major; [a, b] means b is contiguous.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace glm4rt {
+
+// y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]). fp32 accumulation.
+void matmul_f32(const float* x, int M, int K, const float* w, int N, const float* bias, float* y);
+// Same with bf16 weights stored as raw uint16 bit patterns.
+void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const float* bias,
+                 float* y);
+
+// y[M, H] = weight * (x * rsqrt(mean(x^2) + eps)); statistics in fp32; y may alias x.
+void rms_norm(const float* x, const float* weight, float* y, int M, int H, float eps);
+
+// In place on x[n_tokens, n_heads, head_dim]: interleaved (GPT-J) rotary on the first rot_dim
+// dims of each head, angle[t, i] = float(pos[t]) * inv_freq[i] for i < rot_dim / 2.
+void rotary_interleaved(float* x, int n_tokens, int n_heads, int head_dim, const int64_t* pos,
+                        const float* inv_freq, int rot_dim);
+
+// out[M, I] = gate_up[M, I:2I] * silu(gate_up[M, :I])
+void silu_mul(const float* gate_up, float* out, int M, int I);
+
+// Causal attention with grouped KV heads over a cache.
+//   q     [B, T, n_heads, d]          k, v [B, n_kv_heads, capacity, d] (first n_keys rows valid)
+//   q_pos [T] cache position of each query: key s is visible iff s <= q_pos[t]
+//   key_mask [B, n_keys] 1 = attend, 0 = padding (nullptr: all keys)
+//   out   [B, T, n_heads, d]          probs [B, n_heads, T, n_keys] or nullptr
+// A query with no visible key gets zeros. Scores, softmax and sums in fp32.
+struct AttentionArgs {
+  const float* q;
+  const float* k;
+  const float* v;
+  const int64_t* q_pos;
+  const uint8_t* key_mask;
+  float* out;
+  float* probs;
+  int batch, n_queries, n_heads, n_kv_heads, head_dim, capacity, n_keys;
+  float scale;
+};
+void attention(const AttentionArgs& a);
+
+}  // namespace glm4rt

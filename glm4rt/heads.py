@@ -1,0 +1,242 @@
+"""The task heads on top of ``Glm4Model``: causal LM, sequence and token classification, with the
+losses computed as transformers computes them."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from .config import Glm4Config
+from .model import Glm4Model, Glm4PreTrainedModel, Linear, TensorSpec, _base_model_specs
+from .outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast, TokenClassifierOutput
+
+IGNORE_INDEX = -100
+
+
+# ---- losses (float64 internally, returned as a float32 scalar array) ---------------------------
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Mean cross-entropy of ``logits [n, C]`` against int ``labels [n]``, skipping ``ignore_index``.
+
+    Raises:
+        ValueError: a label outside ``[0, C)`` that is not ``ignore_index``.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"class labels must be integers, got dtype {labels.dtype}")
+    keep = labels != ignore_index
+    n_classes = logits.shape[-1]
+    if np.any((labels[keep] < 0) | (labels[keep] >= n_classes)):
+        raise ValueError(f"labels must be in [0, {n_classes}) or {ignore_index}")
+    if not keep.any():
+        return np.array(np.nan, dtype=np.float32)  # torch: mean over zero items is nan
+    logp = _log_softmax(logits.reshape(-1, n_classes)[keep])
+    return np.array(-logp[np.arange(logp.shape[0]), labels[keep]].mean(), dtype=np.float32)
+
+
+def mse_loss(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Mean squared error."""
+    diff = pred.astype(np.float64) - np.asarray(target, dtype=np.float64)
+    return np.array(np.mean(diff * diff), dtype=np.float32)
+
+
+def bce_with_logits(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Mean binary cross-entropy on logits (multi-label classification), numerically stable."""
+    z = logits.astype(np.float64)
+    y = np.asarray(targets, dtype=np.float64)
+    if y.shape != z.shape:
+        raise ValueError(f"multi-label targets must have the logits' shape {z.shape}, got {y.shape}")
+    return np.array(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))), dtype=np.float32)
+
+
+def causal_lm_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Next-token loss: position t predicts ``labels[t + 1]``; -100 labels are skipped."""
+    labels = np.asarray(labels)
+    shifted = np.full(labels.shape, IGNORE_INDEX, dtype=np.int64)
+    shifted[..., :-1] = labels[..., 1:]
+    if shifted.shape != logits.shape[:-1]:
+        raise ValueError(f"labels {labels.shape} do not match the logits' positions {logits.shape[:-1]}")
+    return cross_entropy(logits, shifted)
+
+
+_BASE_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
+              "use_cache", "output_attentions", "output_hidden_states", "cache_position", "cache")
+
+
+def _run_base(model: Glm4Model, args: dict[str, Any]):
+    """Call the decoder with the base-model arguments picked out of a head's ``locals()``."""
+    return model.forward(**{k: args[k] for k in _BASE_ARGS}, return_dict=True)
+
+
+class Glm4ForCausalLM(Glm4PreTrainedModel):
+    """``Glm4Model`` + ``lm_head``: next-token logits (``CausalLMOutputWithPast``).
+
+    The lm_head (``[vocab, H]``, no bias) is the embedding matrix when ``tie_word_embeddings``.
+    """
+
+    @classmethod
+    def _tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
+        specs = _base_model_specs(config)
+        if not config.tie_word_embeddings:
+            specs["lm_head.weight"] = TensorSpec((config.vocab_size, config.hidden_size), "matrix")
+        return specs
+
+    def _build(self, tensors: dict[str, np.ndarray]) -> None:
+        self.model = Glm4Model(self.config, _tensors=tensors)
+        self.lm_head = Linear(self.model.embed_tokens if self.config.tie_word_embeddings
+                              else tensors["lm_head.weight"])
+
+    def named_parameters(self) -> dict[str, np.ndarray]:
+        """Every weight under its checkpoint name."""
+        out = self.model.named_parameters()
+        if not self.config.tie_word_embeddings:
+            out["lm_head.weight"] = self.lm_head.weight
+        return out
+
+    def forward(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
+                past_key_values: Any = None, inputs_embeds: Any = None, labels: Any = None,
+                use_cache: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, cache_position: Any = None,
+                logits_to_keep: int | np.ndarray = 0, return_dict: Optional[bool] = None,
+                cache: Any = None) -> CausalLMOutputWithPast | tuple:
+        """Logits for the next token at every kept position.
+
+        Args:
+            (as ``Glm4Model.forward``), plus
+            labels: int ``[batch, seq]``; the loss is the mean cross-entropy of position t against
+                ``labels[t + 1]``, skipping -100.
+            logits_to_keep: int k keeps the last k positions (0 = all); an index array keeps those.
+        Returns:
+            ``CausalLMOutputWithPast`` with ``logits [batch, kept, vocab]`` float32 (or a tuple).
+        """
+        base = _run_base(self.model, locals())
+        hidden = base.last_hidden_state  # [B, T, H]
+        if isinstance(logits_to_keep, (int, np.integer)):
+            if logits_to_keep < 0:
+                raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            kept = hidden[:, np.asarray(logits_to_keep)]
+        B, K, H = kept.shape
+        logits = self.lm_head(np.ascontiguousarray(kept).reshape(B * K, H)).reshape(B, K, -1)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=base.past_key_values,
+                                     hidden_states=base.hidden_states, attentions=base.attentions)
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+
+class Glm4ForSequenceClassification(Glm4PreTrainedModel):
+    """``Glm4Model`` + ``score`` (``[num_labels, H]``, no bias), pooled at each row's rightmost
+    token that is not ``pad_token_id`` (left or right padding both work)."""
+
+    _newly_initialisable = ("score.weight",)
+
+    @classmethod
+    def _tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
+        specs = _base_model_specs(config)
+        specs["score.weight"] = TensorSpec((config.num_labels, config.hidden_size), "matrix")
+        return specs
+
+    def _build(self, tensors: dict[str, np.ndarray]) -> None:
+        self.model = Glm4Model(self.config, _tensors=tensors)
+        self.score = Linear(tensors["score.weight"])
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    def forward(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
+                past_key_values: Any = None, inputs_embeds: Any = None, labels: Any = None,
+                use_cache: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, cache_position: Any = None,
+                return_dict: Optional[bool] = None, cache: Any = None,
+                ) -> SequenceClassifierOutputWithPast | tuple:
+        """Pooled classification logits ``[batch, num_labels]``.
+
+        Args:
+            (as ``Glm4Model.forward``), plus
+            labels: float ``[batch]`` (regression, num_labels == 1), int ``[batch]`` (single-label)
+                or float/int ``[batch, num_labels]`` multi-hot (multi-label). The loss follows
+                ``config.problem_type``, inferred from these as transformers does when unset.
+        Raises:
+            ValueError: batch > 1 without a ``pad_token_id`` to find each row's last token.
+        """
+        config = self.config
+        base = _run_base(self.model, locals())
+        hidden = base.last_hidden_state  # [B, T, H]
+        B, T, H = hidden.shape
+        logits = self.score(hidden.reshape(B * T, H)).reshape(B, T, -1)  # [B, T, num_labels]
+        if config.pad_token_id is None and B != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        if config.pad_token_id is None or input_ids is None:
+            last = np.full(B, T - 1)
+        else:
+            ids = np.asarray(input_ids)
+            non_pad = ids != config.pad_token_id
+            last = (np.arange(T) * non_pad).argmax(-1)  # rightmost non-pad (0 for an all-pad row)
+        pooled = logits[np.arange(B), last]  # [B, num_labels]
+
+        loss = None
+        if labels is not None:
+            labels = np.asarray(labels)
+            if config.problem_type is None:  # inferred once and stored, as transformers does
+                if config.num_labels == 1:
+                    config.problem_type = "regression"
+                elif labels.dtype.kind in "iu":
+                    config.problem_type = "single_label_classification"
+                else:
+                    config.problem_type = "multi_label_classification"
+            if config.problem_type == "regression":
+                loss = (mse_loss(pooled.squeeze(), labels.squeeze()) if config.num_labels == 1
+                        else mse_loss(pooled, labels))
+            elif config.problem_type == "single_label_classification":
+                loss = cross_entropy(pooled, labels)
+            else:
+                loss = bce_with_logits(pooled, labels)
+        out = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=base.past_key_values,
+                                               hidden_states=base.hidden_states, attentions=base.attentions)
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+
+class Glm4ForTokenClassification(Glm4PreTrainedModel):
+    """``Glm4Model`` + ``score`` (``[num_labels, H]`` with bias): per-token logits. Dropout is
+    inactive at inference, so none is applied."""
+
+    _newly_initialisable = ("score.weight", "score.bias")
+
+    @classmethod
+    def _tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
+        specs = _base_model_specs(config)
+        specs["score.weight"] = TensorSpec((config.num_labels, config.hidden_size), "matrix")
+        specs["score.bias"] = TensorSpec((config.num_labels,), "bias")
+        return specs
+
+    def _build(self, tensors: dict[str, np.ndarray]) -> None:
+        self.model = Glm4Model(self.config, _tensors=tensors)
+        self.score = Linear(tensors["score.weight"], tensors["score.bias"])
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    def forward(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
+                past_key_values: Any = None, inputs_embeds: Any = None, labels: Any = None,
+                use_cache: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, cache_position: Any = None,
+                return_dict: Optional[bool] = None, cache: Any = None) -> TokenClassifierOutput | tuple:
+        """Per-token logits ``[batch, seq, num_labels]``; ``labels`` int ``[batch, seq]`` (-100 skipped)
+        give the mean cross-entropy."""
+        base = _run_base(self.model, locals())
+        hidden = base.last_hidden_state
+        B, T, H = hidden.shape
+        logits = self.score(hidden.reshape(B * T, H)).reshape(B, T, -1)
+        loss = cross_entropy(logits, labels) if labels is not None else None
+        out = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=base.hidden_states,
+                                    attentions=base.attentions)
+        return out if return_dict is None or return_dict else out.to_tuple()

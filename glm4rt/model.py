@@ -1,0 +1,482 @@
+"""The GLM-4 network: weights named as in the Hugging Face checkpoint, and THE forward pass
+(``Glm4Model.forward``), readable top to bottom.
+
+GLM-4 quirks, each commented where it happens: four RMSNorms per layer ("sandwich" norms, with
+``post_attention_layernorm`` being the norm *before* the MLP), rotary on only the first
+``head_dim * partial_rotary_factor`` dims of each head with adjacent pairs (GPT-J style, not NeoX
+halves), one fused ``gate_up_proj`` (gate first), q/k/v biases but no o_proj bias.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from . import ops
+from .config import Glm4Config, _DEFAULTS
+from .errors import CheckpointError
+from .hub import HUB_KWARGS, resolve_model_dir
+from .kv_cache import Glm4Cache
+from .outputs import BaseModelOutputWithPast
+from .weights import Checkpoint
+
+
+class Linear:
+    """One projection ``y = x @ weight.T (+ bias)`` owning its weight in whatever format.
+
+    Args:
+        weight: ``[out_features, in_features]`` float32, or uint16 holding bf16 bit patterns.
+        bias: optional float32 ``[out_features]``.
+    """
+
+    def __init__(self, weight: np.ndarray, bias: Optional[np.ndarray] = None) -> None:
+        self.weight = weight
+        self.bias = bias
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """``x [n_tokens, in_features]`` -> ``[n_tokens, out_features]`` float32."""
+        return ops.linear(x, self.weight, self.bias, out)
+
+
+@dataclass
+class Glm4Attention:
+    q_proj: Linear  # [n_heads * d, H] (+ bias when attention_bias)
+    k_proj: Linear  # [n_kv_heads * d, H] (+ bias)
+    v_proj: Linear  # [n_kv_heads * d, H] (+ bias)
+    o_proj: Linear  # [H, n_heads * d], never a bias
+
+
+@dataclass
+class Glm4MLP:
+    gate_up_proj: Linear  # [2 * I, H]: rows [0, I) gate, [I, 2I) up
+    down_proj: Linear     # [H, I]
+
+
+@dataclass
+class Glm4DecoderLayer:
+    self_attn: Glm4Attention
+    mlp: Glm4MLP
+    input_layernorm: np.ndarray           # [H] before attention
+    post_self_attn_layernorm: np.ndarray  # [H] on the attention output
+    post_attention_layernorm: np.ndarray  # [H] before the MLP (HF name, despite "post")
+    post_mlp_layernorm: np.ndarray        # [H] on the MLP output
+
+
+# ---- weights: names, shapes, loading ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Expected checkpoint tensor: shape, and kind: "matrix" (kept in the model dtype),
+    "norm" (float32, initialised to ones) or "bias" (float32, initialised to zeros)."""
+    shape: tuple[int, ...]
+    kind: str
+
+
+_DTYPE_ALIASES = {
+    "auto": "auto", None: "auto",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+# Config fields that from_pretrained(**kwargs) may override.
+_CONFIG_KWARGS = set(_DEFAULTS) | {"num_labels", "id2label", "label2id", "rope_parameters",
+                                   "rope_scaling", "torch_dtype"}
+# Tensors of sibling classes (other heads) or non-persistent buffers: skipped, not an error.
+_OTHER_HEADS = ("lm_head.weight", "score.weight", "score.bias")
+
+
+def _normalise_dtype(dtype: Any) -> str:
+    key = dtype
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        key = np.dtype(dtype).name
+    elif not isinstance(dtype, str) and dtype is not None:
+        key = str(dtype).replace("torch.", "")
+    if key not in _DTYPE_ALIASES:
+        raise ValueError(
+            f"dtype={dtype!r} is not supported: use 'auto' (keep bf16 weights as bf16, others float32), "
+            "'float32' or 'bfloat16'. Compute is always float32 (fp16 accumulation overflows on GLM-4).")
+    return _DTYPE_ALIASES[key]
+
+
+def _base_model_specs(config: Glm4Config) -> dict[str, TensorSpec]:
+    """Tensors of the decoder stack, under the checkpoint prefix ``model.``."""
+    H, d, I = config.hidden_size, config.head_dim, config.intermediate_size
+    n_h, n_kv = config.num_attention_heads, config.num_key_value_heads
+    specs = {"model.embed_tokens.weight": TensorSpec((config.vocab_size, H), "matrix")}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
+                     "post_mlp_layernorm"):
+            specs[p + norm + ".weight"] = TensorSpec((H,), "norm")
+        for proj, rows in (("q_proj", n_h * d), ("k_proj", n_kv * d), ("v_proj", n_kv * d)):
+            specs[p + f"self_attn.{proj}.weight"] = TensorSpec((rows, H), "matrix")
+            if config.attention_bias:
+                specs[p + f"self_attn.{proj}.bias"] = TensorSpec((rows,), "bias")
+        specs[p + "self_attn.o_proj.weight"] = TensorSpec((H, n_h * d), "matrix")
+        specs[p + "mlp.gate_up_proj.weight"] = TensorSpec((2 * I, H), "matrix")
+        specs[p + "mlp.down_proj.weight"] = TensorSpec((H, I), "matrix")
+    specs["model.norm.weight"] = TensorSpec((H,), "norm")
+    return specs
+
+
+def _canonical_name(name: str) -> str:
+    """Checkpoints saved from a bare ``Glm4Model`` lack the ``model.`` prefix; add it."""
+    if name.startswith(("embed_tokens.", "layers.", "norm.")):
+        return "model." + name
+    return name
+
+
+def _init_tensor(spec: TensorSpec, std: float, rng: np.random.Generator, dtype: str) -> np.ndarray:
+    """transformers' ``_init_weights``: normal(0, initializer_range) matrices, unit norms, zero biases."""
+    if spec.kind == "norm":
+        return np.ones(spec.shape, dtype=np.float32)
+    if spec.kind == "bias":
+        return np.zeros(spec.shape, dtype=np.float32)
+    w = rng.normal(0.0, std, size=spec.shape).astype(np.float32)
+    return ops.f32_to_bf16(w) if dtype == "bfloat16" else w
+
+
+class Glm4PreTrainedModel:
+    """Shared construction and loading of the GLM-4 classes.
+
+    ``Cls(config)`` builds a randomly initialised model (as transformers does);
+    ``Cls.from_pretrained(path_or_hub_id, dtype=..., **config_overrides)`` loads a checkpoint.
+    """
+
+    config_class = Glm4Config
+    # Tensors the class may create when the checkpoint lacks them (new classification heads).
+    _newly_initialisable: tuple[str, ...] = ()
+
+    def __init__(self, config: Glm4Config, *, dtype: Any = "float32", seed: Optional[int] = None,
+                 _tensors: Optional[dict[str, np.ndarray]] = None) -> None:
+        if not isinstance(config, Glm4Config):
+            raise TypeError(f"config must be a Glm4Config, got {type(config).__name__}")
+        self.config = config
+        if _tensors is None:
+            target = _normalise_dtype(dtype)
+            rng = np.random.default_rng(seed)
+            _tensors = {name: _init_tensor(spec, config.initializer_range, rng, target)
+                        for name, spec in self._tensor_specs(config).items()}
+        self._build(_tensors)
+
+    @classmethod
+    def _tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
+        raise NotImplementedError
+
+    def _build(self, tensors: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "auto",
+                        config: Optional[Glm4Config] = None, seed: Optional[int] = None,
+                        progress: Optional[bool] = None, **kwargs: Any):
+        """Load a checkpoint directory (or Hugging Face hub id) as published.
+
+        Args:
+            pretrained_model_name_or_path: directory with ``config.json`` and ``model.safetensors``
+                (or shards + ``model.safetensors.index.json``), or a hub id such as
+                ``"zai-org/GLM-4-9B-0414"`` (resolved through ``huggingface_hub`` and its cache).
+            dtype: ``"auto"`` keeps bf16 matrices as bf16 (memory-mapped, no copy) and loads the
+                rest as float32; ``"float32"`` or ``"bfloat16"`` force one weight format. Norms and
+                biases are always float32 and all arithmetic accumulates in float32.
+            config: use this config instead of the directory's ``config.json``.
+            seed: seed for newly initialised heads.
+            progress: show a progress bar (default: when stderr is a terminal).
+            **kwargs: hub options (``revision``, ``cache_dir``, ``local_files_only``, ``token``)
+                and config overrides (``num_labels=``, ``problem_type=``, ``id2label=`` ...).
+        Returns:
+            The model.
+        Raises:
+            FileNotFoundError: no such directory / hub id, or no weights in it.
+            CheckpointError: corrupt or truncated files, missing, unexpected or mis-shaped tensors.
+            ConfigError: an unsupported config.
+            TypeError: an unknown keyword argument.
+        """
+        target = _normalise_dtype(dtype)
+        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+        unknown = sorted(set(kwargs) - _CONFIG_KWARGS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments {unknown}")
+        directory = resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
+        if config is None:
+            config = Glm4Config.from_pretrained(directory, **kwargs)
+        elif kwargs:
+            config = Glm4Config.from_dict(config.to_dict(), **kwargs)
+        ckpt = Checkpoint(directory)
+        specs = cls._tensor_specs(config)
+
+        stored = {}
+        for name in ckpt.names():
+            stored[_canonical_name(name)] = name
+        unexpected = [n for n in stored if n not in specs and n not in _OTHER_HEADS
+                      and not n.endswith("rotary_emb.inv_freq")]
+        if unexpected:
+            raise CheckpointError(
+                f"checkpoint {directory!r} has tensors that a {cls.__name__} with this config does not "
+                f"use: {_short_list(unexpected)} (does config.json match the weights?)")
+        missing = [n for n in specs if n not in stored]
+        fatal = [n for n in missing if n not in cls._newly_initialisable]
+        if fatal:
+            raise CheckpointError(f"checkpoint {directory!r} lacks tensors: {_short_list(fatal)}")
+
+        tensors: dict[str, np.ndarray] = {}
+        from tqdm.auto import tqdm
+
+        names = [n for n in specs if n in stored]
+        bar = tqdm(names, desc="Loading weights", unit="tensor", leave=False,
+                   disable=None if progress is None else not progress)
+        for name in bar:
+            spec, info = specs[name], ckpt.info(stored[name])
+            if info.shape != spec.shape:
+                raise CheckpointError(
+                    f"tensor {stored[name]!r} has shape {list(info.shape)} in {info.file}, but the "
+                    f"config expects {list(spec.shape)}")
+            if spec.kind == "matrix" and (target == "bfloat16" or (target == "auto" and info.dtype == "BF16")):
+                tensors[name] = ckpt.load(stored[name], "bfloat16")
+            else:
+                tensors[name] = ckpt.load(stored[name], "float32")
+        if missing:
+            rng = np.random.default_rng(seed)
+            matrix_dtype = "bfloat16" if target == "bfloat16" else "float32"
+            for name in missing:
+                tensors[name] = _init_tensor(specs[name], config.initializer_range, rng, matrix_dtype)
+            warnings.warn(
+                f"Some weights of {cls.__name__} were not initialized from the model checkpoint at "
+                f"{directory} and are newly initialized: {missing}. You should probably train this "
+                "model on a down-stream task to be able to use it for predictions and inference.",
+                stacklevel=2)
+        model = cls(config, _tensors=tensors)
+        model.name_or_path = os.fspath(pretrained_model_name_or_path)
+        return model
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self.forward(*args, **kwargs)
+
+
+def _short_list(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+class Glm4Model(Glm4PreTrainedModel):
+    """The decoder stack: embeddings, ``num_hidden_layers`` layers, final norm.
+
+    ``forward`` returns a ``BaseModelOutputWithPast`` (see there for the shapes).
+    """
+
+    @classmethod
+    def _tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
+        return _base_model_specs(config)
+
+    def _build(self, tensors: dict[str, np.ndarray]) -> None:
+        config = self.config
+        self.embed_tokens = tensors["model.embed_tokens.weight"]  # [V, H]
+        self.layers: list[Glm4DecoderLayer] = []
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+
+            def lin(name: str, has_bias: bool = False) -> Linear:
+                return Linear(tensors[p + name + ".weight"], tensors[p + name + ".bias"] if has_bias else None)
+
+            bias = config.attention_bias
+            self.layers.append(Glm4DecoderLayer(
+                self_attn=Glm4Attention(lin("self_attn.q_proj", bias), lin("self_attn.k_proj", bias),
+                                        lin("self_attn.v_proj", bias), lin("self_attn.o_proj")),
+                mlp=Glm4MLP(lin("mlp.gate_up_proj"), lin("mlp.down_proj")),
+                input_layernorm=tensors[p + "input_layernorm.weight"],
+                post_self_attn_layernorm=tensors[p + "post_self_attn_layernorm.weight"],
+                post_attention_layernorm=tensors[p + "post_attention_layernorm.weight"],
+                post_mlp_layernorm=tensors[p + "post_mlp_layernorm.weight"],
+            ))
+        self.norm = tensors["model.norm.weight"]  # [H]
+        # Rotary inverse frequencies over the R rotated dims, in float32 as transformers computes them.
+        R = config.rotary_dim
+        exponent = np.arange(0, R, 2, dtype=np.int64).astype(np.float32) / np.float32(R)
+        self.inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponent)).astype(np.float32)
+
+    def named_parameters(self) -> dict[str, np.ndarray]:
+        """Every weight under its checkpoint name (bf16 matrices as uint16 bit patterns)."""
+        out = {"model.embed_tokens.weight": self.embed_tokens}
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                lin = getattr(layer.self_attn, name)
+                out[p + f"self_attn.{name}.weight"] = lin.weight
+                if lin.bias is not None:
+                    out[p + f"self_attn.{name}.bias"] = lin.bias
+            out[p + "mlp.gate_up_proj.weight"] = layer.mlp.gate_up_proj.weight
+            out[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.weight
+            for norm in ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
+                         "post_mlp_layernorm"):
+                out[p + norm + ".weight"] = getattr(layer, norm)
+        out["model.norm.weight"] = self.norm
+        return out
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        """Embedding rows for ``input_ids [batch, seq]`` -> float32 ``[batch, seq, H]``."""
+        rows = self.embed_tokens[input_ids.reshape(-1)]
+        if rows.dtype == np.uint16:
+            rows = ops.bf16_to_f32(rows)
+        return rows.astype(np.float32, copy=False).reshape(*input_ids.shape, -1)
+
+    def forward(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
+                past_key_values: Any = None, inputs_embeds: Any = None, use_cache: Optional[bool] = None,
+                output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                cache_position: Any = None, return_dict: Optional[bool] = None, cache: Any = None,
+                ) -> BaseModelOutputWithPast | tuple:
+        """Run the decoder.
+
+        Args:
+            input_ids: int ``[batch, seq]`` token ids (or give ``inputs_embeds [batch, seq, H]``).
+            attention_mask: ``[batch, past + seq]``, 1 for tokens to attend to, 0 for padding.
+            position_ids: int ``[batch, seq]`` (or ``[1, seq]``); default ``past .. past + seq - 1``.
+            past_key_values: a ``Glm4Cache`` (updated in place) or legacy per-layer ``(key, value)``
+                tuples ``[batch, n_kv_heads, past, head_dim]``. ``cache`` is the transformers 5.x name.
+            use_cache: return the cache (default ``config.use_cache``).
+            output_attentions: also return each layer's attention probabilities.
+            output_hidden_states: also return the embeddings and every layer's output.
+            cache_position: int ``[seq]`` cache rows the new tokens occupy (contiguous); default
+                ``past .. past + seq - 1``. A start below the cached length rewinds the cache.
+            return_dict: ``False`` returns a tuple of the non-``None`` fields.
+        Returns:
+            ``BaseModelOutputWithPast`` (or a tuple).
+        Raises:
+            ValueError: token ids outside the vocabulary, a sequence longer than
+                ``max_position_embeddings``, shapes that do not fit.
+        """
+        config = self.config
+        if cache is not None:
+            if past_key_values is not None:
+                raise ValueError("pass either past_key_values or cache, not both")
+            past_key_values = cache
+        use_cache = config.use_cache if use_cache is None else use_cache
+        return_dict = True if return_dict is None else return_dict
+
+        # -- inputs ----------------------------------------------------------------------------
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            input_ids = np.asarray(input_ids)
+            if input_ids.dtype.kind not in "iu":
+                raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+            if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= config.vocab_size)].ravel()[0]
+                raise ValueError(f"token id {int(bad)} is out of range for vocab_size {config.vocab_size}")
+            B, T = input_ids.shape
+        else:
+            inputs_embeds = np.asarray(inputs_embeds)
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[2] != config.hidden_size:
+                raise ValueError(f"inputs_embeds must be [batch, seq, {config.hidden_size}], got {inputs_embeds.shape}")
+            B, T = inputs_embeds.shape[:2]
+        if T == 0:
+            raise ValueError("the input sequence is empty")
+
+        if past_key_values is not None and not isinstance(past_key_values, Glm4Cache):
+            past_key_values = Glm4Cache.from_legacy_cache(past_key_values, config)
+        kv = past_key_values
+        if kv is None:  # attention still needs the keys and values of this call
+            kv = Glm4Cache.for_config(config, B, T)
+        past = kv.get_seq_length()
+        if cache_position is not None:
+            cache_position = np.asarray(cache_position, dtype=np.int64).reshape(-1)
+            start = int(cache_position[0]) if cache_position.size else -1
+            if cache_position.size != T or not np.array_equal(cache_position, np.arange(start, start + T)):
+                raise ValueError(f"cache_position must be {T} consecutive cache rows, got {cache_position}")
+            if not 0 <= start <= past:
+                raise ValueError(f"cache_position starts at {start} but the cache holds {past} positions")
+            kv.crop(start)
+            past = start
+        total = past + T  # keys visible to this call
+        if total > config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {total} (past {past} + new {T}) exceeds max_position_embeddings "
+                f"{config.max_position_embeddings}")
+
+        if position_ids is None:
+            positions = np.broadcast_to(np.arange(past, total, dtype=np.int64), (B, T))
+        else:
+            positions = np.asarray(position_ids)
+            if positions.dtype.kind not in "iu":
+                raise ValueError(f"position_ids must be integers, got dtype {positions.dtype}")
+            if positions.ndim == 1:
+                positions = positions[None]
+            if positions.shape not in ((B, T), (1, T)):
+                raise ValueError(f"position_ids must be [{B}, {T}] or [1, {T}], got {positions.shape}")
+            if positions.size and positions.min() < 0:
+                raise ValueError("position_ids must be >= 0")
+            positions = np.broadcast_to(positions.astype(np.int64), (B, T))
+        positions = np.ascontiguousarray(positions).reshape(-1)  # [B*T]
+
+        key_mask = None
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask)
+            if attention_mask.ndim != 2 or attention_mask.shape != (B, total):
+                raise ValueError(
+                    f"attention_mask must be 2-D [batch, past + seq] = [{B}, {total}], got {attention_mask.shape}")
+            key_mask = np.ascontiguousarray(attention_mask != 0, dtype=np.uint8)  # [B, total]
+        kv.reserve(B, total)
+
+        # -- forward ---------------------------------------------------------------------------
+        H, d = config.hidden_size, config.head_dim
+        n_h, n_kv = config.num_attention_heads, config.num_key_value_heads
+        eps, R = float(config.rms_norm_eps), config.rotary_dim
+        N = B * T
+        q_rows = np.arange(past, total, dtype=np.int64)  # cache row of each new token
+        if input_ids is not None:
+            x = self.embed(input_ids).reshape(N, H)  # [N, H]
+        else:
+            x = np.array(inputs_embeds, dtype=np.float32).reshape(N, H)
+        all_hidden = [x.reshape(B, T, H).copy()] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        h = np.empty((N, H), dtype=np.float32)                     # normed input of a block
+        attn = np.empty((B, T, n_h, d), dtype=np.float32)          # attention output per head
+        ffn = np.empty((N, config.intermediate_size), dtype=np.float32)
+
+        for i, layer in enumerate(self.layers):
+            sa = layer.self_attn
+            # Attention block: x = x + post_self_attn_layernorm(attn(input_layernorm(x)))
+            ops.rms_norm(x, layer.input_layernorm, eps, out=h)
+            q = sa.q_proj(h).reshape(N, n_h, d)   # [N, n_h, d]
+            k = sa.k_proj(h).reshape(N, n_kv, d)  # [N, n_kv, d]
+            v = sa.v_proj(h)                      # [N, n_kv * d]
+            ops.rotary_(q, positions, self.inv_freq, R)  # first R dims, adjacent pairs
+            ops.rotary_(k, positions, self.inv_freq, R)
+            kv.write(i, k.reshape(B, T, n_kv, d), v.reshape(B, T, n_kv, d), past)
+            probs = np.empty((B, n_h, T, total), dtype=np.float32) if output_attentions else None
+            ops.attention(q.reshape(B, T, n_h, d), kv.key_cache[i], kv.value_cache[i], total, q_rows,
+                          key_mask, d ** -0.5, out=attn, probs=probs)
+            a = sa.o_proj(attn.reshape(N, n_h * d))  # [N, H]
+            x += ops.rms_norm(a, layer.post_self_attn_layernorm, eps, out=a)
+
+            # MLP block: x = x + post_mlp_layernorm(down(up * silu(gate)))
+            ops.rms_norm(x, layer.post_attention_layernorm, eps, out=h)  # the pre-MLP norm
+            gate_up = layer.mlp.gate_up_proj(h)                         # [N, 2I]
+            m = layer.mlp.down_proj(ops.silu_mul(gate_up, out=ffn))     # [N, H]
+            x += ops.rms_norm(m, layer.post_mlp_layernorm, eps, out=m)
+
+            if output_hidden_states:
+                all_hidden.append(x.reshape(B, T, H).copy())
+            if output_attentions:
+                all_attn.append(probs)
+
+        x = ops.rms_norm(x, self.norm, eps).reshape(B, T, H)  # [B, T, H]
+        kv.seq_len = total
+        if output_hidden_states:
+            all_hidden[-1] = x  # transformers reports the final *normed* state last
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=kv if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )
+        return out if return_dict else out.to_tuple()

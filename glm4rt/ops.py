@@ -1,0 +1,142 @@
+"""Thin wrappers over the C++ kernels; the only module that imports ``glm4rt._C``.
+
+Every kernel takes C-contiguous NumPy arrays of the exact dtype (float32 activations, float32 or
+bf16-as-uint16 weights) and writes into a caller-provided ``out`` array, so the forward pass can
+reuse its buffers. The kernels release the GIL and run on ``get_num_threads()`` OpenMP threads.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import _C
+
+__all__ = [
+    "linear", "rms_norm", "rotary_", "silu_mul", "attention",
+    "bf16_to_f32", "f32_to_bf16",
+    "cpu_isa", "supported_isas", "set_isa", "set_num_threads", "get_num_threads",
+]
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """``x @ weight.T + bias`` with fp32 accumulation.
+
+    Args:
+        x: float32 ``[n_tokens, in_features]``.
+        weight: float32 or bf16 bits (uint16) ``[out_features, in_features]`` (PyTorch layout).
+        bias: optional float32 ``[out_features]``.
+        out: optional float32 ``[n_tokens, out_features]`` to write into.
+    Returns:
+        ``out``.
+    """
+    if out is None:
+        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+    _C.matmul(x, weight, bias, out)
+    return out
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last axis of ``x [n_tokens, hidden]``.
+
+    ``out`` may be ``x`` itself. Returns ``out``.
+    """
+    if out is None:
+        out = np.empty_like(x)
+    _C.rms_norm(x, weight, float(eps), out)
+    return out
+
+
+def rotary_(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, rot_dim: int) -> np.ndarray:
+    """Apply GLM's interleaved partial rotary embedding in place.
+
+    Args:
+        x: float32 ``[n_tokens, n_heads, head_dim]``, modified in place.
+        positions: int64 ``[n_tokens]`` position of each token.
+        inv_freq: float32 ``[rot_dim // 2]``.
+        rot_dim: number of leading dims of each head that rotate (pairs ``(2i, 2i+1)``).
+    Returns:
+        ``x``.
+    """
+    _C.rotary(x, positions, inv_freq, int(rot_dim))
+    return x
+
+
+def silu_mul(gate_up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``up * silu(gate)`` where ``gate_up [n_tokens, 2 * I]`` holds gate then up. Returns ``out``."""
+    if out is None:
+        out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=np.float32)
+    _C.silu_mul(gate_up, out)
+    return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_keys: int, q_pos: np.ndarray,
+              key_mask: np.ndarray | None, scale: float, out: np.ndarray | None = None,
+              probs: np.ndarray | None = None) -> np.ndarray:
+    """Causal grouped-query attention over a KV cache.
+
+    Args:
+        q: float32 ``[batch, n_queries, n_heads, head_dim]`` (rotary already applied).
+        k, v: float32 ``[batch, n_kv_heads, capacity, head_dim]``; the first ``n_keys`` rows are used.
+        n_keys: number of valid cache rows.
+        q_pos: int64 ``[n_queries]`` cache row of each query; key ``s`` is visible iff ``s <= q_pos``.
+        key_mask: optional uint8 ``[batch, n_keys]``, 0 marks padding keys.
+        scale: score scale, ``head_dim ** -0.5``.
+        out: optional float32 ``[batch, n_queries, n_heads, head_dim]``.
+        probs: optional float32 ``[batch, n_heads, n_queries, n_keys]`` receiving the softmax.
+    Returns:
+        ``out``. Queries that see no key get zeros.
+    """
+    if out is None:
+        out = np.empty(q.shape, dtype=np.float32)
+    _C.attention(q, k, v, int(n_keys), q_pos, key_mask, float(scale), out, probs)
+    return out
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Widen bf16 bit patterns (uint16) to float32 exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bf16 bit patterns (uint16), round-to-nearest-even as PyTorch does."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    nan = np.isnan(x)
+    if nan.any():
+        rounded = np.where(nan, (u >> 16) | 0x40, rounded)
+    return rounded.astype(np.uint16)
+
+
+def cpu_isa() -> str:
+    """Name of the active kernel set: ``"generic"``, ``"avx2"`` or ``"avx512"``."""
+    return _C.active_isa()
+
+
+def supported_isas() -> list[str]:
+    """Kernel sets this CPU can run, from ``"generic"`` up to the best one."""
+    return list(_C.supported_isas())
+
+
+def set_isa(name: str) -> None:
+    """Force a kernel set (``"generic"``, ``"avx2"``, ``"avx512"`` or ``"auto"``).
+
+    Raises:
+        ValueError: the name is unknown or the CPU cannot run it.
+    """
+    _C.set_isa(name)
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads every kernel uses (process-wide)."""
+    _C.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Number of threads the kernels use."""
+    return _C.get_num_threads()
+
+
+if os.environ.get("GLM4RT_NUM_THREADS"):
+    set_num_threads(int(os.environ["GLM4RT_NUM_THREADS"]))

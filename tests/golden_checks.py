@@ -1,0 +1,89 @@
+"""Checks of glm4rt against named reference arrays from transformers (golden.npz or live).
+
+Shared by test_golden.py (committed fixtures, no torch needed) and test_live_transformers.py
+(fresh checkpoints built by transformers in the same run). Tolerance: 1e-4 abs + 1e-4 rel."""
+from __future__ import annotations
+
+import numpy as np
+
+import glm4rt
+
+ATOL = RTOL = 1e-4
+HEADS = {"causal": glm4rt.Glm4ForCausalLM, "seqcls": glm4rt.Glm4ForSequenceClassification,
+         "tokcls": glm4rt.Glm4ForTokenClassification}
+
+
+def close(actual, expected, what: str) -> None:
+    np.testing.assert_allclose(actual, expected, atol=ATOL, rtol=RTOL, err_msg=what)
+
+
+def check_full_forward(model, g) -> None:
+    """Logits, every hidden state and every attention map of an unpadded batch."""
+    out = model(g["ids"], output_hidden_states=True, output_attentions=True)
+    close(out.logits, g["logits"], "logits")
+    n_hidden = len([k for k in g.files if k.startswith("hidden_states.")])
+    assert len(out.hidden_states) == n_hidden == model.config.num_hidden_layers + 1
+    for i, h in enumerate(out.hidden_states):
+        close(h, g[f"hidden_states.{i}"], f"hidden_states[{i}]")
+    assert len(out.attentions) == model.config.num_hidden_layers
+    for i, a in enumerate(out.attentions):
+        close(a, g[f"attentions.{i}"], f"attentions[{i}]")
+
+
+def _valid_positions(mask: np.ndarray):
+    return [np.nonzero(row)[0] for row in mask]
+
+
+def check_padding(model, g) -> None:
+    """Left/right padded batches match transformers at every real token."""
+    for side in ("left", "right"):
+        ids, mask = g[f"{side}_ids"], g[f"{side}_mask"]
+        pos = g[f"{side}_pos"] if side == "left" else None
+        out = model(ids, attention_mask=mask, position_ids=pos)
+        ref = g[f"{side}_logits"]
+        if ref.ndim == 2:  # sequence classification: one pooled row per sequence
+            close(out.logits, ref, f"{side}-padded logits")
+            continue
+        for b, valid in enumerate(_valid_positions(mask)):
+            close(out.logits[b, valid], ref[b, valid], f"{side}-padded row {b}")
+
+
+def check_causal_extras(model, g) -> None:
+    close(model(g["ids"], labels=g["labels"]).loss, g["loss"], "causal LM loss")
+    close(model(g["ids"], logits_to_keep=2).logits, g["logits_keep2"], "logits_to_keep=2")
+    close(model(g["ids"], logits_to_keep=np.array([0, 4, 8])).logits, g["logits_keep_idx"],
+          "logits_to_keep=[0, 4, 8]")
+    # Prefill 5 tokens, then one token at a time through our cache.
+    ids = g["ids"]
+    out = model(ids[:, :5], use_cache=True)
+    steps = [out.logits]
+    cache = out.past_key_values
+    for t in range(5, ids.shape[1]):
+        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        assert out.past_key_values is cache
+        steps.append(out.logits)
+    close(np.concatenate(steps, axis=1), g["cache_logits"], "prefill + one-token decode logits")
+    close(np.concatenate(steps, axis=1), g["logits"], "cached decode vs full forward")
+
+
+def check_seqcls_extras(model, g) -> None:
+    for kind in ("single_label_classification", "multi_label_classification", "regression"):
+        model.config.problem_type = kind
+        labels = g["labels_" + {"single_label_classification": "single",
+                                "multi_label_classification": "multi",
+                                "regression": "regression"}[kind]]
+        close(model(g["ids"], labels=labels).loss, g[f"loss_{kind}"], f"{kind} loss")
+    model.config.problem_type = None
+
+
+def check_tokcls_extras(model, g) -> None:
+    close(model(g["ids"], labels=g["labels"]).loss, g["loss"], "token classification loss")
+
+
+def check_all(directory: str, head: str, g, dtype: str = "auto") -> None:
+    """Every golden check that applies to a checkpoint with this head."""
+    model = HEADS[head].from_pretrained(directory, dtype=dtype)
+    check_full_forward(model, g)
+    check_padding(model, g)
+    {"causal": check_causal_extras, "seqcls": check_seqcls_extras,
+     "tokcls": check_tokcls_extras}[head](model, g)
