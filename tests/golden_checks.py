@@ -21,7 +21,7 @@ def check_full_forward(model, g) -> None:
     """Logits, every hidden state and every attention map of an unpadded batch."""
     out = model(g["ids"], output_hidden_states=True, output_attentions=True)
     close(out.logits, g["logits"], "logits")
-    n_hidden = len([k for k in g.files if k.startswith("hidden_states.")])
+    n_hidden = len([k for k in g.keys() if k.startswith("hidden_states.")])
     assert len(out.hidden_states) == n_hidden == model.config.num_hidden_layers + 1
     for i, h in enumerate(out.hidden_states):
         close(h, g[f"hidden_states.{i}"], f"hidden_states[{i}]")
@@ -50,6 +50,8 @@ def check_padding(model, g) -> None:
 
 def check_causal_extras(model, g) -> None:
     close(model(g["ids"], labels=g["labels"]).loss, g["loss"], "causal LM loss")
+    close(model(g["ids"], position_ids=g["offset_pos"]).logits, g["offset_logits"],
+          "explicit position_ids far from 0 (rotary angles)")
     close(model(g["ids"], logits_to_keep=2).logits, g["logits_keep2"], "logits_to_keep=2")
     close(model(g["ids"], logits_to_keep=np.array([0, 4, 8])).logits, g["logits_keep_idx"],
           "logits_to_keep=[0, 4, 8]")

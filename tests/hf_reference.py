@@ -34,7 +34,7 @@ GEOMETRIES = {
     "gqa8_bf16_sharded": dict(
         config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=8, num_key_value_heads=1, head_dim=8, rms_norm_eps=1e-5,
-                    partial_rotary_factor=0.5, rope_theta=10000.0),
+                    partial_rotary_factor=0.5, rope_theta=2500.0),
         head="causal", dialect="official", dtype="bfloat16", shard=True),
     "seqcls": dict(
         config=dict(vocab_size=150, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -168,6 +168,9 @@ def goldens(directory: str, name: str, seed: int = 0) -> dict[str, np.ndarray]:
             labels[1, 0] = -100
             out["labels"] = labels
             out["loss"] = np.array(model(t_ids, labels=torch.from_numpy(labels)).loss.item())
+            offset = np.arange(9)[None].repeat(2, 0) + np.array([[40], [53]])
+            out["offset_pos"] = offset
+            out["offset_logits"] = _np(model(t_ids, position_ids=torch.from_numpy(offset)).logits)
             out["logits_keep2"] = _np(model(t_ids, logits_to_keep=2).logits)
             out["logits_keep_idx"] = _np(model(t_ids, logits_to_keep=torch.tensor([0, 4, 8])).logits)
             # KV cache: prefill 5 tokens, then one token at a time.
