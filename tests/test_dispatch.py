@@ -1,0 +1,62 @@
+"""Runtime CPU dispatch and thread settings, through the environment variables a user would set
+(each in a fresh interpreter, since they are read at import)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import glm4rt
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GLM4RT_")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_best_isa_is_default():
+    r = _run("import glm4rt; print(glm4rt.cpu_isa(), ','.join(glm4rt.supported_isas()))")
+    assert r.returncode == 0, r.stderr
+    active, supported = r.stdout.split()
+    assert supported.split(",")[0] == "generic"
+    assert active == supported.split(",")[-1]
+
+
+@pytest.mark.parametrize("isa", glm4rt.supported_isas())
+def test_env_forces_each_supported_isa(isa):
+    r = _run("import glm4rt; print(glm4rt.cpu_isa())", GLM4RT_ISA=isa)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == isa
+
+
+def test_env_with_unknown_isa_fails_import_with_message():
+    r = _run("import glm4rt", GLM4RT_ISA="sse9")
+    assert r.returncode != 0
+    assert "GLM4RT_ISA=sse9" in r.stderr and "generic" in r.stderr
+    assert "Traceback" in r.stderr  # a Python exception, not a crash
+
+
+def test_env_sets_threads():
+    r = _run("import glm4rt; print(glm4rt.get_num_threads())", GLM4RT_NUM_THREADS="3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "3"
+
+
+def test_set_isa_and_threads_from_python():
+    before_threads = glm4rt.get_num_threads()
+    try:
+        glm4rt.set_num_threads(1)
+        assert glm4rt.get_num_threads() == 1
+        for isa in glm4rt.supported_isas():
+            glm4rt.set_isa(isa)
+            assert glm4rt.cpu_isa() == isa
+        glm4rt.set_isa("auto")
+        assert glm4rt.cpu_isa() == glm4rt.supported_isas()[-1]
+        with pytest.raises(ValueError, match="threads"):
+            glm4rt.set_num_threads(0)
+        with pytest.raises(ValueError, match="not available"):
+            glm4rt.set_isa("neon")
+    finally:
+        glm4rt.set_num_threads(before_threads)
