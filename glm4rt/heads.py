@@ -131,25 +131,42 @@ class Glm4ForCausalLM(Glm4PreTrainedModel):
         return out if return_dict is None or return_dict else out.to_tuple()
 
 
-class Glm4ForSequenceClassification(Glm4PreTrainedModel):
-    """``Glm4Model`` + ``score`` (``[num_labels, H]``, no bias), pooled at each row's rightmost
-    token that is not ``pad_token_id`` (left or right padding both work)."""
+class _Glm4Classifier(Glm4PreTrainedModel):
+    """``Glm4Model`` + a ``score`` projection ``[num_labels, H]`` (with a bias when ``_score_bias``)."""
 
-    _newly_initialisable = ("score.weight",)
+    _score_bias = False
 
     @classmethod
     def _tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
         specs = _base_model_specs(config)
         specs["score.weight"] = TensorSpec((config.num_labels, config.hidden_size), "matrix")
+        if cls._score_bias:
+            specs["score.bias"] = TensorSpec((config.num_labels,), "bias")
         return specs
 
     def _build(self, tensors: dict[str, np.ndarray]) -> None:
         self.model = Glm4Model(self.config, _tensors=tensors)
-        self.score = Linear(tensors["score.weight"])
+        self.score = Linear(tensors["score.weight"], tensors.get("score.bias"))
 
     @property
     def num_labels(self) -> int:
         return self.config.num_labels
+
+    def named_parameters(self) -> dict[str, np.ndarray]:
+        """Every weight under its checkpoint name."""
+        out = self.model.named_parameters()
+        out["score.weight"] = self.score.weight
+        if self.score.bias is not None:
+            out["score.bias"] = self.score.bias
+        return out
+
+
+class Glm4ForSequenceClassification(_Glm4Classifier):
+    """``Glm4Model`` + ``score`` (``[num_labels, H]``, no bias), pooled at each row's rightmost
+    token that is not ``pad_token_id`` (left or right padding both work)."""
+
+    _score_bias = False
+    _newly_initialisable = ("score.weight",)
 
     def forward(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
                 past_key_values: Any = None, inputs_embeds: Any = None, labels: Any = None,
@@ -204,26 +221,12 @@ class Glm4ForSequenceClassification(Glm4PreTrainedModel):
         return out if return_dict is None or return_dict else out.to_tuple()
 
 
-class Glm4ForTokenClassification(Glm4PreTrainedModel):
+class Glm4ForTokenClassification(_Glm4Classifier):
     """``Glm4Model`` + ``score`` (``[num_labels, H]`` with bias): per-token logits. Dropout is
     inactive at inference, so none is applied."""
 
+    _score_bias = True
     _newly_initialisable = ("score.weight", "score.bias")
-
-    @classmethod
-    def _tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
-        specs = _base_model_specs(config)
-        specs["score.weight"] = TensorSpec((config.num_labels, config.hidden_size), "matrix")
-        specs["score.bias"] = TensorSpec((config.num_labels,), "bias")
-        return specs
-
-    def _build(self, tensors: dict[str, np.ndarray]) -> None:
-        self.model = Glm4Model(self.config, _tensors=tensors)
-        self.score = Linear(tensors["score.weight"], tensors["score.bias"])
-
-    @property
-    def num_labels(self) -> int:
-        return self.config.num_labels
 
     def forward(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
                 past_key_values: Any = None, inputs_embeds: Any = None, labels: Any = None,
