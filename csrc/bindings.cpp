@@ -26,7 +26,7 @@ std::string shape_str(const py::array& a) {
 template <typename T>
 void expect(const py::array& a, const char* name, std::vector<py::ssize_t> shape,
             bool writable = false) {
-  GLM4RT_CHECK(a.dtype().is(py::dtype::of<T>()))
+  GLM4RT_CHECK(a.dtype().equal(py::dtype::of<T>()))
       << name << ": expected dtype " << std::string(py::str(py::dtype::of<T>())) << ", got "
       << std::string(py::str(a.dtype()));
   GLM4RT_CHECK(a.flags() & py::array::c_style) << name << ": array must be C-contiguous";
@@ -44,7 +44,7 @@ void matmul(const py::array& x, const py::array& w, const py::object& bias, py::
   GLM4RT_CHECK(w.ndim() == 2) << "weight: expected 2 dimensions [N, K], got shape " << shape_str(w);
   const int N = static_cast<int>(w.shape(0));
   GLM4RT_CHECK(K > 0 && N > 0) << "matmul: empty weight " << shape_str(w);
-  const bool bf16 = w.dtype().is(py::dtype::of<uint16_t>());
+  const bool bf16 = w.dtype().equal(py::dtype::of<uint16_t>());
   if (bf16)
     expect<uint16_t>(w, "weight (bf16 bits)", {N, K});
   else

@@ -19,6 +19,13 @@ __all__ = [
 ]
 
 
+def _dims(name: str, a: np.ndarray, ndim: int) -> tuple[int, ...]:
+    """Shape of ``a`` after checking its rank (the kernels check everything else)."""
+    if np.ndim(a) != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {np.shape(a)}")
+    return np.shape(a)
+
+
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
            out: np.ndarray | None = None) -> np.ndarray:
     """``x @ weight.T + bias`` with fp32 accumulation.
@@ -32,7 +39,7 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
         ``out``.
     """
     if out is None:
-        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        out = np.empty((_dims("x", x, 2)[0], _dims("weight", weight, 2)[0]), dtype=np.float32)
     _C.matmul(x, weight, bias, out)
     return out
 
@@ -66,7 +73,8 @@ def rotary_(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, rot_dim:
 def silu_mul(gate_up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``up * silu(gate)`` where ``gate_up [n_tokens, 2 * I]`` holds gate then up. Returns ``out``."""
     if out is None:
-        out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=np.float32)
+        rows, width = _dims("gate_up", gate_up, 2)
+        out = np.empty((rows, width // 2), dtype=np.float32)
     _C.silu_mul(gate_up, out)
     return out
 
@@ -89,7 +97,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_keys: int, q_pos: n
         ``out``. Queries that see no key get zeros.
     """
     if out is None:
-        out = np.empty(q.shape, dtype=np.float32)
+        out = np.empty(_dims("q", q, 4), dtype=np.float32)
     _C.attention(q, k, v, int(n_keys), q_pos, key_mask, float(scale), out, probs)
     return out
 

@@ -1,0 +1,514 @@
+"""from_pretrained: weight formats (bf16 kept memory-mapped, fp16, sharded), hub ids from the local
+cache, config overrides, new heads, and a clear error for every broken checkpoint or setting.
+
+Every test that damages a checkpoint works on a copy under tmp_path; the committed fixtures are
+never touched."""
+import json
+import mmap
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import glm4rt
+from glm4rt import (CheckpointError, ConfigError, Glm4ForCausalLM, Glm4ForSequenceClassification,
+                    Glm4ForTokenClassification, Glm4Model)
+from conftest import TESTS, fixture_dir, golden
+
+ATOL, RTOL = 1e-4, 0.0  # measured differences to transformers are ~5e-6
+CAUSAL = "gqa1_official"
+BF16 = "gqa8_bf16_sharded"
+
+
+def close(actual, expected, what="", atol=ATOL, rtol=RTOL):
+    np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)
+
+
+def copy_fixture(name, tmp_path, dest="ckpt"):
+    target = tmp_path / dest
+    shutil.copytree(fixture_dir(name), target)
+    return target
+
+
+# ---- raw safetensors access (independent of glm4rt; handles bf16, which NumPy lacks) -----------
+
+_ST_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def read_raw(path):
+    """{name: (safetensors dtype, shape, bytes)} of one safetensors file, in header order."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    header.pop("__metadata__", None)
+    return {name: (e["dtype"], tuple(e["shape"]), data[e["data_offsets"][0]:e["data_offsets"][1]])
+            for name, e in header.items()}
+
+
+def write_raw(path, tensors):
+    """Write {name: (dtype, shape, bytes)} as one safetensors file."""
+    header, offset = {}, 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for _, _, raw in tensors.values():
+            f.write(raw)
+
+
+def raw_array(entry):
+    dtype, shape, raw = entry
+    return np.frombuffer(raw, dtype=_ST_DTYPES[dtype]).reshape(shape)
+
+
+def bf16_shard_tensors():
+    """Every tensor of the sharded bf16 fixture, read straight from its shards."""
+    directory = fixture_dir(BF16)
+    with open(os.path.join(directory, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    out = {}
+    for shard in shards:
+        out.update(read_raw(os.path.join(directory, shard)))
+    return out
+
+
+def memmap_base(a):
+    """The file-backed numpy.memmap that ``a`` is a view of, or None when ``a`` owns (a copy of)
+    its data. (A copy of a memmap slice is still of class np.memmap, so walk ``.base`` to the root
+    array and require that it is backed by an ``mmap.mmap``.)"""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    if isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap):
+        return a
+    return None
+
+
+def matrices(model):
+    """A sample of the causal LM's matrix weights: (name, array)."""
+    layer = model.model.layers[0]
+    return [("model.layers.0.self_attn.q_proj.weight", layer.self_attn.q_proj.weight),
+            ("model.layers.0.self_attn.o_proj.weight", layer.self_attn.o_proj.weight),
+            ("model.layers.0.mlp.gate_up_proj.weight", layer.mlp.gate_up_proj.weight),
+            ("model.layers.1.mlp.down_proj.weight", model.model.layers[1].mlp.down_proj.weight),
+            ("lm_head.weight", model.lm_head.weight),
+            ("model.embed_tokens.weight", model.model.embed_tokens)]
+
+
+def small_vectors(model):
+    """Norm weights and biases: (name, array)."""
+    layer = model.model.layers[0]
+    return [("model.layers.0.input_layernorm.weight", layer.input_layernorm),
+            ("model.layers.0.post_self_attn_layernorm.weight", layer.post_self_attn_layernorm),
+            ("model.layers.0.post_attention_layernorm.weight", layer.post_attention_layernorm),
+            ("model.layers.0.post_mlp_layernorm.weight", layer.post_mlp_layernorm),
+            ("model.norm.weight", model.model.norm),
+            ("model.layers.0.self_attn.q_proj.bias", layer.self_attn.q_proj.bias),
+            ("model.layers.0.self_attn.k_proj.bias", layer.self_attn.k_proj.bias)]
+
+
+# ---- weight formats ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_bf16_checkpoint_keeps_bf16_matrices_memory_mapped(dtype):
+    model = Glm4ForCausalLM.from_pretrained(fixture_dir(BF16), dtype=dtype)
+    stored = bf16_shard_tensors()
+    for name, w in matrices(model):
+        assert w.dtype == np.uint16, name
+        mm = memmap_base(w)
+        assert mm is not None, f"{name} was copied instead of memory-mapped"
+        assert np.shares_memory(w, mm), name
+        assert os.path.dirname(os.path.abspath(mm.filename)) == os.path.abspath(fixture_dir(BF16)), name
+        assert mm.filename.endswith(".safetensors"), name
+        assert not w.flags.writeable, name  # read-only map: the file cannot be altered through it
+        assert stored[name][0] == "BF16"
+        np.testing.assert_array_equal(w, raw_array(stored[name]), err_msg=name)
+    for name, v in small_vectors(model):
+        assert v.dtype == np.float32, name
+        bits = raw_array(stored[name]).astype(np.uint32) << 16
+        np.testing.assert_array_equal(v, bits.view(np.float32), err_msg=name)
+    g = golden(BF16)
+    close(model(g["ids"]).logits, g["logits"], f"logits with dtype={dtype}")
+
+
+def test_bf16_checkpoint_as_float32():
+    model = Glm4ForCausalLM.from_pretrained(fixture_dir(BF16), dtype="float32")
+    stored = bf16_shard_tensors()
+    for name, w in matrices(model) + small_vectors(model):
+        assert w.dtype == np.float32, name
+        widened = (raw_array(stored[name]).astype(np.uint32) << 16).view(np.float32)
+        np.testing.assert_array_equal(w, widened, err_msg=name)  # bf16 -> fp32 is exact
+    g = golden(BF16)
+    close(model(g["ids"]).logits, g["logits"], "logits with dtype=float32")
+
+
+def test_bf16_dtypes_agree_with_each_other():
+    g = golden(BF16)
+    logits = {dt: Glm4ForCausalLM.from_pretrained(fixture_dir(BF16), dtype=dt)(g["ids"]).logits
+              for dt in ("auto", "bfloat16", "float32")}
+    close(logits["auto"], logits["float32"], "auto vs float32", atol=1e-4, rtol=0)
+    close(logits["bfloat16"], logits["float32"], "bfloat16 vs float32", atol=1e-4, rtol=0)
+
+
+def test_fp32_checkpoint_matrices_are_float32_views():
+    model = Glm4ForCausalLM.from_pretrained(fixture_dir(CAUSAL))
+    stored = load_file(os.path.join(fixture_dir(CAUSAL), "model.safetensors"))
+    for name, w in matrices(model):
+        assert w.dtype == np.float32, name
+        assert memmap_base(w) is not None, f"{name}: fp32 weights should not be copied"
+        np.testing.assert_array_equal(w, stored[name], err_msg=name)
+
+
+def _write_fp32_copy(tensors, tmp_path, dest, fn):
+    target = tmp_path / dest
+    target.mkdir()
+    shutil.copy(os.path.join(fixture_dir(CAUSAL), "config.json"), target)
+    save_file({k: fn(v) for k, v in tensors.items()}, str(target / "model.safetensors"))
+    return target
+
+
+def test_fp16_checkpoint(tmp_path):
+    tensors = load_file(os.path.join(fixture_dir(CAUSAL), "model.safetensors"))
+    assert all(v.dtype == np.float32 for v in tensors.values())
+    fp16_dir = _write_fp32_copy(tensors, tmp_path, "fp16", lambda v: v.astype(np.float16))
+    rounded_dir = _write_fp32_copy(tensors, tmp_path, "rounded",
+                                   lambda v: v.astype(np.float16).astype(np.float32))
+    assert read_raw(fp16_dir / "model.safetensors")["lm_head.weight"][0] == "F16"
+
+    fp16 = Glm4ForCausalLM.from_pretrained(fp16_dir)
+    for name, w in matrices(fp16) + small_vectors(fp16):
+        assert w.dtype == np.float32, name  # fp16 is widened: compute is float32
+        np.testing.assert_array_equal(w, tensors[name].astype(np.float16).astype(np.float32), err_msg=name)
+
+    ids = golden(CAUSAL)["ids"]
+    got = fp16(ids).logits
+    exact = Glm4ForCausalLM.from_pretrained(fixture_dir(CAUSAL))(ids).logits
+    rounded = Glm4ForCausalLM.from_pretrained(rounded_dir)(ids).logits
+    close(got, rounded, "fp16 checkpoint vs fp32 weights rounded to fp16", atol=1e-4, rtol=0)
+    # fp16 rounding (relative 2**-11) moves logits of magnitude ~10 by ~0.01 (measured 0.008) ...
+    close(got, exact, "fp16 checkpoint vs the fp32 model", atol=3e-2, rtol=0)
+    # ... but does move them: the rounded weights really were used.
+    assert np.abs(got - exact).max() > 1e-6
+
+
+def test_sharded_equals_single_file(tmp_path):
+    stored = bf16_shard_tensors()
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(os.path.join(fixture_dir(BF16), "config.json"), single)
+    write_raw(single / "model.safetensors", stored)
+
+    sharded = Glm4ForCausalLM.from_pretrained(fixture_dir(BF16))
+    merged = Glm4ForCausalLM.from_pretrained(single)
+    a, b = sharded.named_parameters(), merged.named_parameters()
+    assert sorted(a) == sorted(b) == sorted(stored)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    g = golden(BF16)
+    out_a, out_b = sharded(g["ids"]).logits, merged(g["ids"]).logits
+    np.testing.assert_array_equal(out_a, out_b)
+    close(out_b, g["logits"], "single-file logits")
+
+
+# ---- hub ids, resolved from a local cache only ------------------------------------------------
+
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_hub_cache(tmp_path):
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny-glm"
+    snap = repo / "snapshots" / SNAPSHOT
+    snap.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(fixture_dir(CAUSAL), f), snap / f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    return cache
+
+
+def _offline_env(monkeypatch, cache):
+    """HF_HUB_OFFLINE / HF_HUB_CACHE in the environment; huggingface_hub reads both into
+    ``huggingface_hub.constants`` at import time, so set those too for this process."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+
+
+def test_hub_id_from_offline_cache_env(tmp_path, monkeypatch):
+    cache = fake_hub_cache(tmp_path)
+    _offline_env(monkeypatch, cache)
+    model = Glm4ForCausalLM.from_pretrained("org/tiny-glm")
+    assert model.name_or_path == "org/tiny-glm"
+    g = golden(CAUSAL)
+    close(model(g["ids"]).logits, g["logits"], "hub-cache model logits")
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (64, 48)
+
+
+def test_hub_id_with_explicit_cache_dir(tmp_path):
+    cache = fake_hub_cache(tmp_path)
+    model = Glm4ForCausalLM.from_pretrained("org/tiny-glm", cache_dir=str(cache), local_files_only=True)
+    g = golden(CAUSAL)
+    close(model(g["ids"]).logits, g["logits"], "hub-cache model logits")
+    config = glm4rt.Glm4Config.from_pretrained("org/tiny-glm", cache_dir=str(cache), local_files_only=True)
+    assert config.vocab_size == 211 and config.hidden_size == 48
+
+
+def test_hub_id_env_only_in_fresh_process(tmp_path):
+    # The environment variables alone, read by a fresh interpreter at import time.
+    cache = fake_hub_cache(tmp_path)
+    code = ("import sys, numpy as np, glm4rt\n"
+            "m = glm4rt.Glm4ForCausalLM.from_pretrained('org/tiny-glm')\n"
+            "g = np.load(sys.argv[1])\n"
+            "np.testing.assert_allclose(m(g['ids']).logits, g['logits'], atol=1e-4, rtol=1e-4)\n"
+            "print('OK', m.config.vocab_size)\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
+    env.pop("HF_HOME", None)
+    res = subprocess.run([sys.executable, "-c", code, os.path.join(fixture_dir(CAUSAL), "golden.npz")],
+                         env=env, cwd=TESTS, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "OK 211"
+
+
+def test_hub_id_not_in_cache(tmp_path, monkeypatch):
+    cache = fake_hub_cache(tmp_path)
+    with pytest.raises(FileNotFoundError, match="org/not-there"):
+        Glm4ForCausalLM.from_pretrained("org/not-there", cache_dir=str(cache), local_files_only=True)
+    _offline_env(monkeypatch, cache)
+    with pytest.raises(FileNotFoundError, match="org/not-there"):
+        Glm4ForCausalLM.from_pretrained("org/not-there")
+
+
+# ---- config overrides and new heads -----------------------------------------------------------
+
+def test_problem_type_override():
+    model = Glm4ForSequenceClassification.from_pretrained(fixture_dir("seqcls"),
+                                                          problem_type="multi_label_classification")
+    assert model.config.problem_type == "multi_label_classification"
+    assert model.config.num_labels == 3
+    g = golden("seqcls")
+    close(model(g["ids"]).logits, g["logits"], "seqcls logits")
+    close(model(g["ids"], labels=g["labels_multi"]).loss, g["loss_multi_label_classification"], "loss")
+    # Without the override the file's (absent) problem_type stays None.
+    assert Glm4ForSequenceClassification.from_pretrained(fixture_dir("seqcls")).config.problem_type is None
+
+
+def test_new_sequence_classification_head():
+    with pytest.warns(UserWarning, match="score.weight"):
+        model = Glm4ForSequenceClassification.from_pretrained(fixture_dir(CAUSAL), num_labels=4, seed=0)
+    config = model.config
+    assert config.num_labels == 4
+    assert len(config.id2label) == 4 and sorted(config.id2label) == [0, 1, 2, 3]
+    w = model.score.weight
+    assert w.shape == (4, config.hidden_size) == (4, 48)
+    assert w.dtype == np.float32
+    # 192 draws from normal(0, 0.02): the sample std is within ~5% of 0.02 (1 sigma).
+    assert 0.015 < w.std() < 0.025, w.std()
+    assert abs(w.mean()) < 0.008, w.mean()
+    assert config.initializer_range == 0.02
+    # The body is the checkpoint's: the pooled logits are the new head on its last hidden state.
+    ids = golden(CAUSAL)["ids"]
+    hidden = golden(CAUSAL)["hidden_states.2"]
+    logits = model(ids).logits
+    assert logits.shape == (2, 4)
+    close(logits, hidden[:, -1] @ w.T, "score head on golden hidden states")
+
+
+def test_new_token_classification_head():
+    with pytest.warns(UserWarning, match="score.weight") as record:
+        model = Glm4ForTokenClassification.from_pretrained(fixture_dir(CAUSAL), num_labels=5, seed=1)
+    assert any("score.bias" in str(r.message) for r in record)
+    assert model.config.num_labels == 5 and len(model.config.id2label) == 5
+    assert model.score.weight.shape == (5, 48)
+    assert 0.013 < model.score.weight.std() < 0.027
+    np.testing.assert_array_equal(model.score.bias, np.zeros(5, dtype=np.float32))
+    g = golden(CAUSAL)
+    close(model(g["ids"]).logits, g["hidden_states.2"] @ model.score.weight.T, "token logits")
+
+
+def test_loaded_head_does_not_warn(recwarn):
+    model = Glm4ForTokenClassification.from_pretrained(fixture_dir("tokcls"))
+    assert not [w for w in recwarn if "newly initialized" in str(w.message)]
+    stored = load_file(os.path.join(fixture_dir("tokcls"), "model.safetensors"))
+    np.testing.assert_array_equal(model.score.bias, stored["score.bias"])
+    assert np.abs(model.score.bias).max() > 0  # a trained-looking bias, not the zero init
+
+
+def test_unknown_kwarg_is_type_error():
+    with pytest.raises(TypeError, match="num_lables"):
+        Glm4ForSequenceClassification.from_pretrained(fixture_dir("seqcls"), num_lables=3)
+
+
+def test_base_model_from_causal_checkpoint():
+    model = Glm4Model.from_pretrained(fixture_dir(CAUSAL))
+    assert not hasattr(model, "lm_head")
+    g = golden(CAUSAL)
+    L = model.config.num_hidden_layers
+    out = model(g["ids"])
+    assert out.last_hidden_state.shape == (2, 9, 48)
+    close(out.last_hidden_state, g[f"hidden_states.{L}"], "last_hidden_state")
+
+
+# ---- bad paths and corrupt files --------------------------------------------------------------
+
+def test_missing_directory(tmp_path):
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        Glm4ForCausalLM.from_pretrained(missing)
+
+
+def test_directory_without_weights(tmp_path):
+    d = tmp_path / "no-weights"
+    d.mkdir()
+    shutil.copy(os.path.join(fixture_dir(CAUSAL), "config.json"), d)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_path_to_a_file():
+    path = os.path.join(fixture_dir(CAUSAL), "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        Glm4ForCausalLM.from_pretrained(path)
+
+
+def test_truncated_safetensors(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    f = d / "model.safetensors"
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.truncate(size // 2)
+    with pytest.raises(CheckpointError, match="truncated"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_garbage_header(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    f = d / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.seek(8)  # keep the length, destroy the JSON
+        fh.write(b"\x00\xff garbage \xfe" * 4)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_garbage_first_bytes(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    with open(d / "model.safetensors", "r+b") as fh:
+        fh.write(b"GARBAGE!GARBAGE!")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_header_length_past_end_of_file(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    f = d / "model.safetensors"
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.write(struct.pack("<Q", size + 100))
+    with pytest.raises(CheckpointError, match=f"header length {size + 100} exceeds the file size {size}"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def _rewrite(d, edit):
+    f = str(d / "model.safetensors")
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f)
+
+
+def test_missing_tensor(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    _rewrite(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"lacks tensors: 'model\.layers\.1\.mlp\.down_proj\.weight'"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_missing_lm_head_is_an_error_for_untied_model(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    _rewrite(d, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_unexpected_tensor(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    _rewrite(d, lambda t: t.update({"model.layers.7.foo.weight": np.zeros((3, 3), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.7\.foo\.weight"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_wrongly_shaped_tensor(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    _rewrite(d, lambda t: t.update({name: np.zeros((48, 32), np.float32)}))
+    with pytest.raises(CheckpointError, match=re.escape(name) + r".*\[48, 32\].*\[48, 64\]"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_config_invalid_json(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    (d / "config.json").write_text('{"model_type": "glm4", "hidden_size": 48,')
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_missing_shard(tmp_path):
+    d = copy_fixture(BF16, tmp_path)
+    (d / "model-00003-of-00006.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00003-of-00006.safetensors"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+# ---- unsupported settings ---------------------------------------------------------------------
+
+def _edit_config(tmp_path, **changes):
+    d = copy_fixture(CAUSAL, tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    config.update(changes)
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_unsupported_activation(tmp_path):
+    d = _edit_config(tmp_path, hidden_act="gelu")
+    with pytest.raises(ConfigError, match="hidden_act='gelu'"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_unsupported_rope_scaling(tmp_path):
+    d = _edit_config(tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4})
+    with pytest.raises(ConfigError, match="rope type 'yarn'"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_wrong_model_type(tmp_path):
+    d = _edit_config(tmp_path, model_type="chatglm")
+    with pytest.raises(ConfigError, match="model_type 'chatglm'"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_float16_dtype_argument():
+    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
+        Glm4ForCausalLM.from_pretrained(fixture_dir(CAUSAL), dtype="float16")
+    with pytest.raises(ValueError, match="float16"):
+        Glm4ForCausalLM.from_pretrained(fixture_dir(CAUSAL), dtype=np.float16)
+
+
+def test_supported_config_still_loads(tmp_path):
+    # The edit helper itself does not break a checkpoint: an unchanged copy loads and matches.
+    d = _edit_config(tmp_path, hidden_act="silu")
+    g = golden(CAUSAL)
+    close(Glm4ForCausalLM.from_pretrained(d)(g["ids"]).logits, g["logits"], "copied checkpoint")
