@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import tempfile
+
 import pytest
 
 import glm4rt
@@ -12,8 +14,10 @@ import glm4rt
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("GLM4RT_")}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
-                          timeout=120)
+    # Run outside the source tree so `import glm4rt` finds the installed package.
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                              text=True, timeout=120, cwd=cwd)
 
 
 def test_best_isa_is_default():
