@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import ops
 from .config import Glm4Config, _DEFAULTS
@@ -211,9 +212,7 @@ class Glm4PreTrainedModel:
         ckpt = Checkpoint(directory)
         specs = cls._tensor_specs(config)
 
-        stored = {}
-        for name in ckpt.names():
-            stored[_canonical_name(name)] = name
+        stored = {_canonical_name(name): name for name in ckpt.names()}  # canonical -> stored name
         unexpected = [n for n in stored if n not in specs and n not in _OTHER_HEADS
                       and not n.endswith("rotary_emb.inv_freq")]
         if unexpected:
@@ -225,22 +224,20 @@ class Glm4PreTrainedModel:
         if fatal:
             raise CheckpointError(f"checkpoint {directory!r} lacks tensors: {_short_list(fatal)}")
 
-        tensors: dict[str, np.ndarray] = {}
-        from tqdm.auto import tqdm
-
-        names = [n for n in specs if n in stored]
-        bar = tqdm(names, desc="Loading weights", unit="tensor", leave=False,
-                   disable=None if progress is None else not progress)
-        for name in bar:
-            spec, info = specs[name], ckpt.info(stored[name])
-            if info.shape != spec.shape:
+        for name in specs:
+            if name in stored and ckpt.info(stored[name]).shape != specs[name].shape:
+                info = ckpt.info(stored[name])
                 raise CheckpointError(
                     f"tensor {stored[name]!r} has shape {list(info.shape)} in {info.file}, but the "
-                    f"config expects {list(spec.shape)}")
-            if spec.kind == "matrix" and (target == "bfloat16" or (target == "auto" and info.dtype == "BF16")):
-                tensors[name] = ckpt.load(stored[name], "bfloat16")
-            else:
-                tensors[name] = ckpt.load(stored[name], "float32")
+                    f"config expects {list(specs[name].shape)}")
+
+        tensors: dict[str, np.ndarray] = {}
+        present = [n for n in specs if n in stored]
+        for name in tqdm(present, desc="Loading weights", unit="tensor", leave=False,
+                         disable=None if progress is None else not progress):
+            keep_bf16 = specs[name].kind == "matrix" and (
+                target == "bfloat16" or (target == "auto" and ckpt.info(stored[name]).dtype == "BF16"))
+            tensors[name] = ckpt.load(stored[name], "bfloat16" if keep_bf16 else "float32")
         if missing:
             rng = np.random.default_rng(seed)
             matrix_dtype = "bfloat16" if target == "bfloat16" else "float32"
