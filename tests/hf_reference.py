@@ -41,6 +41,11 @@ GEOMETRIES = {
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
                     num_labels=3),
         head="seqcls", dialect="v5", dtype="float32", shard=False),
+    "seqcls_regression": dict(
+        config=dict(vocab_size=120, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5,
+                    num_labels=1),
+        head="seqcls", dialect="official", dtype="float32", shard=False),
     "tokcls": dict(
         config=dict(vocab_size=150, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,

@@ -6,7 +6,8 @@ from conftest import fixture_dir, golden
 from golden_checks import check_all
 
 CASES = {"gqa1_official": "causal", "gqa2_nobias_tied_v5": "causal",
-         "gqa8_bf16_sharded": "causal", "seqcls": "seqcls", "tokcls": "tokcls"}
+         "gqa8_bf16_sharded": "causal", "seqcls": "seqcls", "seqcls_regression": "seqcls",
+         "tokcls": "tokcls"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
