@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -32,9 +33,12 @@ void expect(const py::array& a, const char* name, std::vector<py::ssize_t> shape
   GLM4RT_CHECK(a.flags() & py::array::c_style) << name << ": array must be C-contiguous";
   GLM4RT_CHECK(a.ndim() == static_cast<py::ssize_t>(shape.size()))
       << name << ": expected " << shape.size() << " dimensions, got shape " << shape_str(a);
-  for (size_t i = 0; i < shape.size(); ++i)
+  for (size_t i = 0; i < shape.size(); ++i) {
+    GLM4RT_CHECK(a.shape(i) <= std::numeric_limits<int>::max())
+        << name << ": dimension " << i << " is too large (" << a.shape(i) << ")";
     GLM4RT_CHECK(shape[i] < 0 || a.shape(i) == shape[i])
         << name << ": dimension " << i << " must be " << shape[i] << ", got shape " << shape_str(a);
+  }
   GLM4RT_CHECK(!writable || a.writeable()) << name << ": output array must be writable";
 }
 

@@ -7,6 +7,10 @@
 
 #include "dispatch.h"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace glm4rt {
 namespace {
 
@@ -16,6 +20,14 @@ constexpr int kBlockM = 64;
 constexpr int kBlockK = 512;
 // Below this many multiply-adds a matmul runs on the calling thread.
 constexpr long long kParallelWork = 1 << 15;
+
+inline int thread_index() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 template <typename W, typename Tile>
 void matmul_impl(const float* x, int M, int K, const W* w, int N, const float* bias, float* y,
@@ -70,9 +82,14 @@ void rms_norm(const float* x, const float* weight, float* y, int M, int H, float
 void rotary_interleaved(float* x, int n_tokens, int n_heads, int head_dim, const int64_t* pos,
                         const float* inv_freq, int rot_dim) {
   const int half = rot_dim / 2;
-#pragma omp parallel num_threads(get_num_threads()) if (static_cast<long long>(n_tokens) * n_heads * head_dim >= kParallelWork)
+  const int threads = get_num_threads();
+  // Scratch is allocated here, not inside the parallel region: an exception (bad_alloc) must not
+  // escape an OpenMP region, where it would terminate the process.
+  std::vector<float> scratch(static_cast<size_t>(threads) * 2 * half);  // [threads, cos|sin, half]
+#pragma omp parallel num_threads(threads) if (static_cast<long long>(n_tokens) * n_heads * head_dim >= kParallelWork)
   {
-    std::vector<float> cos_t(half), sin_t(half);
+    float* cos_t = scratch.data() + static_cast<size_t>(thread_index()) * 2 * half;
+    float* sin_t = cos_t + half;
 #pragma omp for schedule(static)
     for (int t = 0; t < n_tokens; ++t) {
       for (int i = 0; i < half; ++i) {
@@ -108,10 +125,13 @@ void attention(const AttentionArgs& a) {
   const int d = a.head_dim, S = a.n_keys;
   const long long n_items = static_cast<long long>(a.batch) * a.n_kv_heads * a.n_queries;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-#pragma omp parallel num_threads(get_num_threads()) if (n_items * S * d * group >= kParallelWork)
+  const int threads = get_num_threads();
+  const size_t per_thread = static_cast<size_t>(group) * (S + 1);
+  std::vector<float> scratch(static_cast<size_t>(threads) * per_thread);  // see rotary_interleaved
+#pragma omp parallel num_threads(threads) if (n_items * S * d * group >= kParallelWork)
   {
-    std::vector<float> scores(static_cast<size_t>(group) * S);  // [group, n_keys]
-    std::vector<float> maxv(group);                             // [group]
+    float* scores = scratch.data() + static_cast<size_t>(thread_index()) * per_thread;  // [group, S]
+    float* maxv = scores + static_cast<size_t>(group) * S;                              // [group]
 #pragma omp for schedule(static)
     for (long long item = 0; item < n_items; ++item) {
       const int t = static_cast<int>(item % a.n_queries);
@@ -128,7 +148,7 @@ void attention(const AttentionArgs& a) {
       float* out = a.out + row0 * d;
 
       // Scores: each key row is read once for all `group` query heads.
-      std::fill(maxv.begin(), maxv.end(), neg_inf);
+      std::fill(maxv, maxv + group, neg_inf);
       for (int s = 0; s < S; ++s) {
         const bool visible = s <= last && (mask == nullptr || mask[s] != 0);
         for (int j = 0; j < group; ++j) {
@@ -140,7 +160,7 @@ void attention(const AttentionArgs& a) {
       }
       // Softmax per head (a head with no visible key gets all-zero probabilities).
       for (int j = 0; j < group; ++j) {
-        float* sj = scores.data() + static_cast<size_t>(j) * S;
+        float* sj = scores + static_cast<size_t>(j) * S;
         if (maxv[j] == neg_inf) {
           std::fill(sj, sj + S, 0.0f);
           continue;
@@ -164,7 +184,7 @@ void attention(const AttentionArgs& a) {
         for (int j = 0; j < group; ++j) {
           const int h = g * group + j;
           float* dst = a.probs + ((static_cast<size_t>(b) * a.n_heads + h) * a.n_queries + t) * S;
-          std::copy(scores.data() + static_cast<size_t>(j) * S, scores.data() + static_cast<size_t>(j + 1) * S, dst);
+          std::copy(scores + static_cast<size_t>(j) * S, scores + static_cast<size_t>(j + 1) * S, dst);
         }
     }
   }
