@@ -7,6 +7,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import Glm4Config
+from .generate import generate, load_generation_config
 from .model import Glm4Model, Glm4PreTrainedModel, Linear, TensorSpec, _base_model_specs
 from .outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast, TokenClassifierOutput
 
@@ -91,6 +92,28 @@ class Glm4ForCausalLM(Glm4PreTrainedModel):
         self.model = Glm4Model(self.config, _tensors=tensors)
         self.lm_head = Linear(self.model.embed_tokens if self.config.tie_word_embeddings
                               else tensors["lm_head.weight"])
+
+    @property
+    def generation_config(self) -> dict[str, Any]:
+        """Generation defaults: the checkpoint's ``generation_config.json`` (a dict, editable)."""
+        if not hasattr(self, "_generation_config"):
+            self._generation_config = load_generation_config(self.checkpoint_dir)
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: dict[str, Any]) -> None:
+        self._generation_config = dict(value)
+
+    def generate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> np.ndarray:
+        """Generate token ids like transformers' ``generate``; see ``glm4rt.generate.generate``."""
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def stream(self, tokenizer, input_ids: Any, attention_mask: Any = None, **kwargs: Any):
+        """Generate for one prompt and yield the reply as text pieces (never a broken UTF-8
+        character); see ``glm4rt.generate.stream_text``."""
+        from .generate import stream_text
+
+        return stream_text(self, tokenizer, input_ids, attention_mask, **kwargs)
 
     def named_parameters(self) -> dict[str, np.ndarray]:
         """Every weight under its checkpoint name."""

@@ -22,7 +22,7 @@ from .errors import CheckpointError
 from .hub import HUB_KWARGS, resolve_model_dir
 from .kv_cache import Glm4Cache
 from .outputs import BaseModelOutputWithPast
-from .weights import Checkpoint
+from .weights import SAFE_WEIGHTS_NAME, Checkpoint, save_safetensors
 
 
 class Linear:
@@ -159,6 +159,8 @@ class Glm4PreTrainedModel:
         if not isinstance(config, Glm4Config):
             raise TypeError(f"config must be a Glm4Config, got {type(config).__name__}")
         self.config = config
+        self.name_or_path: Optional[str] = None
+        self.checkpoint_dir: Optional[str] = None  # where from_pretrained found the files
         if _tensors is None:
             target = _normalise_dtype(dtype)
             rng = np.random.default_rng(seed)
@@ -250,7 +252,17 @@ class Glm4PreTrainedModel:
                 stacklevel=2)
         model = cls(config, _tensors=tensors)
         model.name_or_path = os.fspath(pretrained_model_name_or_path)
+        model.checkpoint_dir = directory
         return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (bf16 weights stay BF16) so that this
+        class, or transformers, can load the directory."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        params = self.named_parameters()
+        bf16 = frozenset(name for name, a in params.items() if a.dtype == np.uint16)
+        save_safetensors(os.path.join(save_directory, SAFE_WEIGHTS_NAME), params, bf16, {"format": "pt"})
 
     def __call__(self, *args: Any, **kwargs: Any):
         return self.forward(*args, **kwargs)

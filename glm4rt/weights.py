@@ -178,3 +178,40 @@ class Checkpoint:
         if info.dtype == "BF16":
             return bf16_to_f32(raw)
         return raw.astype(np.float32)
+
+
+def save_safetensors(path: str, tensors: dict[str, np.ndarray], bf16: frozenset[str] = frozenset(),
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as one safetensors file (names sorted, 8-byte aligned header).
+
+    Args:
+        path: the file to write.
+        tensors: name -> array (float32, float16 or int); uint16 arrays named in ``bf16`` are
+            written as BF16 bit patterns.
+        bf16: names of the uint16 arrays that hold bf16.
+        metadata: optional ``__metadata__`` strings.
+    """
+    kinds = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64", np.dtype("<i4"): "I32",
+             np.dtype("u1"): "U8"}
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset, arrays = 0, []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        if name in bf16:
+            if a.dtype != np.uint16:
+                raise ValueError(f"{name}: bf16 tensors must be uint16 bit patterns, got {a.dtype}")
+            kind = "BF16"
+        elif a.dtype.newbyteorder("<") in kinds:
+            kind = kinds[a.dtype.newbyteorder("<")]
+        else:
+            raise ValueError(f"{name}: cannot write dtype {a.dtype} to safetensors")
+        header[name] = {"dtype": kind, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in arrays:
+            f.write(a.tobytes())

@@ -36,6 +36,11 @@ GEOMETRIES = {
                     num_attention_heads=8, num_key_value_heads=1, head_dim=8, rms_norm_eps=1e-5,
                     partial_rotary_factor=0.5, rope_theta=2500.0),
         head="causal", dialect="official", dtype="bfloat16", shard=True),
+    "generation": dict(
+        config=dict(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-5,
+                    partial_rotary_factor=0.5, rope_theta=10000.0, max_position_embeddings=160),
+        head="causal", dialect="v5", dtype="bfloat16", shard=False, generate=True),
     "seqcls": dict(
         config=dict(vocab_size=150, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
@@ -60,8 +65,8 @@ def _hf_config(spec: dict) -> Glm4Config:
     c = dict(spec["config"])
     rope = {"rope_type": "default", "rope_theta": c.pop("rope_theta", 10000.0),
             "partial_rotary_factor": c.pop("partial_rotary_factor", 0.5)}
-    return Glm4Config(**c, rope_parameters=rope, pad_token_id=PAD, max_position_embeddings=64,
-                      eos_token_id=[1, 2])
+    c.setdefault("max_position_embeddings", 64)
+    return Glm4Config(**c, rope_parameters=rope, pad_token_id=PAD, eos_token_id=[1, 2])
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -201,5 +206,46 @@ def goldens(directory: str, name: str, seed: int = 0) -> dict[str, np.ndarray]:
             labels[0, 2] = -100
             out["labels"] = labels
             out["loss"] = np.array(model(t_ids, labels=torch.from_numpy(labels)).loss.item())
+        if spec.get("generate"):
+            out.update(generation_goldens(model, rng))
     out["transformers_version"] = np.array(transformers.__version__)
+    return out
+
+
+def generation_goldens(model, rng: np.random.Generator, new: int = 64) -> dict[str, np.ndarray]:
+    """transformers' greedy ``generate`` outputs: a single prompt and a left-padded batch that run
+    the full ``new`` tokens without meeting eos, the same with a repetition penalty, and a batch
+    where one row stops early on an eos id (later tokens of that row become pad)."""
+    vocab, eos = model.config.vocab_size, [1, 2]
+    out = {}
+
+    def gen(ids, mask=None, **kw):
+        kw.setdefault("eos_token_id", eos)
+        res = model.generate(torch.from_numpy(ids), attention_mask=None if mask is None else torch.from_numpy(mask),
+                             max_new_tokens=new, do_sample=False, pad_token_id=PAD, **kw)
+        return res.numpy()
+
+    for _ in range(100):  # a prompt whose greedy continuation never hits eos
+        prompt = rng.integers(3, vocab, size=(1, 11))
+        res = gen(prompt)
+        if res.shape[1] == 11 + new and not np.isin(res[0, 11:], eos).any():
+            break
+    else:
+        raise RuntimeError("no eos-free prompt found")
+    out["gen_prompt"], out["gen_greedy"] = prompt, res
+    out["gen_rep"] = gen(prompt, repetition_penalty=1.3, eos_token_id=[])
+
+    for _ in range(100):
+        ids, mask = padded_batch(rng, vocab, [11, 7, 4], left=True)
+        ids[mask == 1] = np.maximum(ids[mask == 1], 3)
+        res = gen(ids, mask)
+        if res.shape[1] == 11 + new and not np.isin(res[:, 11:], eos).any():
+            break
+    else:
+        raise RuntimeError("no eos-free batch found")
+    out["gen_batch_ids"], out["gen_batch_mask"], out["gen_batch_out"] = ids, mask, res
+    # Early stop: make row 0's 6th new token an eos id; rows 1 and 2 go on (or stop on it too).
+    stop_id = int(res[0, 11 + 5])
+    out["gen_stop_id"] = np.array(stop_id)
+    out["gen_stop_out"] = gen(ids, mask, eos_token_id=[stop_id])
     return out

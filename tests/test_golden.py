@@ -6,7 +6,7 @@ from conftest import fixture_dir, golden
 from golden_checks import check_all
 
 CASES = {"gqa1_official": "causal", "gqa2_nobias_tied_v5": "causal",
-         "gqa8_bf16_sharded": "causal", "seqcls": "seqcls", "seqcls_regression": "seqcls",
+         "gqa8_bf16_sharded": "causal", "generation": "causal", "seqcls": "seqcls", "seqcls_regression": "seqcls",
          "tokcls": "tokcls"}
 
 

@@ -73,3 +73,17 @@ def test_newly_initialised_head_statistics_follow_transformers(tmp_path):
     assert ours.score.weight.shape == tuple(theirs.score.weight.shape)
     # Both draw normal(0, initializer_range): compare the spreads (not the values).
     assert abs(ours.score.weight.std() - theirs.score.weight.detach().numpy().std()) < 0.006
+
+
+def test_fresh_checkpoint_greedy_generation_matches_transformers(tmp_path):
+    hf_reference.build_checkpoint(str(tmp_path), "generation", seed=321)
+    ref = hf_reference.load_reference(str(tmp_path), "causal")
+    g = hf_reference.generation_goldens(ref, np.random.default_rng(321))
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(str(tmp_path))
+    np.testing.assert_array_equal(model.generate(g["gen_prompt"], max_new_tokens=64), g["gen_greedy"])
+    np.testing.assert_array_equal(
+        model.generate(g["gen_batch_ids"], attention_mask=g["gen_batch_mask"], max_new_tokens=64),
+        g["gen_batch_out"])
+    np.testing.assert_array_equal(
+        model.generate(g["gen_batch_ids"], attention_mask=g["gen_batch_mask"], max_new_tokens=64,
+                       eos_token_id=[int(g["gen_stop_id"])]), g["gen_stop_out"])
