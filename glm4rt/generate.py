@@ -23,6 +23,9 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 # generation_config.json sets a value.
 _DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
              "min_p": None, "repetition_penalty": 1.0}
+# What generate() / stream_text() accept as generation arguments.
+_CALL_KWARGS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
+                "repetition_penalty", "eos_token_id", "pad_token_id", "stop_strings", "seed"}
 
 
 def load_generation_config(directory: Optional[str]) -> dict[str, Any]:
@@ -65,21 +68,23 @@ def resolve_settings(model, prompt_len: int, overrides: dict[str, Any]) -> Gener
     Raises:
         ValueError: inconsistent lengths or sampling settings.
     """
+    unknown = sorted(set(overrides) - _CALL_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected generation arguments {unknown}")
     gen = dict(model.generation_config)
-    merged = {**_DEFAULTS, **{k: v for k, v in gen.items() if k in _DEFAULTS or k == "max_new_tokens"}}
     given = {k: v for k, v in overrides.items() if v is not None}
     if "max_length" in given and "max_new_tokens" not in given:
-        merged.pop("max_new_tokens", None)
-    merged.update(given)
+        gen.pop("max_new_tokens", None)  # an explicit total length beats the config's new tokens
+    merged = {**_DEFAULTS, **{k: v for k, v in gen.items() if v is not None}, **given}
     if merged.get("max_new_tokens") is not None:
         if merged["max_new_tokens"] < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {merged['max_new_tokens']}")
         max_length = prompt_len + int(merged["max_new_tokens"])
     else:
         max_length = int(merged["max_length"])
-    eos = merged.get("eos_token_id", gen.get("eos_token_id", model.config.eos_token_id))
+    eos = merged.get("eos_token_id", model.config.eos_token_id)
     eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, (int, np.integer)) else [int(e) for e in eos])
-    pad = merged.get("pad_token_id", gen.get("pad_token_id", model.config.pad_token_id))
+    pad = merged.get("pad_token_id", model.config.pad_token_id)
     if pad is None and eos_ids:
         pad = eos_ids[0]  # as transformers does
     stop = merged.get("stop_strings") or []
@@ -153,7 +158,8 @@ def generate_tokens(model, input_ids: Any, attention_mask: Any = None, *,
     for t in range(T0, total):
         out = model(all_ids[:, start:t], attention_mask=all_mask[:, :t], position_ids=positions[:, start:t],
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
-        scores = process_logits(out.logits[:, -1], all_ids[:, :t], settings.sampling)  # [B, V]
+        scores = process_logits(out.logits[:, -1], all_ids[:, :t], settings.sampling,  # [B, V]
+                                attention_mask=all_mask[:, :t])
         next_tokens = select_next(scores, settings.sampling, rng)                     # [B]
         if settings.pad_token_id is not None and eos.size:
             next_tokens = np.where(finished, settings.pad_token_id, next_tokens)

@@ -87,3 +87,15 @@ def test_fresh_checkpoint_greedy_generation_matches_transformers(tmp_path):
     np.testing.assert_array_equal(
         model.generate(g["gen_batch_ids"], attention_mask=g["gen_batch_mask"], max_new_tokens=64,
                        eos_token_id=[int(g["gen_stop_id"])]), g["gen_stop_out"])
+
+
+def test_repetition_penalty_on_left_padded_batch_matches_transformers(tmp_path):
+    hf_reference.build_checkpoint(str(tmp_path), "generation", seed=322)
+    ref = hf_reference.load_reference(str(tmp_path), "causal")
+    ids, mask = hf_reference.padded_batch(np.random.default_rng(4), ref.config.vocab_size, [10, 6, 3], left=True)
+    with torch.no_grad():
+        expected = ref.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=32,
+                                do_sample=False, repetition_penalty=1.3, pad_token_id=0, eos_token_id=[]).numpy()
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(str(tmp_path))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=32, repetition_penalty=1.3, eos_token_id=[])
+    np.testing.assert_array_equal(out, expected)
