@@ -6,12 +6,15 @@ The classes mirror transformers' Glm4 API with NumPy arrays in and out::
     model = Glm4ForCausalLM.from_pretrained("path/to/GLM-4-9B-0414")
     logits = model(input_ids).logits
 """
+from .chat import ChatSession, ContextFullError, split_thinking
 from .config import Glm4Config
 from .errors import CheckpointError, ConfigError, Glm4rtError
 from .heads import Glm4ForCausalLM, Glm4ForSequenceClassification, Glm4ForTokenClassification
 from .kv_cache import Glm4Cache
 from .model import Glm4Model, Glm4PreTrainedModel
 from .ops import cpu_isa, get_num_threads, set_isa, set_num_threads, supported_isas
+from .tokenizer import Glm4Tokenizer, StreamDecoder, TokenizerError
+from .generate import generate, stream_text
 from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast,
                       SequenceClassifierOutputWithPast, TokenClassifierOutput)
 
@@ -23,4 +26,6 @@ __all__ = [
     "BaseModelOutputWithPast", "CausalLMOutputWithPast", "SequenceClassifierOutputWithPast",
     "TokenClassifierOutput", "CheckpointError", "ConfigError", "Glm4rtError",
     "cpu_isa", "supported_isas", "set_isa", "set_num_threads", "get_num_threads",
+    "Glm4Tokenizer", "StreamDecoder", "TokenizerError", "ChatSession", "ContextFullError",
+    "split_thinking", "generate", "stream_text",
 ]

@@ -1,13 +1,19 @@
 """The ``glm4rt`` command line.
 
-    glm4rt info --model DIR_OR_HUB_ID    config summary, parameters, memory, CPU path, threads,
+    glm4rt info --model DIR              config summary, parameters, memory, CPU path, threads,
                                          and a timed forward pass as a smoke test
+    glm4rt generate --model DIR "text"   one reply (or a raw completion with --raw), streamed
+    glm4rt chat --model DIR              interactive multi-turn chat; Ctrl-C stops the current
+                                         reply, Ctrl-D or /exit leaves, /reset starts over
+
+DIR is a checkpoint directory or a Hugging Face hub id.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +23,62 @@ from .heads import Glm4ForCausalLM
 
 def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def _load(args: argparse.Namespace):
+    model = Glm4ForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+    from .tokenizer import Glm4Tokenizer
+
+    tokenizer = Glm4Tokenizer.from_pretrained(model.checkpoint_dir)
+    return model, tokenizer
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags that were given; the rest come from the checkpoint's generation_config.json."""
+    kw = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+          "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+          "seed": args.seed}
+    if args.greedy:
+        kw["do_sample"] = False
+    elif args.sample:
+        kw["do_sample"] = True
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+class _ReplyPrinter:
+    """Prints a streamed reply; GLM-Z1 thinking (up to ``</think>``) is shown apart from the answer."""
+
+    def __init__(self, out, thinking: bool) -> None:
+        self.out, self.thinking, self.pending = out, thinking, ""
+        self.color = out.isatty()
+        if thinking:
+            self._write("[thinking]\n", dim=True)
+
+    def _write(self, text: str, dim: bool = False) -> None:
+        if dim and self.color:
+            text = f"\033[2m{text}\033[0m"
+        self.out.write(text)
+        self.out.flush()
+
+    def put(self, piece: str) -> None:
+        if not self.thinking:
+            self._write(piece)
+            return
+        self.pending += piece
+        if "</think>" in self.pending:
+            before, after = self.pending.split("</think>", 1)
+            self._write(before, dim=True)
+            self._write("\n[/thinking]\n", dim=True)
+            self.thinking, self.pending = False, ""
+            self._write(after.lstrip("\n"))
+        elif len(self.pending) > 8:  # keep a tail that might be the start of "</think>"
+            self._write(self.pending[:-8], dim=True)
+            self.pending = self.pending[-8:]
+
+    def end(self) -> None:
+        if self.pending:
+            self._write(self.pending, dim=self.thinking)
+        self._write("\n")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -49,14 +111,123 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .chat import ChatSession
+
+    model, tokenizer = _load(args)
+    kwargs = _sampling_kwargs(args)
+    if args.raw or tokenizer.chat_template is None:
+        ids = np.array([tokenizer.encode(args.prompt)])
+        printer = _ReplyPrinter(sys.stdout, thinking=False)
+        pieces = model.stream(tokenizer, ids, **kwargs)
+    else:
+        session = ChatSession(model, tokenizer, system=args.system, **kwargs)
+        session.messages.append({"role": "user", "content": args.prompt})
+        thinking = _ends_with_think(tokenizer, session)
+        session.messages.pop()
+        printer = _ReplyPrinter(sys.stdout, thinking=thinking)
+        pieces = session.send(args.prompt)
+    try:
+        for piece in pieces:
+            printer.put(piece)
+    except KeyboardInterrupt:
+        pass
+    printer.end()
+    return 0
+
+
+def _ends_with_think(tokenizer, session) -> bool:
+    text = tokenizer.apply_chat_template(session.messages, tools=session.tools, add_generation_prompt=True,
+                                         tokenize=False)
+    return text.rstrip().endswith("<think>")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession, ContextFullError
+
+    model, tokenizer = _load(args)
+    session = ChatSession(model, tokenizer, system=args.system, max_context=args.max_context,
+                          **_sampling_kwargs(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"glm4rt chat ({args.model}, {ops.cpu_isa()}, {ops.get_num_threads()} threads). "
+              "Ctrl-C stops a reply; /reset starts over; /exit or Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            session.reset(system=args.system)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        session.messages.append({"role": "user", "content": line})
+        thinking = _ends_with_think(tokenizer, session)
+        session.messages.pop()
+        printer = _ReplyPrinter(sys.stdout, thinking=thinking)
+        try:
+            for piece in session.send(line):
+                printer.put(piece)
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            printer.end()
+            print("(stopped)", file=sys.stderr)
+            continue
+        except ContextFullError as e:
+            print(f"glm4rt: {e}", file=sys.stderr)
+            continue
+        printer.end()
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weight format in memory (default: as stored; compute is always fp32)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit (default: 1024)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    mode.add_argument("--sample", action="store_true", help="sample (default: generation_config.json)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same reply)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm4rt", description="GLM-4 inference on the CPU")
     parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     sub = parser.add_subparsers(dest="command", required=True)
+
     info = sub.add_parser("info", help="describe a checkpoint and run a smoke-test forward pass")
-    info.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
-    info.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    _add_model_args(info)
     info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate a reply to one prompt")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    gen.add_argument("prompt", help="the user message (or raw text with --raw)")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (reads stdin)")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--max-context", type=int, default=None, help="conversation length limit in tokens")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 
@@ -65,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         ops.set_num_threads(args.threads)
+    if getattr(args, "max_new_tokens", "unset") is None:
+        args.max_new_tokens = 1024
     try:
         return args.func(args)
-    except (OSError, ValueError) as e:  # bad path, corrupt checkpoint, unsupported config
+    except (OSError, ValueError) as e:  # bad path, corrupt checkpoint, unsupported config, bad flag
         print(f"glm4rt: error: {e}", file=sys.stderr)
         return 2
 
