@@ -69,6 +69,79 @@ void matmul(const py::array& x, const py::array& w, const py::object& bias, py::
     glm4rt::matmul_f32(xp, M, K, static_cast<const float*>(w.data()), N, bias_ptr, yp);
 }
 
+glm4rt::QFormat qformat(int fmt) {
+  GLM4RT_CHECK(fmt == 0 || fmt == 1) << "unknown quantized format " << fmt << " (0 = int8, 1 = int4)";
+  return static_cast<glm4rt::QFormat>(fmt);
+}
+
+void qmatmul(const py::array& x, const py::array& packed, int fmt, int N, const py::object& bias,
+             py::array& out) {
+  const glm4rt::QFormat f = qformat(fmt);
+  expect<float>(x, "x", {-1, -1});
+  const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
+  GLM4RT_CHECK(N > 0 && K > 0) << "qmatmul: empty matrix N=" << N << " K=" << K;
+  expect<uint8_t>(packed, "packed weight", {static_cast<py::ssize_t>(glm4rt::q_packed_bytes(f, N, K))});
+  const float* bias_ptr = nullptr;
+  if (!bias.is_none()) {
+    py::array b = bias.cast<py::array>();
+    expect<float>(b, "bias", {N});
+    bias_ptr = static_cast<const float*>(b.data());
+  }
+  expect<float>(out, "out", {M, N}, true);
+  const float* xp = static_cast<const float*>(x.data());
+  const uint8_t* wp = static_cast<const uint8_t*>(packed.data());
+  float* yp = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  glm4rt::qmatmul(f, xp, M, K, wp, N, bias_ptr, yp);
+}
+
+void quantize_pack(const py::array& w, int fmt, int N, int row0, py::array& packed) {
+  const glm4rt::QFormat f = qformat(fmt);
+  GLM4RT_CHECK(w.ndim() == 2) << "weight: expected [rows, K], got shape " << shape_str(w);
+  const int n_rows = static_cast<int>(w.shape(0)), K = static_cast<int>(w.shape(1));
+  const bool bf16 = w.dtype().equal(py::dtype::of<uint16_t>());
+  if (bf16)
+    expect<uint16_t>(w, "weight (bf16 bits)", {n_rows, K});
+  else
+    expect<float>(w, "weight", {n_rows, K});
+  GLM4RT_CHECK(K > 0 && N > 0 && row0 >= 0 && row0 % glm4rt::kQGroupRows == 0 && row0 + n_rows <= N &&
+               (n_rows % glm4rt::kQGroupRows == 0 || row0 + n_rows == N))
+      << "rows [" << row0 << ", " << row0 + n_rows << ") of " << N
+      << ": a chunk must start at a multiple of 16 rows and hold whole groups (or end the matrix)";
+  expect<uint8_t>(packed, "packed", {static_cast<py::ssize_t>(glm4rt::q_packed_bytes(f, N, K))}, true);
+  const float* wf = bf16 ? nullptr : static_cast<const float*>(w.data());
+  const uint16_t* wb = bf16 ? static_cast<const uint16_t*>(w.data()) : nullptr;
+  uint8_t* pp = static_cast<uint8_t*>(packed.mutable_data());
+  py::gil_scoped_release release;
+  glm4rt::quantize_pack(f, wf, wb, N, K, row0, n_rows, pp);
+}
+
+py::array_t<float> dequantize(const py::array& packed, int fmt, int N, int K) {
+  const glm4rt::QFormat f = qformat(fmt);
+  GLM4RT_CHECK(N > 0 && K > 0) << "dequantize: empty matrix N=" << N << " K=" << K;
+  expect<uint8_t>(packed, "packed", {static_cast<py::ssize_t>(glm4rt::q_packed_bytes(f, N, K))});
+  py::array_t<float> out({N, K});
+  glm4rt::dequantize_packed(f, static_cast<const uint8_t*>(packed.data()), N, K, out.mutable_data());
+  return out;
+}
+
+py::tuple quantize_acts(const py::array& x) {
+  expect<float>(x, "x", {-1, -1});
+  const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
+  const int nb = glm4rt::q_blocks(K);
+  py::array_t<int8_t> q({M, nb * glm4rt::kQBlock});
+  py::array_t<float> scale({M, nb});
+  py::array_t<int32_t> sum({M, nb});
+  glm4rt::quantize_acts(static_cast<const float*>(x.data()), M, K, q.mutable_data(), scale.mutable_data(),
+                        sum.mutable_data());
+  return py::make_tuple(q, scale, sum);
+}
+
+size_t packed_bytes(int fmt, int N, int K) {
+  GLM4RT_CHECK(N > 0 && K > 0) << "packed_bytes: empty matrix N=" << N << " K=" << K;
+  return glm4rt::q_packed_bytes(qformat(fmt), N, K);
+}
+
 void rms_norm(const py::array& x, const py::array& weight, float eps, py::array& out) {
   expect<float>(x, "x", {-1, -1});
   const int M = static_cast<int>(x.shape(0)), H = static_cast<int>(x.shape(1));
@@ -160,6 +233,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("matmul", &matmul, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
         "out[M, N] = x[M, K] @ weight[N, K]^T (+ bias); weight fp32 or bf16 bits (uint16).");
+  m.def("qmatmul", &qmatmul, py::arg("x"), py::arg("packed"), py::arg("fmt"), py::arg("n"),
+        py::arg("bias"), py::arg("out"), "out[M, N] = x[M, K] @ W^T (+ bias), W packed int8/int4.");
+  m.def("quantize_pack", &quantize_pack, py::arg("weight"), py::arg("fmt"), py::arg("n"),
+        py::arg("row0"), py::arg("packed"), "Quantize rows row0.. of an [N, K] matrix into packed.");
+  m.def("dequantize", &dequantize, py::arg("packed"), py::arg("fmt"), py::arg("n"), py::arg("k"));
+  m.def("quantize_acts", &quantize_acts, py::arg("x"));
+  m.def("packed_bytes", &packed_bytes, py::arg("fmt"), py::arg("n"), py::arg("k"));
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
   m.def("rotary", &rotary, py::arg("x"), py::arg("positions"), py::arg("inv_freq"),
         py::arg("rot_dim"), "Interleaved partial rotary, in place on x[n_tokens, n_heads, d].");
@@ -167,6 +247,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_keys"),
         py::arg("q_pos"), py::arg("key_mask"), py::arg("scale"), py::arg("out"),
         py::arg("probs"));
+  m.def("stream_read", [](const py::array& a) {
+    expect<uint8_t>(a, "data", {-1});
+    const uint8_t* p = static_cast<const uint8_t*>(a.data());
+    const size_t n = static_cast<size_t>(a.shape(0));
+    py::gil_scoped_release release;
+    return glm4rt::stream_read(p, n);
+  }, py::arg("data"), "Read every byte with the kernel threads (memory bandwidth probe); returns a checksum.");
   m.def("supported_isas", &glm4rt::supported_isas);
   m.def("set_isa", &glm4rt::set_isa, py::arg("name"));
   m.def("active_isa", &glm4rt::active_isa);

@@ -42,9 +42,11 @@ CpuFeatures detect() {
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return f;
   bool avx2 = ebx & (1u << 5);
   bool avx512f = ebx & (1u << 16), avx512dq = ebx & (1u << 17);
-  bool avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31);
+  bool avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31), avx512vnni = ecx & (1u << 11);
   f.avx2 = os_avx && avx2 && fma && f16c;
-  f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl;
+  // The avx512 kernels use VNNI for the quantized dot products (Ice Lake, Zen 4 and later);
+  // AVX-512 CPUs without it (Skylake-X) run the avx2 kernels.
+  f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni;
 #endif
   return f;
 }

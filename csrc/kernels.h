@@ -20,6 +20,18 @@ using DotF32 = float (*)(const float* a, const float* b, int n);
 // y[i] += alpha * x[i]
 using AxpyF32 = void (*)(float alpha, const float* x, float* y, int n);
 
+// Quantized weights (formats in quant.h): y[m, r] for mt tokens and the 16 rows of one packed
+// group, over all n_blocks blocks of K:
+//   y[m, r] = sum_b xs[m, b] * d[r, b] * (sum_k q[r, k] * xq[m, k])   (int4: q - 8 for q)
+//   group: the group's first block      xq [mt, ldq] int8, xs / xsum [mt, lds] (quant.h)
+//   y: [mt, ldy], only the first `rows` (<= 16) of the group are written.
+// n_groups (1 or 2, 2 only with mt == 1) consecutive groups, group_bytes apart, are done in one
+// pass so that decode (one token) shares each activation broadcast between 32 rows; `rows` then
+// counts the rows of both (<= 32) and y receives them consecutively.
+using QGemmTile = void (*)(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks,
+                           const int8_t* xq, const float* xs, const int32_t* xsum, size_t ldq,
+                           size_t lds, int mt, float* y, size_t ldy, int rows);
+
 struct KernelTable {
   const char* name;  // "generic", "avx2", "avx512"
   int mr;            // tokens per gemm tile
@@ -28,6 +40,9 @@ struct KernelTable {
   GemmTileBF16 gemm_tile_bf16;
   DotF32 dot_f32;
   AxpyF32 axpy_f32;
+  int qmt;  // tokens per quantized tile
+  QGemmTile qgemm_int8;
+  QGemmTile qgemm_int4;
 };
 
 // One function per ISA file; each returns its static table.

@@ -67,6 +67,41 @@ void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const f
   matmul_impl(x, M, K, w, N, bias, y, kt.gemm_tile_bf16, kt.mr, kt.nr);
 }
 
+void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int N,
+             const float* bias, float* y) {
+  const KernelTable& kt = kernels();
+  const int nb = q_blocks(K), Kp = nb * kQBlock, n_groups = q_groups(N);
+  std::vector<int8_t> xq(static_cast<size_t>(M) * Kp);  // [M, Kp]
+  std::vector<float> xs(static_cast<size_t>(M) * nb);     // [M, nb]
+  std::vector<int32_t> xsum(static_cast<size_t>(M) * nb); // [M, nb]
+  quantize_acts(x, M, K, xq.data(), xs.data(), xsum.data());
+  const QGemmTile tile = f == QFormat::Int8 ? kt.qgemm_int8 : kt.qgemm_int4;
+  const size_t group_bytes = static_cast<size_t>(nb) * q_block_bytes(f);
+  const int mt = kt.qmt;
+  const bool parallel = static_cast<long long>(M) * N * K >= kParallelWork;
+  // One token (decode): pairs of groups per tile share the activation broadcasts.
+  const int groups_per_tile = M == 1 ? 2 : 1;
+  const int n_tiles = (n_groups + groups_per_tile - 1) / groups_per_tile;
+#pragma omp parallel num_threads(get_num_threads()) if (parallel)
+  for (int m0 = 0; m0 < M; m0 += kBlockM) {  // a block of tokens stays in L2 across all groups
+    const int mb = std::min(kBlockM, M - m0);
+#pragma omp for schedule(static)
+    for (int t = 0; t < n_tiles; ++t) {
+      const int g = t * groups_per_tile;
+      const int rows = std::min(kQGroupRows * groups_per_tile, N - g * kQGroupRows);
+      float* yg = y + static_cast<size_t>(m0) * N + static_cast<size_t>(g) * kQGroupRows;
+      for (int i = 0; i < mb; i += mt)
+        tile(packed + g * group_bytes, group_bytes, std::min(groups_per_tile, n_groups - g), nb,
+             xq.data() + static_cast<size_t>(m0 + i) * Kp, xs.data() + static_cast<size_t>(m0 + i) * nb,
+             xsum.data() + static_cast<size_t>(m0 + i) * nb, Kp, nb, std::min(mt, mb - i),
+             yg + static_cast<size_t>(i) * N, N, rows);
+      if (bias != nullptr)
+        for (int i = 0; i < mb; ++i)
+          for (int r = 0; r < rows; ++r) yg[static_cast<size_t>(i) * N + r] += bias[g * kQGroupRows + r];
+    }
+  }
+}
+
 void rms_norm(const float* x, const float* weight, float* y, int M, int H, float eps) {
   const KernelTable& kt = kernels();
 #pragma omp parallel for num_threads(get_num_threads()) if (static_cast<long long>(M) * H >= kParallelWork)
@@ -188,6 +223,28 @@ void attention(const AttentionArgs& a) {
         }
     }
   }
+}
+
+uint64_t stream_read(const uint8_t* data, size_t n_bytes) {
+  const size_t n_words = n_bytes / sizeof(uint64_t);
+  const uint64_t* words = reinterpret_cast<const uint64_t*>(data);
+  uint64_t total = 0;
+#pragma omp parallel num_threads(get_num_threads()) reduction(^ : total)
+  {
+#if defined(_OPENMP)
+    const size_t t = static_cast<size_t>(omp_get_thread_num()), n = static_cast<size_t>(omp_get_num_threads());
+#else
+    const size_t t = 0, n = 1;
+#endif
+    const size_t begin = n_words * t / n, end = n_words * (t + 1) / n;  // one contiguous slice each
+    uint64_t a[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent chains: the loop is load-bound
+    size_t i = begin;
+    for (; i + 8 <= end; i += 8)
+      for (int j = 0; j < 8; ++j) a[j] ^= words[i + j];
+    for (; i < end; ++i) a[0] ^= words[i];
+    for (int j = 0; j < 8; ++j) total ^= a[j];
+  }
+  return total;
 }
 
 }  // namespace glm4rt

@@ -5,6 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "quant.h"
+
 namespace glm4rt {
 
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]). fp32 accumulation.
@@ -12,6 +14,11 @@ void matmul_f32(const float* x, int M, int K, const float* w, int N, const float
 // Same with bf16 weights stored as raw uint16 bit patterns.
 void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const float* bias,
                  float* y);
+
+// y[M, N] = x[M, K] @ W^T (+ bias) for a packed quantized W [N, K] (quant.h): the activations are
+// quantized to int8 per block of 32, then integer dot products, fp32 accumulation across blocks.
+void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int N,
+             const float* bias, float* y);
 
 // y[M, H] = weight * (x * rsqrt(mean(x^2) + eps)); statistics in fp32; y may alias x.
 void rms_norm(const float* x, const float* weight, float* y, int M, int H, float eps);
@@ -42,5 +49,9 @@ struct AttentionArgs {
   float scale;
 };
 void attention(const AttentionArgs& a);
+
+// Reads n_bytes from data with all threads (each thread a contiguous slice) and returns a checksum,
+// so the memory system's read bandwidth can be measured with the same threads the kernels use.
+uint64_t stream_read(const uint8_t* data, size_t n_bytes);
 
 }  // namespace glm4rt

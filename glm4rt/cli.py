@@ -5,6 +5,7 @@
     glm4rt generate --model DIR "text"   one reply (or a raw completion with --raw), streamed
     glm4rt chat --model DIR              interactive multi-turn chat; Ctrl-C stops the current
                                          reply, Ctrl-D or /exit leaves, /reset starts over
+    glm4rt quantize SRC DST --format int4  write a quantized checkpoint (int4 or int8)
 
 DIR is a checkpoint directory or a Hugging Face hub id.
 """
@@ -26,7 +27,7 @@ def _gib(n_bytes: float) -> str:
 
 
 def _load(args: argparse.Namespace):
-    model = Glm4ForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+    model = Glm4ForCausalLM.from_pretrained(args.model, dtype=args.dtype, quantization=args.quantization)
     from .tokenizer import Glm4Tokenizer
 
     tokenizer = Glm4Tokenizer.from_pretrained(model.checkpoint_dir)
@@ -83,14 +84,20 @@ class _ReplyPrinter:
 
 def cmd_info(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    model = Glm4ForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+    model = Glm4ForCausalLM.from_pretrained(args.model, dtype=args.dtype, quantization=args.quantization)
     load_s = time.perf_counter() - t0
     c = model.config
     params = model.named_parameters()
-    n_params = sum(a.size for a in params.values())
+    n_params = c.num_hidden_layers * (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+                                      + c.num_attention_heads * c.head_dim * c.hidden_size
+                                      + 3 * c.intermediate_size * c.hidden_size + 4 * c.hidden_size
+                                      + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * c.attention_bias)
+    n_params += c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
     n_bytes = sum(a.nbytes for a in params.values())
     kv_per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
-    formats = sorted({"bf16" if a.dtype == np.uint16 else str(a.dtype) for a in params.values()})
+    quant = (getattr(c, "quantization_config", None) or {}).get("format")
+    formats = sorted({"bf16" if a.dtype == np.uint16 else (quant or "uint8") if a.dtype == np.uint8
+                      else str(a.dtype) for a in params.values()})
     print(f"model           {args.model}")
     print(f"geometry        {c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate "
           f"{c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads} kv, "
@@ -187,10 +194,30 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    t0 = time.perf_counter()
+    model = Glm4ForCausalLM.from_pretrained(args.src, quantization=args.format, progress=True)
+    model.save_pretrained(args.dst)
+    src_dir = model.checkpoint_dir
+    for name in os.listdir(src_dir):  # tokenizer, chat template, generation config
+        if name.startswith("tokenizer") or name in ("generation_config.json", "chat_template.jinja",
+                                                     "special_tokens_map.json"):
+            shutil.copy2(os.path.join(src_dir, name), os.path.join(args.dst, name))
+    size = sum(os.path.getsize(os.path.join(args.dst, f)) for f in os.listdir(args.dst))
+    print(f"quantized {args.src} -> {args.dst} ({args.format}, {size / 2**30:.2f} GiB) "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight format in memory (default: as stored; compute is always fp32)")
+    p.add_argument("--quantization", default=None, choices=["int4", "int8"],
+                   help="quantize while loading (a checkpoint saved quantized needs no flag)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -228,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.add_argument("--max-context", type=int, default=None, help="conversation length limit in tokens")
     chat.set_defaults(func=cmd_chat)
+
+    quant = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (loads by memory map)")
+    quant.add_argument("src", help="checkpoint directory or Hugging Face hub id (bf16 / fp32)")
+    quant.add_argument("dst", help="output directory")
+    quant.add_argument("--format", default="int4", choices=["int4", "int8"])
+    quant.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -8,7 +8,8 @@ import numpy as np
 
 from .config import Glm4Config
 from .generate import generate, load_generation_config
-from .model import Glm4Model, Glm4PreTrainedModel, Linear, TensorSpec, _base_model_specs
+from .model import Glm4Model, Glm4PreTrainedModel, Linear, TensorSpec, _base_model_specs, _make_linear
+from .quant import QuantLinear
 from .outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast, TokenClassifierOutput
 
 IGNORE_INDEX = -100
@@ -81,6 +82,8 @@ class Glm4ForCausalLM(Glm4PreTrainedModel):
     The lm_head (``[vocab, H]``, no bias) is the embedding matrix when ``tie_word_embeddings``.
     """
 
+    _has_lm_head = True
+
     @classmethod
     def _tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
         specs = _base_model_specs(config)
@@ -90,8 +93,12 @@ class Glm4ForCausalLM(Glm4PreTrainedModel):
 
     def _build(self, tensors: dict[str, np.ndarray]) -> None:
         self.model = Glm4Model(self.config, _tensors=tensors)
-        self.lm_head = Linear(self.model.embed_tokens if self.config.tie_word_embeddings
-                              else tensors["lm_head.weight"])
+        if "lm_head.qweight" in tensors:
+            self.lm_head = _make_linear(tensors, "lm_head", self.config, self.config.vocab_size,
+                                        self.config.hidden_size)
+        else:
+            self.lm_head = Linear(self.model.embed_tokens if self.config.tie_word_embeddings
+                                  else tensors["lm_head.weight"])
 
     @property
     def generation_config(self) -> dict[str, Any]:
@@ -118,8 +125,8 @@ class Glm4ForCausalLM(Glm4PreTrainedModel):
     def named_parameters(self) -> dict[str, np.ndarray]:
         """Every weight under its checkpoint name."""
         out = self.model.named_parameters()
-        if not self.config.tie_word_embeddings:
-            out["lm_head.weight"] = self.lm_head.weight
+        if isinstance(self.lm_head, QuantLinear) or not self.config.tie_word_embeddings:
+            out.update(self.lm_head.parameters("lm_head"))
         return out
 
     def forward(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,

@@ -22,6 +22,7 @@ from .errors import CheckpointError
 from .hub import HUB_KWARGS, resolve_model_dir
 from .kv_cache import Glm4Cache
 from .outputs import BaseModelOutputWithPast
+from .quant import GROUP_ROWS, QUANT_FORMATS, QuantLinear, packed_bytes, quantize_rows
 from .weights import SAFE_WEIGHTS_NAME, Checkpoint, save_safetensors
 
 
@@ -45,13 +46,25 @@ class Linear:
         """``x [n_tokens, in_features]`` -> ``[n_tokens, out_features]`` float32."""
         return ops.linear(x, self.weight, self.bias, out)
 
+    def parameters(self, name: str) -> dict[str, np.ndarray]:
+        """Checkpoint tensors of this layer under module name ``name``."""
+        out = {name + ".weight": self.weight}
+        if self.bias is not None:
+            out[name + ".bias"] = self.bias
+        return out
+
 
 @dataclass
 class Glm4Attention:
-    q_proj: Linear  # [n_heads * d, H] (+ bias when attention_bias)
-    k_proj: Linear  # [n_kv_heads * d, H] (+ bias)
-    v_proj: Linear  # [n_kv_heads * d, H] (+ bias)
-    o_proj: Linear  # [H, n_heads * d], never a bias
+    o_proj: Linear                    # [H, n_heads * d], never a bias
+    q_proj: Optional[Linear] = None   # [n_heads * d, H] (+ bias when attention_bias)
+    k_proj: Optional[Linear] = None   # [n_kv_heads * d, H] (+ bias)
+    v_proj: Optional[Linear] = None   # [n_kv_heads * d, H] (+ bias)
+    qkv_proj: Optional[Linear] = None  # quantized models: q, k, v rows stacked, one matmul
+
+    def modules(self) -> dict[str, Linear]:
+        return {n: m for n in ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")
+                if (m := getattr(self, n)) is not None}
 
 
 @dataclass
@@ -75,7 +88,8 @@ class Glm4DecoderLayer:
 @dataclass(frozen=True)
 class TensorSpec:
     """Expected checkpoint tensor: shape, and kind: "matrix" (kept in the model dtype),
-    "norm" (float32, initialised to ones) or "bias" (float32, initialised to zeros)."""
+    "norm" (float32, initialised to ones), "bias" (float32, initialised to zeros) or "packed"
+    (quantized bytes, used as stored)."""
     shape: tuple[int, ...]
     kind: str
 
@@ -133,6 +147,81 @@ def _canonical_name(name: str) -> str:
     return name
 
 
+def quant_layout(config: Glm4Config, with_lm_head: bool) -> dict[str, list[tuple[str, int]]]:
+    """Which modules a quantized model has and where their rows come from:
+    ``{quantized module: [(source module, rows), ...]}``. q, k and v are stacked into one
+    ``self_attn.qkv_proj`` (one matmul instead of three) when each is made of whole 16-row groups."""
+    d, n_h, n_kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    H, I = config.hidden_size, config.intermediate_size
+    fuse = (n_h * d) % GROUP_ROWS == 0 and (n_kv * d) % GROUP_ROWS == 0
+    layout: dict[str, list[tuple[str, int]]] = {}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        qkv = [(p + "self_attn.q_proj", n_h * d), (p + "self_attn.k_proj", n_kv * d),
+               (p + "self_attn.v_proj", n_kv * d)]
+        if fuse:
+            layout[p + "self_attn.qkv_proj"] = qkv
+        else:
+            layout.update({name: [(name, rows)] for name, rows in qkv})
+        layout[p + "self_attn.o_proj"] = [(p + "self_attn.o_proj", H)]
+        layout[p + "mlp.gate_up_proj"] = [(p + "mlp.gate_up_proj", 2 * I)]
+        layout[p + "mlp.down_proj"] = [(p + "mlp.down_proj", H)]
+    if with_lm_head:  # a tied lm_head gets its own quantized copy of the embedding matrix
+        layout["lm_head"] = [("model.embed_tokens" if config.tie_word_embeddings else "lm_head",
+                              config.vocab_size)]
+    return layout
+
+
+def _quantized_specs(config: Glm4Config, fmt: str, specs: dict[str, TensorSpec],
+                     with_lm_head: bool) -> dict[str, TensorSpec]:
+    """The tensors of a saved quantized checkpoint: ``specs`` with every quantized module's
+    weight (and bias) replaced by its packed bytes (and its stacked bias)."""
+    out = dict(specs)
+    for target, sources in quant_layout(config, with_lm_head).items():
+        in_features = specs[sources[0][0] + ".weight"].shape[1]
+        n_rows = sum(rows for _, rows in sources)
+        has_bias = any(src + ".bias" in specs for src, _ in sources)
+        for src, _ in sources:
+            if src != "model.embed_tokens":
+                out.pop(src + ".weight")
+            out.pop(src + ".bias", None)
+        out[target + ".qweight"] = TensorSpec((packed_bytes(fmt, n_rows, in_features),), "packed")
+        if has_bias:
+            out[target + ".bias"] = TensorSpec((n_rows,), "bias")
+    return out
+
+
+def _make_linear(tensors: dict[str, np.ndarray], name: str, config: Glm4Config,
+                 out_features: int, in_features: int) -> Linear | QuantLinear:
+    """The layer ``name`` from loaded tensors: packed (``.qweight``) or a plain matrix (``.weight``)."""
+    bias = tensors.get(name + ".bias")
+    if name + ".qweight" in tensors:
+        fmt = config.quantization_config["format"]
+        return QuantLinear(tensors[name + ".qweight"], fmt, out_features, in_features, bias)
+    return Linear(tensors[name + ".weight"], bias)
+
+
+# Rows read per step when quantizing a checkpoint on load: about 64 MiB of source data.
+_QUANT_CHUNK_BYTES = 64 * 2**20
+
+
+def _quantize_from_checkpoint(ckpt: Checkpoint, stored: dict[str, str], sources: list[tuple[str, int]],
+                              fmt: str) -> np.ndarray:
+    """Stream the source matrices of one quantized module from the checkpoint, a chunk of rows at
+    a time (peak memory: the packed result plus one chunk), into one packed matrix."""
+    in_features = ckpt.info(stored[sources[0][0] + ".weight"]).shape[1]
+    n_rows = sum(rows for _, rows in sources)
+    packed = np.empty(packed_bytes(fmt, n_rows, in_features), dtype=np.uint8)
+    chunk = max(GROUP_ROWS, _QUANT_CHUNK_BYTES // (4 * in_features) // GROUP_ROWS * GROUP_ROWS)
+    row0 = 0
+    for src, rows in sources:
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            quantize_rows(ckpt.read_rows(stored[src + ".weight"], start, stop), fmt, n_rows, row0 + start, packed)
+        row0 += rows
+    return packed
+
+
 def _init_tensor(spec: TensorSpec, std: float, rng: np.random.Generator, dtype: str) -> np.ndarray:
     """transformers' ``_init_weights``: normal(0, initializer_range) matrices, unit norms, zero biases."""
     if spec.kind == "norm":
@@ -153,6 +242,8 @@ class Glm4PreTrainedModel:
     config_class = Glm4Config
     # Tensors the class may create when the checkpoint lacks them (new classification heads).
     _newly_initialisable: tuple[str, ...] = ()
+    # Whether the class has an lm_head (quantized along with the layers).
+    _has_lm_head = False
 
     def __init__(self, config: Glm4Config, *, dtype: Any = "float32", seed: Optional[int] = None,
                  _tensors: Optional[dict[str, np.ndarray]] = None) -> None:
@@ -177,8 +268,8 @@ class Glm4PreTrainedModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, dtype: Any = "auto",
-                        config: Optional[Glm4Config] = None, seed: Optional[int] = None,
-                        progress: Optional[bool] = None, **kwargs: Any):
+                        quantization: Optional[str] = None, config: Optional[Glm4Config] = None,
+                        seed: Optional[int] = None, progress: Optional[bool] = None, **kwargs: Any):
         """Load a checkpoint directory (or Hugging Face hub id) as published.
 
         Args:
@@ -188,6 +279,9 @@ class Glm4PreTrainedModel:
             dtype: ``"auto"`` keeps bf16 matrices as bf16 (memory-mapped, no copy) and loads the
                 rest as float32; ``"float32"`` or ``"bfloat16"`` force one weight format. Norms and
                 biases are always float32 and all arithmetic accumulates in float32.
+            quantization: ``"int8"`` or ``"int4"`` quantizes every projection and the lm_head while
+                loading, streaming the checkpoint a chunk of rows at a time (see ``glm4rt.quant``).
+                A checkpoint saved quantized loads as it is (memory-mapped) without this argument.
             config: use this config instead of the directory's ``config.json``.
             seed: seed for newly initialised heads.
             progress: show a progress bar (default: when stderr is a terminal).
@@ -202,6 +296,8 @@ class Glm4PreTrainedModel:
             TypeError: an unknown keyword argument.
         """
         target = _normalise_dtype(dtype)
+        if quantization is not None and quantization not in QUANT_FORMATS:
+            raise ValueError(f"quantization={quantization!r}: choose one of {sorted(QUANT_FORMATS)} or None")
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
         unknown = sorted(set(kwargs) - _CONFIG_KWARGS)
         if unknown:
@@ -213,6 +309,14 @@ class Glm4PreTrainedModel:
             config = Glm4Config.from_dict(config.to_dict(), **kwargs)
         ckpt = Checkpoint(directory)
         specs = cls._tensor_specs(config)
+        saved_fmt = (getattr(config, "quantization_config", None) or {}).get("format")
+        if saved_fmt is not None:
+            if saved_fmt not in QUANT_FORMATS:
+                raise CheckpointError(f"{directory}: unknown quantization format {saved_fmt!r} in config.json")
+            if quantization not in (None, saved_fmt):
+                raise ValueError(f"{directory} is already quantized as {saved_fmt}; it cannot be "
+                                 f"re-quantized as {quantization} (quantize the original checkpoint)")
+            specs = _quantized_specs(config, saved_fmt, specs, cls._has_lm_head)
 
         stored = {_canonical_name(name): name for name in ckpt.names()}  # canonical -> stored name
         unexpected = [n for n in stored if n not in specs and n not in _OTHER_HEADS
@@ -225,7 +329,6 @@ class Glm4PreTrainedModel:
         fatal = [n for n in missing if n not in cls._newly_initialisable]
         if fatal:
             raise CheckpointError(f"checkpoint {directory!r} lacks tensors: {_short_list(fatal)}")
-
         for name in specs:
             if name in stored and ckpt.info(stored[name]).shape != specs[name].shape:
                 info = ckpt.info(stored[name])
@@ -233,13 +336,34 @@ class Glm4PreTrainedModel:
                     f"tensor {stored[name]!r} has shape {list(info.shape)} in {info.file}, but the "
                     f"config expects {list(specs[name].shape)}")
 
+        # Quantize on load: the weights of these modules are streamed, never loaded whole.
+        layout = quant_layout(config, cls._has_lm_head) if quantization and saved_fmt is None else {}
+        streamed = {src + ".weight" for sources in layout.values() for src, _ in sources}
+        streamed.discard("model.embed_tokens.weight")  # a tied lm_head's source stays the embedding
+
         tensors: dict[str, np.ndarray] = {}
-        present = [n for n in specs if n in stored]
-        for name in tqdm(present, desc="Loading weights", unit="tensor", leave=False,
-                         disable=None if progress is None else not progress):
-            keep_bf16 = specs[name].kind == "matrix" and (
-                target == "bfloat16" or (target == "auto" and ckpt.info(stored[name]).dtype == "BF16"))
-            tensors[name] = ckpt.load(stored[name], "bfloat16" if keep_bf16 else "float32")
+        present = [n for n in specs if n in stored and n not in streamed]
+        bar = tqdm(total=len(present) + len(layout), desc="Loading weights", unit="tensor", leave=False,
+                   disable=None if progress is None else not progress)
+        for name in present:
+            kind = specs[name].kind
+            if kind == "packed":
+                tensors[name] = ckpt.load_raw(stored[name])
+            else:
+                keep_bf16 = kind == "matrix" and (
+                    target == "bfloat16" or (target == "auto" and ckpt.info(stored[name]).dtype == "BF16"))
+                tensors[name] = ckpt.load(stored[name], "bfloat16" if keep_bf16 else "float32")
+            bar.update()
+        for module, sources in layout.items():
+            tensors[module + ".qweight"] = _quantize_from_checkpoint(ckpt, stored, sources, quantization)
+            biases = [tensors.pop(src + ".bias") for src, _ in sources if src + ".bias" in tensors]
+            if biases:
+                tensors[module + ".bias"] = np.concatenate(biases)
+            bar.update()
+        bar.close()
+        if layout:
+            config.quantization_config = {"quant_method": "glm4rt", "format": quantization,
+                                          "block_size": 32, "group_rows": GROUP_ROWS}
         if missing:
             rng = np.random.default_rng(seed)
             matrix_dtype = "bfloat16" if target == "bfloat16" else "float32"
@@ -289,17 +413,23 @@ class Glm4Model(Glm4PreTrainedModel):
         config = self.config
         self.embed_tokens = tensors["model.embed_tokens.weight"]  # [V, H]
         self.layers: list[Glm4DecoderLayer] = []
+        H, I, d = config.hidden_size, config.intermediate_size, config.head_dim
+        q_rows, kv_rows = config.num_attention_heads * d, config.num_key_value_heads * d
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."
 
-            def lin(name: str, has_bias: bool = False) -> Linear:
-                return Linear(tensors[p + name + ".weight"], tensors[p + name + ".bias"] if has_bias else None)
+            def lin(name: str, out_features: int, in_features: int) -> Linear | QuantLinear:
+                return _make_linear(tensors, p + name, config, out_features, in_features)
 
-            bias = config.attention_bias
+            if p + "self_attn.qkv_proj.qweight" in tensors:
+                attn = Glm4Attention(o_proj=lin("self_attn.o_proj", H, q_rows),
+                                     qkv_proj=lin("self_attn.qkv_proj", q_rows + 2 * kv_rows, H))
+            else:
+                attn = Glm4Attention(o_proj=lin("self_attn.o_proj", H, q_rows), q_proj=lin("self_attn.q_proj", q_rows, H),
+                                     k_proj=lin("self_attn.k_proj", kv_rows, H), v_proj=lin("self_attn.v_proj", kv_rows, H))
             self.layers.append(Glm4DecoderLayer(
-                self_attn=Glm4Attention(lin("self_attn.q_proj", bias), lin("self_attn.k_proj", bias),
-                                        lin("self_attn.v_proj", bias), lin("self_attn.o_proj")),
-                mlp=Glm4MLP(lin("mlp.gate_up_proj"), lin("mlp.down_proj")),
+                self_attn=attn,
+                mlp=Glm4MLP(lin("mlp.gate_up_proj", 2 * I, H), lin("mlp.down_proj", H, I)),
                 input_layernorm=tensors[p + "input_layernorm.weight"],
                 post_self_attn_layernorm=tensors[p + "post_self_attn_layernorm.weight"],
                 post_attention_layernorm=tensors[p + "post_attention_layernorm.weight"],
@@ -312,17 +442,15 @@ class Glm4Model(Glm4PreTrainedModel):
         self.inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponent)).astype(np.float32)
 
     def named_parameters(self) -> dict[str, np.ndarray]:
-        """Every weight under its checkpoint name (bf16 matrices as uint16 bit patterns)."""
+        """Every weight under its checkpoint name (bf16 matrices as uint16 bit patterns, quantized
+        ones as ``<module>.qweight`` packed bytes)."""
         out = {"model.embed_tokens.weight": self.embed_tokens}
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                lin = getattr(layer.self_attn, name)
-                out[p + f"self_attn.{name}.weight"] = lin.weight
-                if lin.bias is not None:
-                    out[p + f"self_attn.{name}.bias"] = lin.bias
-            out[p + "mlp.gate_up_proj.weight"] = layer.mlp.gate_up_proj.weight
-            out[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.weight
+            for name, module in layer.self_attn.modules().items():
+                out.update(module.parameters(p + "self_attn." + name))
+            out.update(layer.mlp.gate_up_proj.parameters(p + "mlp.gate_up_proj"))
+            out.update(layer.mlp.down_proj.parameters(p + "mlp.down_proj"))
             for norm in ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
                          "post_mlp_layernorm"):
                 out[p + norm + ".weight"] = getattr(layer, norm)
@@ -455,9 +583,15 @@ class Glm4Model(Glm4PreTrainedModel):
             sa = layer.self_attn
             # Attention block: x = x + post_self_attn_layernorm(attn(input_layernorm(x)))
             ops.rms_norm(x, layer.input_layernorm, eps, out=h)
-            q = sa.q_proj(h).reshape(N, n_h, d)   # [N, n_h, d]
-            k = sa.k_proj(h).reshape(N, n_kv, d)  # [N, n_kv, d]
-            v = sa.v_proj(h)                      # [N, n_kv * d]
+            if sa.qkv_proj is not None:  # quantized: q, k, v rows stacked in one matrix
+                qkv = sa.qkv_proj(h)                                              # [N, (n_h + 2 n_kv) d]
+                q = np.ascontiguousarray(qkv[:, :n_h * d]).reshape(N, n_h, d)     # [N, n_h, d]
+                k = np.ascontiguousarray(qkv[:, n_h * d:(n_h + n_kv) * d]).reshape(N, n_kv, d)
+                v = qkv[:, (n_h + n_kv) * d:]                                     # [N, n_kv * d]
+            else:
+                q = sa.q_proj(h).reshape(N, n_h, d)   # [N, n_h, d]
+                k = sa.k_proj(h).reshape(N, n_kv, d)  # [N, n_kv, d]
+                v = sa.v_proj(h)                      # [N, n_kv * d]
             ops.rotary_(q, positions, self.inv_freq, R)  # first R dims, adjacent pairs
             ops.rotary_(k, positions, self.inv_freq, R)
             kv.write(i, k.reshape(B, T, n_kv, d), v.reshape(B, T, n_kv, d), past)

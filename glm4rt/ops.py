@@ -15,7 +15,7 @@ from . import _C
 __all__ = [
     "linear", "rms_norm", "rotary_", "silu_mul", "attention",
     "bf16_to_f32", "f32_to_bf16",
-    "cpu_isa", "supported_isas", "set_isa", "set_num_threads", "get_num_threads",
+    "memory_read_bandwidth", "cpu_isa", "supported_isas", "set_isa", "set_num_threads", "get_num_threads",
 ]
 
 
@@ -115,6 +115,23 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     if nan.any():
         rounded = np.where(nan, (u >> 16) | 0x40, rounded)
     return rounded.astype(np.uint16)
+
+
+def memory_read_bandwidth(size_mib: int = 1024, repeats: int = 7) -> float:
+    """Measure the memory read bandwidth the kernel threads reach, in GB/s (median of ``repeats``).
+
+    Reads a ``size_mib`` buffer (far larger than the caches) with ``get_num_threads()`` threads.
+    """
+    import time
+
+    buf = np.ones(size_mib * 2**20, dtype=np.uint8)  # [bytes], pages touched before timing
+    _C.stream_read(buf)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _C.stream_read(buf)
+        times.append(time.perf_counter() - t0)
+    return buf.nbytes / float(np.median(times)) / 1e9
 
 
 def cpu_isa() -> str:

@@ -162,6 +162,28 @@ class Checkpoint:
         """Dtype, shape and location of ``name``."""
         return self.tensors[name][1]
 
+    def load_raw(self, name: str) -> np.ndarray:
+        """Tensor ``name`` exactly as stored, as a read-only view of the memory map."""
+        sf, _ = self.tensors[name]
+        return sf.raw(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a 2-D float tensor read from the file (not through the memory map,
+        so a streamed pass over a large checkpoint keeps only the rows in hand in memory).
+        float32 and bf16 (uint16 bits) come back as stored, float16 as float32."""
+        sf, info = self.tensors[name]
+        if len(info.shape) != 2 or info.dtype not in ("F32", "BF16", "F16"):
+            raise CheckpointError(f"tensor {name!r} ({info.dtype} {list(info.shape)}) is not a float matrix")
+        dtype = _DTYPES[info.dtype]
+        row_bytes = info.shape[1] * dtype.itemsize
+        with open(sf.path, "rb") as f:
+            f.seek(info.start + start * row_bytes)
+            raw = f.read((stop - start) * row_bytes)
+        if len(raw) != (stop - start) * row_bytes:
+            raise CheckpointError(f"{sf.path}: tensor {name!r} is truncated")
+        rows = np.frombuffer(raw, dtype=dtype).reshape(stop - start, info.shape[1])
+        return rows.astype(np.float32) if info.dtype == "F16" else rows
+
     def load(self, name: str, dtype: str) -> np.ndarray:
         """Tensor ``name`` as ``dtype``: ``"float32"``, or ``"bfloat16"`` (uint16 bit patterns).
 

@@ -92,13 +92,93 @@ void axpy_f32(float alpha, const float* x, float* y, int n) {
   for (int p = n8; p < n; ++p) y[p] += alpha * x[p];
 }
 
+// ---- quantized weights (layout in quant.h): 16 rows as two ymm halves -----------------------
+// No VNNI here: vpmaddubsw (u8 x s8 -> pairs of i16) + vpmaddwd. int4 quants (0..15) are the
+// unsigned operand directly (no saturation: 2 * 15 * 127 < 32767); int8 uses the sign trick
+// |x| * sign(w, x), which keeps both operands within 127.
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <int MT, bool kInt4>
+void qtile(const uint8_t* group, int n_blocks, const int8_t* xq, const float* xs,
+           const int32_t* xsum, size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
+  constexpr size_t kQuant = kInt4 ? 256 : 512, kBlockBytes = kQuant + 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int b = 0; b < n_blocks; ++b) {
+    const uint8_t* blk = group + b * kBlockBytes;
+    __m256i isum[MT][2];
+    for (int m = 0; m < MT; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
+    for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15
+      if (kInt4) {
+        for (int c = 0; c < 4; ++c) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + c * 64 + h * 32));
+          const __m256i lo = _mm256_and_si256(v, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          for (int m = 0; m < MT; ++m) {
+            const int8_t* x = xq + m * ldq + b * 32;
+            const __m256i p = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(x + 4 * c))),
+                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(x + 16 + 4 * c))));
+            isum[m][h] = _mm256_add_epi32(isum[m][h], _mm256_madd_epi16(p, ones));
+          }
+        }
+      } else {
+        for (int c = 0; c < 8; ++c) {
+          const __m256i w = _mm256_xor_si256(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + c * 64 + h * 32)), flip);  // s8 q
+          for (int m = 0; m < MT; ++m) {
+            const __m256i xv = _mm256_set1_epi32(load_i32(xq + m * ldq + b * 32 + 4 * c));
+            const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
+            isum[m][h] = _mm256_add_epi32(isum[m][h], _mm256_madd_epi16(p, ones));
+          }
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + kQuant + h * 16)));
+      for (int m = 0; m < MT; ++m) {
+        __m256i s = isum[m][h];
+        if (kInt4) s = _mm256_sub_epi32(s, _mm256_set1_epi32(8 * xsum[m * lds + b]));
+        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xs[m * lds + b])),
+                                    acc[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    float out[16];
+    _mm256_storeu_ps(out, acc[m][0]);
+    _mm256_storeu_ps(out + 8, acc[m][1]);
+    for (int r = 0; r < rows && r < 16; ++r) y[m * ldy + r] = out[r];
+  }
+}
+
+template <bool kInt4>
+void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
+                const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y,
+                size_t ldy, int rows) {
+  for (int g = 0; g < n_groups && rows > 16 * g; ++g) {
+    const int r = rows - 16 * g < 16 ? rows - 16 * g : 16;
+    if (mt == 1)
+      qtile<1, kInt4>(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y + 16 * g, ldy, r);
+    else
+      qtile<2, kInt4>(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y + 16 * g, ldy, r);
+  }
+}
+
 }  // namespace
 }  // namespace avx2
 
 const KernelTable& avx2_kernels() {
   static const KernelTable table = {
       "avx2", 3, 4, avx2::gemm_tile<float>, avx2::gemm_tile<uint16_t>,
-      avx2::dot_f32, avx2::axpy_f32,
+      avx2::dot_f32, avx2::axpy_f32, 2, avx2::qgemm_tile<false>, avx2::qgemm_tile<true>,
   };
   return table;
 }

@@ -1,4 +1,4 @@
-// AVX-512 (F + BW + VL) kernels. Compiled with AVX-512 flags, called only when CPUID says the CPU
+// AVX-512 (F + BW + VL + DQ + VNNI) kernels. Compiled with AVX-512 flags, called only when CPUID says the CPU
 // and OS support it. Only <immintrin.h> is included, and everything is internal to this file, so
 // no AVX-512 code can leak into the generic path through a shared inline function.
 #include <immintrin.h>
@@ -80,13 +80,120 @@ void axpy_f32(float alpha, const float* x, float* y, int n) {
   }
 }
 
+// ---- quantized weights (layout in quant.h): VNNI dot products, 16 rows per zmm -------------
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// mt tokens x 16 rows (x G groups). Each 64-byte load holds 4 consecutive k of all 16 rows (one
+// row per 32-bit lane), so one broadcast of 4 activation bytes feeds 16 rows per vpdpbusd, and
+// G = 2 groups share every broadcast when decoding a single token.
+template <int MT, int G, bool kInt4>
+void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t* xq, const float* xs,
+           const int32_t* xsum, size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
+  constexpr size_t kQuant = kInt4 ? 256 : 512, kBlockBytes = kQuant + 32;
+  constexpr int kOffset = kInt4 ? 8 : 128;  // stored q = true q + offset
+  // Few rows x tokens leave vpdpbusd's latency exposed: split each sum into independent chains.
+  constexpr int kChains = MT * G >= 4 ? 1 : (kInt4 ? 2 : 4) / (MT * G);
+  const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8(static_cast<char>(0xf0));
+  __m512 acc[G][MT];
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < MT; ++m) acc[g][m] = _mm512_setzero_ps();
+  for (int b = 0; b < n_blocks; ++b) {
+    __m512i isum[G][MT][kChains], isum_hi[G][MT][kChains];
+    for (int g = 0; g < G; ++g)
+      for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < kChains; ++j) isum[g][m][j] = isum_hi[g][m][j] = _mm512_setzero_si512();
+    if (kInt4) {
+      // High nibbles are used in place (16 x q, one AND instead of shift + AND) in their own
+      // chains, which are divided by 16 (exactly) once per block.
+      for (int c = 0; c < 4; ++c) {
+        __m512i lo[G], hi16[G];
+        for (int g = 0; g < G; ++g) {
+          const __m512i v = _mm512_loadu_si512(group + g * group_bytes + b * kBlockBytes + c * 64);
+          lo[g] = _mm512_and_si512(v, low4);     // k = 4c .. 4c+3
+          hi16[g] = _mm512_and_si512(v, high4);  // 16 x (k = 16+4c ..)
+        }
+        for (int m = 0; m < MT; ++m) {
+          const int8_t* x = xq + m * ldq + b * 32;
+          const __m512i xlo = _mm512_set1_epi32(load_i32(x + 4 * c));
+          const __m512i xhi = _mm512_set1_epi32(load_i32(x + 16 + 4 * c));
+          for (int g = 0; g < G; ++g) {
+            __m512i& a0 = isum[g][m][c % kChains];
+            __m512i& a1 = isum_hi[g][m][c % kChains];
+            a0 = _mm512_dpbusd_epi32(a0, lo[g], xlo);
+            a1 = _mm512_dpbusd_epi32(a1, hi16[g], xhi);
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int m = 0; m < MT; ++m)
+          for (int j = 0; j < kChains; ++j)
+            isum[g][m][j] = _mm512_add_epi32(isum[g][m][j], _mm512_srai_epi32(isum_hi[g][m][j], 4));
+    } else {
+      for (int c = 0; c < 8; ++c) {
+        __m512i v[G];
+        for (int g = 0; g < G; ++g) v[g] = _mm512_loadu_si512(group + g * group_bytes + b * kBlockBytes + c * 64);
+        for (int m = 0; m < MT; ++m) {
+          const __m512i xv = _mm512_set1_epi32(load_i32(xq + m * ldq + b * 32 + 4 * c));
+          for (int g = 0; g < G; ++g)
+            isum[g][m][c % kChains] = _mm512_dpbusd_epi32(isum[g][m][c % kChains], v[g], xv);
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512 d = _mm512_cvtph_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + g * group_bytes + b * kBlockBytes + kQuant)));
+      for (int m = 0; m < MT; ++m) {
+        __m512i s = _mm512_set1_epi32(-kOffset * xsum[m * lds + b]);
+        for (int j = 0; j < kChains; ++j) s = _mm512_add_epi32(s, isum[g][m][j]);
+        acc[g][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xs[m * lds + b])),
+                                    acc[g][m]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int r = rows - 16 * g;
+    if (r <= 0) break;
+    const __mmask16 mask = r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u);
+    for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(y + m * ldy + 16 * g, mask, acc[g][m]);
+  }
+}
+
+template <bool kInt4>
+void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
+                const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y,
+                size_t ldy, int rows) {
+#define GLM4RT_QTILE(MT, G) qtile<MT, G, kInt4>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows)
+  if (n_groups == 2 && mt == 1 && rows > 16) {
+    GLM4RT_QTILE(1, 2);
+    return;
+  }
+  for (int g = 0; g < n_groups && rows > 16 * g; ++g, group += group_bytes, y += 16, rows -= 16) {
+    switch (mt) {
+      case 1: GLM4RT_QTILE(1, 1); break;
+      case 2: GLM4RT_QTILE(2, 1); break;
+      case 3: GLM4RT_QTILE(3, 1); break;
+      case 4: GLM4RT_QTILE(4, 1); break;
+      case 5: GLM4RT_QTILE(5, 1); break;
+      case 6: GLM4RT_QTILE(6, 1); break;
+      case 7: GLM4RT_QTILE(7, 1); break;
+      default: GLM4RT_QTILE(8, 1); break;
+    }
+  }
+#undef GLM4RT_QTILE
+}
+
 }  // namespace
 }  // namespace avx512
 
 const KernelTable& avx512_kernels() {
   static const KernelTable table = {
       "avx512", 4, 4, avx512::gemm_tile<float>, avx512::gemm_tile<uint16_t>,
-      avx512::dot_f32, avx512::axpy_f32,
+      avx512::dot_f32, avx512::axpy_f32, 8, avx512::qgemm_tile<false>, avx512::qgemm_tile<true>,
   };
   return table;
 }

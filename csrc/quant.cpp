@@ -1,0 +1,191 @@
+// Scalar reference quantizers, packing and activation quantization (the specification of the
+// int8 / int4 formats described in quant.h).
+#include "quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "dispatch.h"
+
+namespace glm4rt {
+
+float fp16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24
+    float v = std::ldexp(static_cast<float>(mant), -24);
+    std::memcpy(&bits, &v, sizeof bits);
+    bits |= sign;
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+uint16_t f32_to_fp16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00 : 0x7c00);  // nan / inf
+  if (x >= 0x477ff000u) return sign | 0x7c00;                              // rounds past 65504
+  if (x < 0x38800000u) {  // below the smallest normal half: a multiple of 2^-24
+    float a;
+    std::memcpy(&a, &x, sizeof a);
+    return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));
+  }
+  x += 0xc8000fffu + ((x >> 13) & 1u);  // rebias exponent by -112, round to nearest even
+  return sign | static_cast<uint16_t>(x >> 13);
+}
+
+namespace {
+
+// Round to nearest even for |v| < 2^22, in any compile mode (the SIMD paths do the same).
+inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
+}  // namespace
+
+void quantize_block_int8_ref(const float* w, int8_t* q, uint16_t* d) {
+  float amax = 0.0f;
+  for (int k = 0; k < kQBlock; ++k) amax = std::max(amax, std::fabs(w[k]));
+  const float scale = amax / 127.0f;
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int k = 0; k < kQBlock; ++k)
+    q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, round_even(w[k] * inv))));
+  *d = f32_to_fp16(scale);
+}
+
+void quantize_block_int4_ref(const float* w, uint8_t* q, uint16_t* d) {
+  // The value of largest magnitude maps to about -8 (the wider side of [-8, 7]), as in Q4_0;
+  // then 19 inverse scales around that are tried, each with its least-squares scale, and the
+  // one with the smallest squared error (with the fp16-rounded scale) wins.
+  float m = 0.0f;
+  for (int k = 0; k < kQBlock; ++k)
+    if (std::fabs(w[k]) > std::fabs(m)) m = w[k];
+  if (m == 0.0f) {
+    for (int k = 0; k < kQBlock; ++k) q[k] = 8;
+    *d = 0;
+    return;
+  }
+  float best_err = INFINITY;
+  uint16_t best_d = 0;
+  int8_t best_l[kQBlock] = {};
+  for (int step = -9; step <= 9; ++step) {
+    const float iscale = -(8.0f + 0.1f * static_cast<float>(step)) / m;
+    int8_t l[kQBlock];
+    float sum_lw = 0.0f, sum_ll = 0.0f;
+    for (int k = 0; k < kQBlock; ++k) {
+      l[k] = static_cast<int8_t>(std::min(7.0f, std::max(-8.0f, round_even(iscale * w[k]))));
+      sum_lw += static_cast<float>(l[k]) * w[k];
+      sum_ll += static_cast<float>(l[k] * l[k]);
+    }
+    if (sum_ll == 0.0f) continue;
+    const uint16_t dh = f32_to_fp16(sum_lw / sum_ll);
+    const float dq = fp16_to_f32(dh);
+    float err = 0.0f;
+    for (int k = 0; k < kQBlock; ++k) {
+      const float e = w[k] - dq * static_cast<float>(l[k]);
+      err += e * e;
+    }
+    if (err < best_err) {
+      best_err = err;
+      best_d = dh;
+      std::memcpy(best_l, l, sizeof l);
+    }
+  }
+  for (int k = 0; k < kQBlock; ++k) q[k] = static_cast<uint8_t>(best_l[k] + 8);
+  *d = best_d;
+}
+
+void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N, int K, int row0,
+                   int n_rows, uint8_t* packed) {
+  const int nb = q_blocks(K);
+  const size_t bb = q_block_bytes(f);
+  const int g0 = row0 / kQGroupRows, g1 = q_groups(row0 + n_rows);
+#pragma omp parallel for num_threads(get_num_threads()) schedule(dynamic, 1)
+  for (int g = g0; g < g1; ++g) {
+    for (int b = 0; b < nb; ++b) {
+      uint8_t* blk = packed + (static_cast<size_t>(g) * nb + b) * bb;
+      uint16_t* scales = reinterpret_cast<uint16_t*>(blk + bb - kQScaleBytes);
+      for (int r = 0; r < kQGroupRows; ++r) {
+        const int row = g * kQGroupRows + r;
+        float w[kQBlock] = {};
+        if (row < N && row < row0 + n_rows)
+          for (int k = 0; k < kQBlock && b * kQBlock + k < K; ++k) {
+            const size_t idx = static_cast<size_t>(row - row0) * K + b * kQBlock + k;
+            if (w_f32 != nullptr) {
+              w[k] = w_f32[idx];
+            } else {
+              const uint32_t bits = static_cast<uint32_t>(w_bf16[idx]) << 16;
+              std::memcpy(&w[k], &bits, sizeof bits);
+            }
+          }
+        if (f == QFormat::Int8) {
+          int8_t q[kQBlock];
+          quantize_block_int8_ref(w, q, &scales[r]);
+          for (int k = 0; k < kQBlock; ++k)
+            blk[(k / 4) * 64 + r * 4 + k % 4] = static_cast<uint8_t>(q[k] + 128);
+        } else {
+          uint8_t q[kQBlock];
+          quantize_block_int4_ref(w, q, &scales[r]);
+          for (int k = 0; k < kQBlock / 2; ++k)
+            blk[(k / 4) * 64 + r * 4 + k % 4] = static_cast<uint8_t>(q[k] | (q[k + 16] << 4));
+        }
+      }
+    }
+  }
+}
+
+void dequantize_packed(QFormat f, const uint8_t* packed, int N, int K, float* out) {
+  const int nb = q_blocks(K);
+  const size_t bb = q_block_bytes(f);
+  for (int row = 0; row < N; ++row) {
+    const int g = row / kQGroupRows, r = row % kQGroupRows;
+    for (int b = 0; b < nb; ++b) {
+      const uint8_t* blk = packed + (static_cast<size_t>(g) * nb + b) * bb;
+      const float d = fp16_to_f32(reinterpret_cast<const uint16_t*>(blk + bb - kQScaleBytes)[r]);
+      for (int k = 0; k < kQBlock && b * kQBlock + k < K; ++k) {
+        int q;
+        if (f == QFormat::Int8) {
+          q = static_cast<int>(blk[(k / 4) * 64 + r * 4 + k % 4]) - 128;
+        } else {
+          const uint8_t byte = blk[((k % 16) / 4) * 64 + r * 4 + k % 4];
+          q = static_cast<int>(k < 16 ? byte & 0x0f : byte >> 4) - 8;
+        }
+        out[static_cast<size_t>(row) * K + b * kQBlock + k] = d * static_cast<float>(q);
+      }
+    }
+  }
+}
+
+void quantize_acts(const float* x, int M, int K, int8_t* q, float* scale, int32_t* sum) {
+  const int nb = q_blocks(K);
+  const int Kp = nb * kQBlock;
+#pragma omp parallel for num_threads(get_num_threads()) if (static_cast<long long>(M) * K >= (1 << 16))
+  for (int m = 0; m < M; ++m) {
+    const float* xr = x + static_cast<size_t>(m) * K;
+    for (int b = 0; b < nb; ++b) {
+      const int k0 = b * kQBlock, n = std::min(kQBlock, K - k0);
+      float amax = 0.0f;
+      for (int k = 0; k < n; ++k) amax = std::max(amax, std::fabs(xr[k0 + k]));
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int8_t* qb = q + static_cast<size_t>(m) * Kp + k0;
+      int32_t s = 0;
+      for (int k = 0; k < kQBlock; ++k) {
+        const int v = k < n ? static_cast<int>(round_even(xr[k0 + k] * inv)) : 0;
+        qb[k] = static_cast<int8_t>(v);
+        s += v;
+      }
+      scale[static_cast<size_t>(m) * nb + b] = amax / 127.0f;
+      sum[static_cast<size_t>(m) * nb + b] = s;
+    }
+  }
+}
+
+}  // namespace glm4rt

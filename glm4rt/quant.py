@@ -1,0 +1,93 @@
+"""Quantized linear layers: int8 and int4 weights in the packed block layout of csrc/quant.h.
+
+Formats (each block = 32 weights of one row, one fp16 scale; 16 rows interleaved per group):
+  int8  q in [-127, 127], w = d * q                        8.5 bits per weight (as llama.cpp Q8_0)
+  int4  q in [0, 15],     w = d * (q - 8), scale searched  4.5 bits per weight (as llama.cpp Q4_0)
+The scalar quantizers in csrc/quant.cpp are the specification; the SIMD kernels are tested
+against them. Activations are quantized to int8 per block of 32 on the fly (integer dot
+products with AVX-512 VNNI / AVX2), and every sum across blocks is fp32.
+
+What is quantized: every projection of every layer and the lm_head. Norms and biases stay fp32
+(tiny, and precision-critical); the embedding table stays in the checkpoint's format (a lookup
+reads one row per token, so its size costs memory, not time).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from . import _C, ops
+
+QUANT_FORMATS = {"int8": 0, "int4": 1}
+GROUP_ROWS = 16  # rows per packed group: quantized chunks and fused parts start at multiples
+
+
+def format_id(fmt: str) -> int:
+    """Kernel id of a format name.
+
+    Raises:
+        ValueError: an unknown format.
+    """
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization {fmt!r}; choose one of {sorted(QUANT_FORMATS)}")
+    return QUANT_FORMATS[fmt]
+
+
+def packed_bytes(fmt: str, out_features: int, in_features: int) -> int:
+    """Size of a packed ``[out_features, in_features]`` matrix in bytes."""
+    return _C.packed_bytes(format_id(fmt), int(out_features), int(in_features))
+
+
+def quantize_rows(rows: np.ndarray, fmt: str, out_features: int, row0: int, packed: np.ndarray) -> None:
+    """Quantize ``rows`` (float32 or bf16-as-uint16 ``[n, in_features]``), which are rows
+    ``row0 .. row0 + n`` of an ``[out_features, in_features]`` matrix, into ``packed``.
+    ``row0`` is a multiple of 16 and ``n`` too unless the chunk ends the matrix."""
+    _C.quantize_pack(np.ascontiguousarray(rows), format_id(fmt), int(out_features), int(row0), packed)
+
+
+def quantize_weight(weight: np.ndarray, fmt: str) -> np.ndarray:
+    """Quantize a whole ``[out, in]`` matrix (float32 or bf16 bits); returns the packed bytes."""
+    n, k = weight.shape
+    packed = np.empty(packed_bytes(fmt, n, k), dtype=np.uint8)
+    quantize_rows(weight, fmt, n, 0, packed)
+    return packed
+
+
+class QuantLinear:
+    """``y = x @ W.T (+ bias)`` with W packed int8/int4 (the twin of ``model.Linear``).
+
+    Args:
+        packed: uint8 ``[packed_bytes]`` (may be a read-only memory map of a saved checkpoint).
+        fmt: ``"int8"`` or ``"int4"``.
+        out_features, in_features: the shape of W.
+        bias: optional float32 ``[out_features]``.
+    """
+
+    def __init__(self, packed: np.ndarray, fmt: str, out_features: int, in_features: int,
+                 bias: Optional[np.ndarray] = None) -> None:
+        expected = packed_bytes(fmt, out_features, in_features)
+        if packed.dtype != np.uint8 or packed.shape != (expected,):
+            raise ValueError(f"packed {fmt} weight [{out_features}, {in_features}] must be {expected} "
+                             f"uint8 bytes, got {packed.dtype} {packed.shape}")
+        self.packed, self.fmt, self.bias = packed, fmt, bias
+        self.out_features, self.in_features = int(out_features), int(in_features)
+        self._fmt_id = format_id(fmt)
+
+    def __call__(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """``x [n_tokens, in_features]`` float32 -> ``[n_tokens, out_features]``."""
+        if out is None:
+            out = np.empty((ops._dims("x", x, 2)[0], self.out_features), dtype=np.float32)
+        _C.qmatmul(x, self.packed, self._fmt_id, self.out_features, self.bias, out)
+        return out
+
+    def parameters(self, name: str) -> dict[str, np.ndarray]:
+        """Checkpoint tensors of this layer under module name ``name``."""
+        out = {name + ".qweight": self.packed}
+        if self.bias is not None:
+            out[name + ".bias"] = self.bias
+        return out
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 ``[out, in]`` matrix the packed bytes represent."""
+        return _C.dequantize(self.packed, self._fmt_id, self.out_features, self.in_features)
