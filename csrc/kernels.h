@@ -32,6 +32,15 @@ using QGemmTile = void (*)(const uint8_t* group, size_t group_bytes, int n_group
                            const int8_t* xq, const float* xs, const int32_t* xsum, size_t ldq,
                            size_t lds, int mt, float* y, size_t ldy, int rows);
 
+// Attention values: out[G, d] = P[G, S] @ V[S, d] (P rows ldp apart, V rows d apart);
+// overwrites out. Keys are taken in blocks that stay in L1 across the G heads.
+using AttnPV = void (*)(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out);
+
+// In place over x[n]: softmax (fp32); -inf entries get 0, an all -inf row becomes all 0.
+using SoftmaxF32 = void (*)(float* x, int n);
+// out[i] = up[i] * silu(gate[i]) = up[i] * gate[i] / (1 + exp(-gate[i]))
+using SiluMulF32 = void (*)(const float* gate, const float* up, float* out, int n);
+
 struct KernelTable {
   const char* name;  // "generic", "avx2", "avx512"
   int mr;            // tokens per gemm tile
@@ -40,6 +49,9 @@ struct KernelTable {
   GemmTileBF16 gemm_tile_bf16;
   DotF32 dot_f32;
   AxpyF32 axpy_f32;
+  AttnPV attn_pv;
+  SoftmaxF32 softmax;
+  SiluMulF32 silu_mul;
   int qmt;  // tokens per quantized tile
   QGemmTile qgemm_int8;
   QGemmTile qgemm_int4;

@@ -145,12 +145,11 @@ void rotary_interleaved(float* x, int n_tokens, int n_heads, int head_dim, const
 }
 
 void silu_mul(const float* gate_up, float* out, int M, int I) {
+  const KernelTable& kt = kernels();
 #pragma omp parallel for num_threads(get_num_threads()) if (static_cast<long long>(M) * I >= kParallelWork)
   for (int m = 0; m < M; ++m) {
     const float* gate = gate_up + static_cast<size_t>(m) * 2 * I;
-    const float* up = gate + I;
-    float* o = out + static_cast<size_t>(m) * I;
-    for (int i = 0; i < I; ++i) o[i] = up[i] * (gate[i] / (1.0f + std::exp(-gate[i])));
+    kt.silu_mul(gate, gate + I, out + static_cast<size_t>(m) * I, I);
   }
 }
 
@@ -161,12 +160,11 @@ void attention(const AttentionArgs& a) {
   const long long n_items = static_cast<long long>(a.batch) * a.n_kv_heads * a.n_queries;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int threads = get_num_threads();
-  const size_t per_thread = static_cast<size_t>(group) * (S + 1);
+  const size_t per_thread = static_cast<size_t>(group) * S;
   std::vector<float> scratch(static_cast<size_t>(threads) * per_thread);  // see rotary_interleaved
 #pragma omp parallel num_threads(threads) if (n_items * S * d * group >= kParallelWork)
   {
     float* scores = scratch.data() + static_cast<size_t>(thread_index()) * per_thread;  // [group, S]
-    float* maxv = scores + static_cast<size_t>(group) * S;                              // [group]
 #pragma omp for schedule(static)
     for (long long item = 0; item < n_items; ++item) {
       const int t = static_cast<int>(item % a.n_queries);
@@ -182,39 +180,23 @@ void attention(const AttentionArgs& a) {
       const float* q = a.q + row0 * d;
       float* out = a.out + row0 * d;
 
-      // Scores: each key row is read once for all `group` query heads.
-      std::fill(maxv, maxv + group, neg_inf);
-      for (int s = 0; s < S; ++s) {
-        const bool visible = s <= last && (mask == nullptr || mask[s] != 0);
-        for (int j = 0; j < group; ++j) {
-          float sc = visible ? kt.dot_f32(q + static_cast<size_t>(j) * d, kb + static_cast<size_t>(s) * d, d) * a.scale
-                             : neg_inf;
-          scores[static_cast<size_t>(j) * S + s] = sc;
-          maxv[j] = std::max(maxv[j], sc);
-        }
-      }
-      // Softmax per head (a head with no visible key gets all-zero probabilities).
+      // Scores [group, S] for the visible keys 0..last: gemm tiles, so each key row is read
+      // once for all `group` query heads; then the causal and padding masks.
+      const int n_vis = static_cast<int>(last) + 1;
+      for (int s0 = 0; s0 < n_vis; s0 += kt.nr)
+        for (int j0 = 0; j0 < group; j0 += kt.mr)
+          kt.gemm_tile_f32(q + static_cast<size_t>(j0) * d, d, kb + static_cast<size_t>(s0) * d, d,
+                           scores + static_cast<size_t>(j0) * S + s0, S, std::min(kt.mr, group - j0),
+                           std::min(kt.nr, n_vis - s0), d, false);
       for (int j = 0; j < group; ++j) {
         float* sj = scores + static_cast<size_t>(j) * S;
-        if (maxv[j] == neg_inf) {
-          std::fill(sj, sj + S, 0.0f);
-          continue;
-        }
-        float sum = 0.0f;
-        for (int s = 0; s < S; ++s) {
-          sj[s] = sj[s] == neg_inf ? 0.0f : std::exp(sj[s] - maxv[j]);
-          sum += sj[s];
-        }
-        const float inv = 1.0f / sum;
-        for (int s = 0; s < S; ++s) sj[s] *= inv;
+        for (int s = 0; s < S; ++s)
+          sj[s] = s < n_vis && (mask == nullptr || mask[s] != 0) ? sj[s] * a.scale : neg_inf;
       }
-      // out = probs @ V, each value row read once for the group.
-      std::fill(out, out + static_cast<size_t>(group) * d, 0.0f);
-      for (int s = 0; s <= last; ++s)
-        for (int j = 0; j < group; ++j) {
-          const float p = scores[static_cast<size_t>(j) * S + s];
-          if (p != 0.0f) kt.axpy_f32(p, vb + static_cast<size_t>(s) * d, out + static_cast<size_t>(j) * d, d);
-        }
+      // Softmax per head (a head with no visible key gets all-zero probabilities).
+      for (int j = 0; j < group; ++j) kt.softmax(scores + static_cast<size_t>(j) * S, S);
+      // out [group, d] = probs [group, n_vis] @ V [n_vis, d]
+      kt.attn_pv(scores, S, group, vb, n_vis, d, out);
       if (a.probs != nullptr)
         for (int j = 0; j < group; ++j) {
           const int h = g * group + j;

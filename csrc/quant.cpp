@@ -63,11 +63,15 @@ void quantize_block_int8_ref(const float* w, int8_t* q, uint16_t* d) {
 
 void quantize_block_int4_ref(const float* w, uint8_t* q, uint16_t* d) {
   // The value of largest magnitude maps to about -8 (the wider side of [-8, 7]), as in Q4_0;
-  // then 19 inverse scales around that are tried, each with its least-squares scale, and the
-  // one with the smallest squared error (with the fp16-rounded scale) wins.
-  float m = 0.0f;
-  for (int k = 0; k < kQBlock; ++k)
+  // then 19 inverse scales around that are tried, each with its least-squares scale rounded to
+  // fp16, and the one with the smallest squared error wins. The error of a candidate is
+  // sum(w^2) - 2 d sum(l w) + d^2 sum(l^2): one pass per candidate, and the rounding loop has no
+  // float reduction, so the compiler vectorises it.
+  float m = 0.0f, sum_ww = 0.0f;
+  for (int k = 0; k < kQBlock; ++k) {
     if (std::fabs(w[k]) > std::fabs(m)) m = w[k];
+    sum_ww += w[k] * w[k];
+  }
   if (m == 0.0f) {
     for (int k = 0; k < kQBlock; ++k) q[k] = 8;
     *d = 0;
@@ -75,31 +79,27 @@ void quantize_block_int4_ref(const float* w, uint8_t* q, uint16_t* d) {
   }
   float best_err = INFINITY;
   uint16_t best_d = 0;
-  int8_t best_l[kQBlock] = {};
+  float best_l[kQBlock] = {};
   for (int step = -9; step <= 9; ++step) {
     const float iscale = -(8.0f + 0.1f * static_cast<float>(step)) / m;
-    int8_t l[kQBlock];
+    float l[kQBlock];
+    for (int k = 0; k < kQBlock; ++k) l[k] = std::min(7.0f, std::max(-8.0f, round_even(iscale * w[k])));
     float sum_lw = 0.0f, sum_ll = 0.0f;
     for (int k = 0; k < kQBlock; ++k) {
-      l[k] = static_cast<int8_t>(std::min(7.0f, std::max(-8.0f, round_even(iscale * w[k]))));
-      sum_lw += static_cast<float>(l[k]) * w[k];
-      sum_ll += static_cast<float>(l[k] * l[k]);
+      sum_lw += l[k] * w[k];
+      sum_ll += l[k] * l[k];  // exact: small integers
     }
     if (sum_ll == 0.0f) continue;
     const uint16_t dh = f32_to_fp16(sum_lw / sum_ll);
     const float dq = fp16_to_f32(dh);
-    float err = 0.0f;
-    for (int k = 0; k < kQBlock; ++k) {
-      const float e = w[k] - dq * static_cast<float>(l[k]);
-      err += e * e;
-    }
+    const float err = sum_ww - 2.0f * dq * sum_lw + dq * dq * sum_ll;
     if (err < best_err) {
       best_err = err;
       best_d = dh;
       std::memcpy(best_l, l, sizeof l);
     }
   }
-  for (int k = 0; k < kQBlock; ++k) q[k] = static_cast<uint8_t>(best_l[k] + 8);
+  for (int k = 0; k < kQBlock; ++k) q[k] = static_cast<uint8_t>(static_cast<int>(best_l[k]) + 8);
   *d = best_d;
 }
 

@@ -1,6 +1,8 @@
 // Portable scalar kernels: the twin of every SIMD kernel and the path for non-x86 CPUs.
 // Reductions use 8 independent partial sums (fixed order), like the SIMD lanes of the fast paths.
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "../kernels.h"
 #include "../quant.h"
@@ -49,6 +51,35 @@ float dot_f32(const float* a, const float* b, int n) { return dot<float>(a, b, n
 
 void axpy_f32(float alpha, const float* x, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+void attn_pv(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out) {
+  for (int j = 0; j < G; ++j) {
+    float* o = out + static_cast<size_t>(j) * d;
+    for (int c = 0; c < d; ++c) o[c] = 0.0f;
+    for (int s = 0; s < S; ++s) axpy_f32(p[j * ldp + s], v + static_cast<size_t>(s) * d, o, d);
+  }
+}
+
+void softmax(float* x, int n) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float mx = neg_inf;
+  for (int i = 0; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+  if (mx == neg_inf) {
+    for (int i = 0; i < n; ++i) x[i] = 0.0f;
+    return;
+  }
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    x[i] = x[i] == neg_inf ? 0.0f : std::exp(x[i] - mx);
+    sum += x[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int i = 0; i < n; ++i) x[i] *= inv;
+}
+
+void silu_mul(const float* gate, const float* up, float* out, int n) {
+  for (int i = 0; i < n; ++i) out[i] = up[i] * (gate[i] / (1.0f + std::exp(-gate[i])));
 }
 
 // ---- quantized weights: the scalar reading of the packed layout (quant.h) -------------------
@@ -101,7 +132,7 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 const KernelTable& generic_kernels() {
   static const KernelTable table = {
       "generic", 4, 4, generic::gemm_tile<float>, generic::gemm_tile<uint16_t>,
-      generic::dot_f32, generic::axpy_f32, 4, generic::qgemm_tile<false>, generic::qgemm_tile<true>,
+      generic::dot_f32, generic::axpy_f32, generic::attn_pv, generic::softmax, generic::silu_mul, 4, generic::qgemm_tile<false>, generic::qgemm_tile<true>,
   };
   return table;
 }

@@ -92,6 +92,93 @@ void axpy_f32(float alpha, const float* x, float* y, int n) {
   for (int p = n8; p < n; ++p) y[p] += alpha * x[p];
 }
 
+// out[G, d] = P[G, S] @ V[S, d]: blocks of 64 keys, up to 64 output columns in 8 ymm accumulators.
+void attn_pv(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out) {
+  constexpr int kKeys = 64;
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < d; ++c) out[static_cast<size_t>(j) * d + c] = 0.0f;
+  for (int s0 = 0; s0 < S; s0 += kKeys) {
+    const int s1 = s0 + kKeys < S ? s0 + kKeys : S;
+    for (int j = 0; j < G; ++j) {
+      float* o = out + static_cast<size_t>(j) * d;
+      int c0 = 0;
+      for (; c0 + 64 <= d; c0 += 64) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(o + c0 + 8 * i);
+        for (int s = s0; s < s1; ++s) {
+          const __m256 pj = _mm256_set1_ps(p[j * ldp + s]);
+          const float* vs = v + static_cast<size_t>(s) * d + c0;
+          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vs + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + c0 + 8 * i, acc[i]);
+      }
+      for (int s = s0; s < s1 && c0 < d; ++s) axpy_f32(p[j * ldp + s], v + static_cast<size_t>(s) * d + c0, o + c0, d - c0);
+    }
+  }
+}
+
+// exp(x) for fp32 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by the Cephes expf polynomial
+// (relative error ~1e-7), 2^n through the exponent bits. Arguments are clamped to
+// [-87.3, 88.7], so the result is finite and positive (callers zero the -inf entries).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+void softmax(float* x, int n) {
+  const float neg_inf = -__builtin_inff();
+  float m = neg_inf;
+  for (int i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  if (m == neg_inf) {
+    for (int i = 0; i < n; ++i) x[i] = 0.0f;
+    return;
+  }
+  const __m256 mv = _mm256_set1_ps(m), ninf = _mm256_set1_ps(neg_inf);
+  __m256 sum = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 e = _mm256_and_ps(_mm256_cmp_ps(v, ninf, _CMP_NEQ_OQ), exp8(_mm256_sub_ps(v, mv)));
+    _mm256_storeu_ps(x + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = hsum(sum);
+  for (; i < n; ++i) {
+    float tail[8] = {x[i] - m, 0, 0, 0, 0, 0, 0, 0};
+    const float e = x[i] == neg_inf ? 0.0f : _mm256_cvtss_f32(exp8(_mm256_loadu_ps(tail)));
+    x[i] = e;
+    total += e;
+  }
+  const float inv = 1.0f / total;
+  for (int j = 0; j < n; ++j) x[j] *= inv;
+}
+
+void silu_mul(const float* gate, const float* up, float* out, int n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(up + i), s));
+  }
+  for (; i < n; ++i) {
+    float tail[8] = {-gate[i], 0, 0, 0, 0, 0, 0, 0};
+    out[i] = up[i] * (gate[i] / (1.0f + _mm256_cvtss_f32(exp8(_mm256_loadu_ps(tail)))));
+  }
+}
+
 // ---- quantized weights (layout in quant.h): 16 rows as two ymm halves -----------------------
 // No VNNI here: vpmaddubsw (u8 x s8 -> pairs of i16) + vpmaddwd. int4 quants (0..15) are the
 // unsigned operand directly (no saturation: 2 * 15 * 127 < 32767); int8 uses the sign trick
@@ -178,7 +265,7 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 const KernelTable& avx2_kernels() {
   static const KernelTable table = {
       "avx2", 3, 4, avx2::gemm_tile<float>, avx2::gemm_tile<uint16_t>,
-      avx2::dot_f32, avx2::axpy_f32, 2, avx2::qgemm_tile<false>, avx2::qgemm_tile<true>,
+      avx2::dot_f32, avx2::axpy_f32, avx2::attn_pv, avx2::softmax, avx2::silu_mul, 2, avx2::qgemm_tile<false>, avx2::qgemm_tile<true>,
   };
   return table;
 }

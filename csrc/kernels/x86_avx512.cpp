@@ -80,6 +80,94 @@ void axpy_f32(float alpha, const float* x, float* y, int n) {
   }
 }
 
+// out[G, d] = P[G, S] @ V[S, d]: for each block of 64 keys (V rows stay in L1) and each head,
+// up to 128 output columns live in 8 zmm accumulators.
+void attn_pv(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out) {
+  constexpr int kKeys = 64;
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < d; ++c) out[static_cast<size_t>(j) * d + c] = 0.0f;
+  for (int s0 = 0; s0 < S; s0 += kKeys) {
+    const int s1 = s0 + kKeys < S ? s0 + kKeys : S;
+    for (int j = 0; j < G; ++j)
+      for (int c0 = 0; c0 < d; c0 += 128) {
+        const int nc = d - c0 < 128 ? d - c0 : 128;
+        __m512 acc[8];
+        __mmask16 mask[8];
+        float* o = out + static_cast<size_t>(j) * d + c0;
+        for (int i = 0; i < 8; ++i) {
+          const int left = nc - 16 * i;
+          mask[i] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1u) : (__mmask16)0;
+          acc[i] = _mm512_maskz_loadu_ps(mask[i], o + 16 * i);
+        }
+        for (int s = s0; s < s1; ++s) {
+          const __m512 pj = _mm512_set1_ps(p[j * ldp + s]);
+          const float* vs = v + static_cast<size_t>(s) * d + c0;
+          for (int i = 0; i < 8; ++i)
+            if (mask[i]) acc[i] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(mask[i], vs + 16 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; ++i) _mm512_mask_storeu_ps(o + 16 * i, mask[i], acc[i]);
+      }
+  }
+}
+
+// exp(x) for fp32 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by the Cephes expf polynomial
+// (relative error ~1e-7), 2^n through the exponent bits. Arguments are clamped to
+// [-87.3, 88.7], so the result is finite and positive (callers zero the -inf entries).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+inline __mmask16 tail_mask(int left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
+
+void softmax(float* x, int n) {
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
+  __m512 mx = neg_inf;
+  for (int i = 0; i < n; i += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, tail_mask(n - i), x + i));
+  const float m = _mm512_reduce_max_ps(mx);
+  if (m == -__builtin_inff()) {
+    for (int i = 0; i < n; ++i) x[i] = 0.0f;
+    return;
+  }
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 v = _mm512_mask_loadu_ps(neg_inf, k, x + i);
+    const __mmask16 finite = _mm512_cmp_ps_mask(v, neg_inf, _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(finite, exp16(_mm512_sub_ps(v, mv)));
+    _mm512_mask_storeu_ps(x + i, k, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    _mm512_mask_storeu_ps(x + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), inv));
+  }
+}
+
+void silu_mul(const float* gate, const float* up, float* out, int n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 g = _mm512_maskz_loadu_ps(k, gate + i);
+    const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, up + i), s));
+  }
+}
+
 // ---- quantized weights (layout in quant.h): VNNI dot products, 16 rows per zmm -------------
 
 inline int32_t load_i32(const int8_t* p) {
@@ -193,7 +281,7 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 const KernelTable& avx512_kernels() {
   static const KernelTable table = {
       "avx512", 4, 4, avx512::gemm_tile<float>, avx512::gemm_tile<uint16_t>,
-      avx512::dot_f32, avx512::axpy_f32, 8, avx512::qgemm_tile<false>, avx512::qgemm_tile<true>,
+      avx512::dot_f32, avx512::axpy_f32, avx512::attn_pv, avx512::softmax, avx512::silu_mul, 8, avx512::qgemm_tile<false>, avx512::qgemm_tile<true>,
   };
   return table;
 }
