@@ -176,6 +176,13 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
+// acc += dot4(w (u8), broadcast of the 4 bytes at x (s8)): the broadcast is folded into the
+// instruction ({1to16} memory operand), which the compiler does not do by itself.
+inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* x) {
+  __asm__("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*reinterpret_cast<const int32_t*>(x)));
+  return acc;
+}
+
 // mt tokens x 16 rows (x G groups). Each 64-byte load holds 4 consecutive k of all 16 rows (one
 // row per 32-bit lane), so one broadcast of 4 activation bytes feeds 16 rows per vpdpbusd, and
 // G = 2 groups share every broadcast when decoding a single token.
@@ -207,13 +214,11 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
         }
         for (int m = 0; m < MT; ++m) {
           const int8_t* x = xq + m * ldq + b * 32;
-          const __m512i xlo = _mm512_set1_epi32(load_i32(x + 4 * c));
-          const __m512i xhi = _mm512_set1_epi32(load_i32(x + 16 + 4 * c));
           for (int g = 0; g < G; ++g) {
             __m512i& a0 = isum[g][m][c % kChains];
             __m512i& a1 = isum_hi[g][m][c % kChains];
-            a0 = _mm512_dpbusd_epi32(a0, lo[g], xlo);
-            a1 = _mm512_dpbusd_epi32(a1, hi16[g], xhi);
+            a0 = dpbusd_bcast(a0, lo[g], x + 4 * c);
+            a1 = dpbusd_bcast(a1, hi16[g], x + 16 + 4 * c);
           }
         }
       }
@@ -225,11 +230,9 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
       for (int c = 0; c < 8; ++c) {
         __m512i v[G];
         for (int g = 0; g < G; ++g) v[g] = _mm512_loadu_si512(group + g * group_bytes + b * kBlockBytes + c * 64);
-        for (int m = 0; m < MT; ++m) {
-          const __m512i xv = _mm512_set1_epi32(load_i32(xq + m * ldq + b * 32 + 4 * c));
+        for (int m = 0; m < MT; ++m)
           for (int g = 0; g < G; ++g)
-            isum[g][m][c % kChains] = _mm512_dpbusd_epi32(isum[g][m][c % kChains], v[g], xv);
-        }
+            isum[g][m][c % kChains] = dpbusd_bcast(isum[g][m][c % kChains], v[g], xq + m * ldq + b * 32 + 4 * c);
       }
     }
     for (int g = 0; g < G; ++g) {
