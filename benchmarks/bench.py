@@ -1,0 +1,545 @@
+#!/usr/bin/env python
+"""glm4rt speed benchmark against llama.cpp (llama-cpp-python) and transformers, on random weights
+at the GLM-4-9B-0414 geometry with a configurable layer count.
+
+    python benchmarks/bench.py                      # 8 layers, threads 1,2, 5 reps, all formats/peers
+    python benchmarks/bench.py --layers 40          # the full 9B model (needs ~19 GB disk per format)
+    python benchmarks/bench.py --quick              # 1 layer, 2 reps, no depth-4096: a functional check
+
+What it does:
+  1. builds (once, cached in benchmarks/cache/) a bf16 sharded safetensors checkpoint with random
+     weights (see synth.py for the scheme) and GGUF files of the same weights (BF16, Q8_0, Q4_0);
+  2. measures the memory read bandwidth at each thread count (glm4rt.ops.memory_read_bandwidth);
+  3. runs every engine x format in its own subprocess (workers.py), so each peak RSS is clean:
+     load time, prefill tok/s for 128- and 512-token prompts, decode tok/s over 64 greedy tokens at
+     context depth 0 and 4096, at each thread count, medians over --reps;
+  4. prints the tables and writes benchmarks/results.md and results.json (--quick: results-quick.*).
+
+Format names: bf16 (glm4rt bf16 / llama.cpp BF16 / transformers bf16), int8 (glm4rt int8 /
+llama.cpp Q8_0), int4 (glm4rt int4 / llama.cpp Q4_0), fp32 (glm4rt and transformers float32).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import synth  # noqa: E402
+
+LLAMA_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+ENGINE_LABEL = {"glm4rt": "glm4rt", "llama": "llama.cpp", "transformers": "transformers"}
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---- machine description ------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    info: dict = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+        info["cpu_model"] = models[0] if models else platform.processor()
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+        info["cpu_flags_of_note"] = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "f16c"))
+        cores = {(line.split(":")[1].strip()) for line in cpuinfo.splitlines() if line.startswith("core id")}
+        info["physical_cores_seen"] = len(cores) or None
+    except OSError:
+        info["cpu_model"] = platform.processor()
+    info["logical_cpus"] = os.cpu_count()
+    try:
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    mem = meminfo()
+    info["ram_total_gib"] = round(mem.get("MemTotal", 0) / 2**30, 1)
+    info["ram_available_gib_at_start"] = round(mem.get("MemAvailable", 0) / 2**30, 1)
+    try:
+        import glm4rt
+
+        info["glm4rt_isa"] = glm4rt.cpu_isa()
+        info["glm4rt_supported_isas"] = glm4rt.supported_isas()
+    except Exception as e:  # noqa: BLE001
+        info["glm4rt_isa"] = f"unavailable ({e})"
+    versions = {}
+    for pkg in ("glm4rt", "numpy", "llama_cpp_python", "gguf", "torch", "transformers"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    info["versions"] = versions
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        info["git"] = commit + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def meminfo() -> dict:
+    out = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+# ---- running children ----------------------------------------------------------------------------
+
+def run_child(spec: dict, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="glm4rt-bench-") as tmp:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        t0 = time.perf_counter()
+        env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                   TRANSFORMERS_VERBOSITY="error")
+        try:
+            proc = subprocess.run([sys.executable, os.path.join(HERE, "workers.py"), spec_path, out_path],
+                                  timeout=timeout, cwd=ROOT, env=env)
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
+        if not os.path.isfile(out_path):
+            return {"status": "error", "reason": f"worker exited with code {proc.returncode} and no result "
+                                                 "(killed? out of memory? a native abort?)"}
+        with open(out_path) as f:
+            result = json.load(f)
+        result["wall_s"] = time.perf_counter() - t0
+        return result
+
+
+def estimate_rss_bytes(engine: str, fmt: str, g: synth.Geometry) -> int:
+    """A rough resident-size estimate used to skip runs that cannot fit in memory."""
+    n_params = sum(math.prod(s) for _, s, *_ in synth.tensor_plan(g))
+    per = {"fp32": 4, "bf16": 2, "int8": 1.1, "int4": 0.6}[fmt]
+    if engine == "transformers" and fmt == "fp32":
+        per = 4.2  # loading reads the bf16 file too
+    return int(n_params * per) + 2 * 2**30
+
+
+def combine_bandwidth(before: dict, after: dict) -> dict:
+    """The probe runs before and after the engines; the limit uses the higher reading (the
+    conservative ceiling), and both are kept to show drift from other load on the machine."""
+    out = {"before": before, "after": after, "gb_s": {}}
+    for t in set(before.get("gb_s", {})) | set(after.get("gb_s", {})):
+        vals = [x["gb_s"][t] for x in (before, after) if t in x.get("gb_s", {})]
+        out["gb_s"][t] = max(vals)
+    out["gb_s"] = dict(sorted(out["gb_s"].items(), key=lambda kv: int(kv[0])))
+    return out
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+def fmt_num(x, digits=1, suffix=""):
+    if x is None:
+        return "n/a"
+    if isinstance(x, str):
+        return x
+    if abs(x) >= 100:
+        return f"{x:,.0f}{suffix}"
+    return f"{x:.{digits}f}{suffix}"
+
+
+def fmt_ratio(a, b):
+    if a is None or b is None or not b:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def build_rows(results: dict) -> list[dict]:
+    """One row per (run, thread count) with every number the tables show."""
+    rows = []
+    bw = results.get("bandwidth", {}).get("gb_s", {})
+    depth = results["settings"]["depth"]
+    for run in results["runs"]:
+        if run.get("status") != "ok":
+            rows.append({"engine": run["engine"], "format": run["format"], "threads": None, "status": run.get("status"),
+                         "reason": run.get("reason", "")})
+            continue
+        for t, r in run["threads"].items():
+            d0 = r["decode_tok_s"].get("0")
+            dd = r["decode_tok_s"].get(str(depth)) if depth else None
+            limit = (bw.get(t) * 1e9 / run["weight_bytes"]) if bw.get(t) and run.get("weight_bytes") else None
+            rows.append({
+                "engine": run["engine"], "format": run["format"], "label": run["label"], "threads": int(t),
+                "status": "ok", "load_s": run["load_s"], "first_call_s": run.get("first_call_s"),
+                "peak_rss_gib": run["peak_rss_bytes"] / 2**30,
+                "weight_gb": run["weight_bytes"] / 1e9,
+                "prefill": {n: v for n, v in r["prefill_tok_s"].items()},
+                "decode0": d0, "decode_depth": dd,
+                "depth_ratio": (dd / d0) if (dd and d0) else None,
+                "bw_limit_tok_s": limit,
+                "bw_fraction": (d0 / limit) if (d0 and limit) else None,
+                "bw_fraction_depth": (dd / limit) if (dd and limit) else None,
+            })
+    return rows
+
+
+def render_markdown(results: dict) -> str:
+    s = results["settings"]
+    m = results["machine"]
+    rows = build_rows(results)
+    ok = [r for r in rows if r["status"] == "ok"]
+    prompts = [str(n) for n in s["prompt_lengths"]]
+    depth = s["depth"]
+    out = []
+    out.append(f"# glm4rt benchmark{' (quick)' if s['quick'] else ''}\n")
+    out.append(f"- Date: {results['date']}")
+    out.append(f"- Command: `{results['command']}`")
+    out.append(f"- Machine: {m.get('cpu_model')}; {m.get('usable_cpus', m.get('logical_cpus'))} usable CPUs "
+               f"({m.get('logical_cpus')} logical); {m.get('ram_total_gib')} GiB RAM; glm4rt ISA: {m.get('glm4rt_isa')}; "
+               f"flags: {' '.join(m.get('cpu_flags_of_note', []))}")
+    out.append(f"- Software: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
+               + (f"; glm4rt git {m['git']}" if m.get("git") else ""))
+    g = s["geometry"]
+    out.append(f"- Model: random weights at the GLM-4-9B-0414 geometry with {g['num_hidden_layers']} of 40 layers "
+               f"(hidden {g['hidden_size']}, intermediate {g['intermediate_size']}, {g['num_attention_heads']} heads / "
+               f"{g['num_key_value_heads']} KV heads x {g['head_dim']}, vocab {g['vocab_size']}, untied lm_head), "
+               f"bf16 safetensors `{os.path.relpath(s['checkpoint'], ROOT)}`")
+    out.append(f"- Protocol: medians of {s['reps']} repetitions; prefill = one forward over a fresh cache "
+               f"returning the last position's logits; decode = {s['decode_steps']} greedy single-token steps "
+               f"(argmax fed back){f', at depth 0 and after a {depth}-token prefill' if depth else ' at depth 0'}. "
+               "Each engine x format runs in its own process (peak RSS = that process's VmHWM, "
+               "memory-mapped weight pages included). Load = constructor/from_pretrained wall time with a warm page cache; 1st call = the first "
+               "forward after it (a 32-token prefill, where memory-mapped weights are paged in).")
+    bw = results.get("bandwidth", {}).get("gb_s", {})
+    if bw:
+        def readings(t):
+            vals = [results["bandwidth"][k].get("gb_s", {}).get(t) for k in ("before", "after")]
+            return "/".join(f"{v:.1f}" if v else "n/a" for v in vals)
+        out.append("- Memory read bandwidth (glm4rt.ops.memory_read_bandwidth, before/after the runs; the "
+                   "higher is the ceiling used below): "
+                   + ", ".join(f"{t} thread{'s' if t != '1' else ''}: {readings(t)} GB/s" for t in bw))
+    out.append("")
+
+    # main table
+    head = ["engine", "format", "thr", "load s", "1st call s", "peak RSS GiB", "weights GB/tok"] \
+        + [f"prefill {n} tok/s" for n in prompts] + ["decode d0 tok/s"]
+    if depth:
+        head += [f"decode d{depth} tok/s", f"d{depth}/d0"]
+    head += ["BW-limit tok/s", "decode % of limit"]
+    out.append("## Results\n")
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for r in ok:
+        cells = [ENGINE_LABEL[r["engine"]], r["label"], str(r["threads"]), fmt_num(r["load_s"], 2),
+                 fmt_num(r["first_call_s"], 2), fmt_num(r["peak_rss_gib"], 2), fmt_num(r["weight_gb"], 2)]
+        cells += [fmt_num(r["prefill"].get(n)) for n in prompts]
+        cells += [fmt_num(r["decode0"], 2)]
+        if depth:
+            cells += [fmt_num(r["decode_depth"], 2), fmt_num(r["depth_ratio"], 2)]
+        cells += [fmt_num(r["bw_limit_tok_s"], 2),
+                  fmt_num(100 * r["bw_fraction"] if r["bw_fraction"] else None, 0, "%")]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+
+    def find(engine, fmt, t):
+        for r in ok:
+            if r["engine"] == engine and r["format"] == fmt and r["threads"] == t:
+                return r
+        return None
+
+    metrics = [(f"prefill {n}", lambda r, n=n: r["prefill"].get(n)) for n in prompts] + [("decode d0", lambda r: r["decode0"])]
+    if depth:
+        metrics.append((f"decode d{depth}", lambda r: r["decode_depth"]))
+    threads = sorted({r["threads"] for r in ok})
+
+    comp = []
+    for fmt in s["formats"]:
+        if fmt in LLAMA_TYPES:
+            comp.append(("llama", fmt, fmt, f"glm4rt {fmt} / llama.cpp {LLAMA_TYPES[fmt]}"))
+    for fmt in s["tf_formats"]:
+        if "bf16" in s["formats"]:
+            comp.append(("transformers", "bf16", fmt, f"glm4rt bf16 / transformers {fmt}"))
+    if comp:
+        out.append("## Speed ratios (glm4rt / peer; > 1 means glm4rt is faster)\n")
+        head = ["comparison", "thr"] + [name for name, _ in metrics] + ["peak RSS (peer/glm4rt)", "load time (peer/glm4rt)"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for peer, ours_fmt, peer_fmt, label in comp:
+            for t in threads:
+                a, b = find("glm4rt", ours_fmt, t), find(peer, peer_fmt, t)
+                if a is None and b is None:
+                    continue
+                cells = [label, str(t)]
+                for _, get in metrics:
+                    cells.append(fmt_ratio(get(a) if a else None, get(b) if b else None))
+                cells.append(fmt_ratio(b["peak_rss_gib"] if b else None, a["peak_rss_gib"] if a else None))
+                cells.append(fmt_ratio(b["load_s"] if b else None, a["load_s"] if a else None))
+                out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+
+    if depth:
+        out.append(f"## Long-context decode loss (decode tok/s at depth {depth} / at depth 0)\n")
+        out.append("| engine | format | " + " | ".join(f"{t} thr" for t in threads) + " |")
+        out.append("|" + "---|" * (2 + len(threads)))
+        seen = []
+        for r in ok:
+            key = (r["engine"], r["format"])
+            if key in seen:
+                continue
+            seen.append(key)
+            cells = [ENGINE_LABEL[r["engine"]], r["label"]]
+            for t in threads:
+                x = find(r["engine"], r["format"], t)
+                cells.append(fmt_num(x["depth_ratio"], 2) if x else "n/a")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+
+    saved = [(run["format"], run["saved_checkpoint"]) for run in results["runs"]
+             if run.get("engine") == "glm4rt" and run.get("saved_checkpoint")]
+    if saved:
+        out.append("## glm4rt quantized checkpoints (save_pretrained, then from_pretrained on the saved directory)\n")
+        out.append("| format | status | size on disk GB | save s | load s | max abs logit diff vs quantize-at-load |")
+        out.append("|---|---|---|---|---|---|")
+        for fmt, sv in saved:
+            out.append(f"| {fmt} | {sv.get('status')}{(': ' + sv['reason']) if sv.get('reason') else ''} | "
+                       f"{fmt_num(sv['bytes_on_disk'] / 1e9, 2) if sv.get('bytes_on_disk') else 'n/a'} | "
+                       f"{fmt_num(sv.get('save_s'), 2)} | {fmt_num(sv.get('load_s'), 2)} | "
+                       f"{fmt_num(sv.get('max_abs_logit_diff_vs_original'), 6) if sv.get('max_abs_logit_diff_vs_original') is not None else 'n/a'} |")
+        out.append("")
+
+    sanity = consistency_lines(results)
+    if sanity:
+        out.append("## Sanity checks\n")
+        out += sanity
+        out.append("")
+
+    over = [r for r in ok if (r["bw_fraction"] or 0) > 1.0]
+    if over:
+        out.append("Decode above 100% of the limit (" + ", ".join(
+            f"{ENGINE_LABEL[r['engine']]} {r['label']} x{r['threads']}" for r in over)
+            + ") means the bandwidth probe read less than that engine streamed: the probe is a lower bound "
+            "(other load on the machine while it ran, or a probe that does not saturate the memory system).\n")
+
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        out.append("## Not measured\n")
+        for r in bad:
+            out.append(f"- {ENGINE_LABEL[r['engine']]} {r['format']}: **{r['status']}** — {r['reason']}")
+        out.append("")
+
+    out.append("## Notes\n")
+    out.append("- `BW-limit tok/s` = measured read bandwidth / bytes of weights read per token (every layer "
+               "matrix, norm and bias plus lm_head in the engine's stored format; the embedding table is excluded "
+               "because decode reads one row of it). glm4rt's bytes come from the arrays the model holds, "
+               "llama.cpp's from the GGUF tensor sizes, transformers' from its parameters. KV-cache reads are "
+               "not counted (small next to the weights at these depths).")
+    out.append("- llama.cpp: llama-cpp-python `Llama(n_batch=512, n_ubatch=512, logits_all=False, "
+               f"flash_attn={s['llama_flash_attn']})`, threads set with `llama_set_n_threads(ctx, t, t)`; prefill = "
+               "`llm.eval(tokens)` after rewinding `n_tokens`; decode = `eval([token])` + argmax of "
+               "`llama_get_logits_ith(ctx, -1)`; wall-clock time around those calls (the same Python-side timing "
+               "as the other engines, so its Python binding overhead — a few µs per call — is included). GGUF "
+               "tensors are 'pure': every matrix, token_embd and output in the named type (llama-quantize's "
+               "Q4_0 default would keep output.weight in Q6_K); llama.cpp repacks Q4_0/Q8_0 for AVX-512 at load "
+               "(part of its load time and RSS). Its KV cache is f16, glm4rt's fp32.")
+    out.append("- transformers: `Glm4ForCausalLM.from_pretrained(dtype=...)`, `torch.set_num_threads(t)`, "
+               "`torch.inference_mode()`, a `DynamicCache` passed as `cache=`, default attention (sdpa).")
+    out.append("- glm4rt: `Glm4ForCausalLM.from_pretrained(dir, dtype='bfloat16')` (or `quantization=`), "
+               "`glm4rt.set_num_threads(t)`, a `Glm4Cache` allocated once for the longest run "
+               "(`Glm4Cache.for_config(config, 1, capacity)`) and rewound with `crop()`; prefill with "
+               "`logits_to_keep=1`.")
+    return "\n".join(out) + "\n"
+
+
+def consistency_lines(results: dict) -> list[str]:
+    """Greedy decode tokens: the same in every repetition (cache rewinding works), and how long
+    each engine's sequence follows glm4rt bf16's (random weights have close top-2 logits, so
+    rounding differences make sequences part after a while; 0 would point at a broken run)."""
+    lines = []
+    ref = None
+    for run in results["runs"]:
+        if run.get("status") == "ok" and run["engine"] == "glm4rt" and run["format"] == "bf16":
+            ref = run
+    for run in results["runs"]:
+        if run.get("status") != "ok":
+            continue
+        parts = []
+        for t, r in run["threads"].items():
+            for depth, toks in r.get("decode_tokens", {}).items():
+                same = r.get("decode_reps_identical", {}).get(depth)
+                text = f"{t} thr d{depth}: reps {'identical' if same else 'DIFFER'}"
+                if ref is not None and run is not ref:
+                    rt = ref["threads"].get(t, {}).get("decode_tokens", {}).get(depth)
+                    if rt:
+                        n = next((i for i, (a, b) in enumerate(zip(toks, rt)) if a != b), min(len(toks), len(rt)))
+                        text += f", first {n}/{len(toks)} generated tokens = glm4rt bf16's"
+                parts.append(text)
+        if parts:
+            lines.append(f"- {ENGINE_LABEL[run['engine']]} {run['label']}: " + "; ".join(parts))
+    return lines
+
+
+def print_summary(results: dict) -> None:
+    rows = build_rows(results)
+    depth = results["settings"]["depth"]
+    prompts = [str(n) for n in results["settings"]["prompt_lengths"]]
+    head = f"{'engine':<13}{'format':<7}{'thr':>4}{'load s':>8}{'RSS GiB':>9}" + "".join(f"{'pf' + n:>9}" for n in prompts) \
+        + f"{'dec d0':>9}" + (f"{'dec d' + str(depth):>11}" if depth else "") + f"{'%BW':>6}"
+    say("\n" + head)
+    for r in rows:
+        if r["status"] != "ok":
+            say(f"{ENGINE_LABEL[r['engine']]:<13}{r['format']:<7}  {r['status']}: {r['reason'][:100]}")
+            continue
+        line = f"{ENGINE_LABEL[r['engine']]:<13}{r['label']:<7}{r['threads']:>4}{r['load_s']:>8.2f}{r['peak_rss_gib']:>9.2f}"
+        line += "".join(f"{(r['prefill'].get(n) or 0):>9.1f}" for n in prompts)
+        line += f"{(r['decode0'] or 0):>9.2f}"
+        if depth:
+            line += f"{(r['decode_depth'] or 0):>11.2f}"
+        line += f"{(100 * r['bw_fraction'] if r['bw_fraction'] else 0):>5.0f}%"
+        say(line)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; 40 = full 9B; --quick: 1)")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 5; --quick: 2)")
+    p.add_argument("--formats", default="bf16,int8,int4",
+                   help="glm4rt formats and the matching llama.cpp GGUF types: bf16 (BF16), int8 (Q8_0), "
+                        "int4 (Q4_0), fp32 (glm4rt only) (default bf16,int8,int4)")
+    p.add_argument("--peers", default="llama,transformers", help="peers to run: llama, transformers, or none")
+    p.add_argument("--tf-formats", default="bf16,fp32", help="transformers dtypes (default bf16,fp32)")
+    p.add_argument("--depth", type=int, default=None, help="context depth for the long decode (default 4096; "
+                   "0 skips it; --quick: 0)")
+    p.add_argument("--prompt-lengths", default="128,512", help="prefill prompt lengths (default 128,512)")
+    p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--llama-flash-attn", choices=("on", "off"), default="on",
+                   help="llama.cpp flash attention (default on: llama.cpp's own 'auto' picks it on CPU; "
+                        "llama-cpp-python would otherwise disable it)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of the synthetic checkpoint")
+    p.add_argument("--quick", action="store_true", help="1 layer, 2 reps, no depth-4096 run: a functional check")
+    p.add_argument("--out", default=None, help="output name prefix in benchmarks/ (default results, "
+                   "--quick: results-quick)")
+    p.add_argument("--child-timeout", type=float, default=3 * 3600, help="seconds per engine/format process")
+    p.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer size of the bandwidth probe")
+    a = p.parse_args(argv)
+    a.layers = a.layers if a.layers is not None else (1 if a.quick else 8)
+    a.reps = a.reps if a.reps is not None else (2 if a.quick else 5)
+    a.depth = a.depth if a.depth is not None else (0 if a.quick else 4096)
+    a.out = a.out or ("results-quick" if a.quick else "results")
+    a.threads = [int(t) for t in a.threads.split(",") if t]
+    a.formats = [f for f in a.formats.split(",") if f]
+    a.tf_formats = [f for f in a.tf_formats.split(",") if f]
+    a.prompt_lengths = [int(n) for n in a.prompt_lengths.split(",") if n]
+    a.peers = [x for x in a.peers.split(",") if x and x != "none"]
+    for f in a.formats:
+        if f not in ("bf16", "int8", "int4", "fp32"):
+            p.error(f"unknown format {f!r}")
+    for x in a.peers:
+        if x not in ("llama", "transformers"):
+            p.error(f"unknown peer {x!r}")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    g = synth.Geometry(num_hidden_layers=args.layers)
+    command = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:]))
+    say(f"glm4rt benchmark: {g.tag()}, threads {args.threads}, reps {args.reps}, formats {args.formats}, "
+        f"peers {args.peers or 'none'}, depth {args.depth or 'skipped'}")
+    machine = machine_info()
+    say(f"machine: {machine.get('cpu_model')}, {machine.get('usable_cpus')} CPUs, {machine.get('ram_total_gib')} GiB, "
+        f"glm4rt ISA {machine.get('glm4rt_isa')}")
+
+    # Built in a child process, so this (parent) process stays small.
+    built = run_child({"task": "build", "geometry": g.__dict__, "seed": args.seed,
+                       "gguf_formats": [f for f in args.formats if f in LLAMA_TYPES] if "llama" in args.peers else []},
+                      args.child_timeout)
+    if built.get("status") != "ok":
+        say(f"could not build the checkpoint: {built.get('reason')}\n{built.get('traceback', '')}")
+        return 1
+    ckpt, ggufs = built["checkpoint"], built["gguf"]
+    if built.get("gguf_missing"):
+        say(f"{built['gguf_missing']}: llama.cpp runs will be n/a")
+
+    depths = [0] + ([args.depth] if args.depth else [])
+    cap = max(max(args.prompt_lengths), max(depths) + args.decode_steps) + 64
+    n_ctx = -(-cap // 256) * 256
+    base = {"task": "speed", "checkpoint": ckpt, "threads": args.threads, "reps": args.reps,
+            "prompt_lengths": args.prompt_lengths, "depths": depths, "decode_steps": args.decode_steps}
+    results = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command, "machine": machine,
+        "settings": {"geometry": g.__dict__, "checkpoint": ckpt, "threads": args.threads, "reps": args.reps,
+                     "formats": args.formats, "peers": args.peers, "tf_formats": args.tf_formats,
+                     "prompt_lengths": args.prompt_lengths, "depth": args.depth,
+                     "decode_steps": args.decode_steps, "quick": args.quick, "seed": args.seed,
+                     "llama_n_ctx": n_ctx, "llama_flash_attn": args.llama_flash_attn == "on",
+                     "gguf": ggufs},
+        "runs": [],
+    }
+
+    say("\n== memory read bandwidth (before the runs)")
+    bw_spec = {"task": "bandwidth", "threads": args.threads, "size_mib": args.bandwidth_mib}
+    bw_before = run_child(bw_spec, args.child_timeout)
+
+    plan = [("glm4rt", f, f) for f in args.formats]
+    if "llama" in args.peers:
+        plan += [("llama", f, LLAMA_TYPES[f]) for f in args.formats if f in LLAMA_TYPES]
+    if "transformers" in args.peers:
+        plan += [("transformers", f, f) for f in args.tf_formats]
+    for engine, fmt, label in plan:
+        say(f"\n== {ENGINE_LABEL[engine]} {label}")
+        spec = dict(base, engine=engine, format=fmt)
+        run = {"engine": engine, "format": fmt, "label": label}
+        need, avail = estimate_rss_bytes(engine, fmt, g), meminfo().get("MemAvailable", 0)
+        if avail and need > avail:
+            run.update(status="n/a", reason=f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
+            say(f"    skipped: {run['reason']}")
+            results["runs"].append(run)
+            continue
+        if engine == "llama":
+            if fmt not in ggufs:
+                run.update(status="n/a", reason="no GGUF (gguf package missing)")
+                results["runs"].append(run)
+                continue
+            spec.update(gguf=ggufs[fmt], n_ctx=n_ctx, flash_attn=args.llama_flash_attn == "on")
+        if engine == "glm4rt" and fmt in ("int8", "int4"):
+            spec["saved_dir"] = os.path.join(synth.CACHE, f"saved-{g.tag()}-{fmt}.tmp")
+        run.update(run_child(spec, args.child_timeout))
+        results["runs"].append(run)
+        if run.get("status") != "ok":
+            say(f"    {run.get('status')}: {run.get('reason')}")
+
+    say("\n== memory read bandwidth (after the runs)")
+    bw_after = run_child(bw_spec, args.child_timeout)
+    results["bandwidth"] = combine_bandwidth(bw_before, bw_after)
+
+    print_summary(results)
+    md = render_markdown(results)
+    with open(os.path.join(HERE, args.out + ".md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(HERE, args.out + ".json"), "w") as f:
+        json.dump(results, f, indent=1)
+    say(f"\nwrote {os.path.join('benchmarks', args.out + '.md')} and {args.out}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The benchmark's checkpoint and GGUF writers (benchmarks/synth.py) on a tiny geometry: glm4rt
+loads the checkpoint, the GGUF holds the same weights under llama.cpp's glm4 names, and (when
+llama-cpp-python is installed) llama.cpp computes glm4rt's logits from it."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import synth  # noqa: E402
+
+import glm4rt  # noqa: E402
+
+TINY = synth.Geometry(num_hidden_layers=2, hidden_size=128, intermediate_size=320, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, vocab_size=151552)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("bench") / "ckpt")
+    synth.write_checkpoint(d, TINY, seed=3, max_shard_bytes=20_000_000, log=lambda *_: None)
+    return d
+
+
+def _ids(n=24):
+    return np.random.default_rng(0).integers(0, 151329, size=(1, n))
+
+
+def test_checkpoint_is_sharded_official_dialect_and_loads(tiny_ckpt):
+    files = os.listdir(tiny_ckpt)
+    assert "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1
+    with open(os.path.join(tiny_ckpt, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["rope_theta"] == 10000.0 and cfg["partial_rotary_factor"] == 0.5  # top level, as published
+    assert "rope_parameters" not in cfg
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(tiny_ckpt, dtype="float32", progress=False)
+    assert model.config.rotary_dim == 16 and model.config.rms_norm_eps == 1e-5
+    # the stored values are the generator's, bit for bit
+    plan = synth.tensor_plan(TINY)
+    idx = [n for n, *_ in plan].index("model.layers.1.mlp.down_proj.weight")
+    _, shape, _, mean, std = plan[idx]
+    expected = np.concatenate(list(synth._generate_bf16(shape, mean, std, 3, idx))).reshape(shape)
+    got = model.named_parameters()["model.layers.1.mlp.down_proj.weight"]
+    np.testing.assert_array_equal(synth.f32_to_bf16(got), expected)
+    logits = model(_ids()).logits
+    assert np.isfinite(logits).all()
+    assert 2.0 < logits.std(axis=-1).mean() < 8.0  # the peaked distribution the quality report relies on
+
+
+def test_gguf_names_types_and_values(tiny_ckpt, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    expected_names = {synth.gguf_name(n) for n, *_ in synth.tensor_plan(TINY)}
+    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.ffn_up.weight",
+            "blk.0.attn_q.bias", "blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= expected_names
+    ckpt = glm4rt.weights.Checkpoint(tiny_ckpt)
+    for fmt, qtype, tol in (("bf16", "BF16", 0.0), ("int8", "Q8_0", 0.01), ("int4", "Q4_0", 0.2)):
+        path = synth.write_gguf(tiny_ckpt, fmt, str(tmp_path / f"{fmt}.gguf"), log=lambda *_: None)
+        r = gguf.GGUFReader(path)
+        tensors = {t.name: t for t in r.tensors}
+        assert set(tensors) == expected_names
+        assert tensors["blk.0.ffn_up.weight"].tensor_type.name == qtype
+        assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+        # ggml order: ne0 = row length
+        assert list(tensors["blk.0.ffn_up.weight"].shape) == [TINY.hidden_size, 2 * TINY.intermediate_size]
+        w = gguf.quants.dequantize(tensors["blk.0.ffn_up.weight"].data, tensors["blk.0.ffn_up.weight"].tensor_type)
+        ref = ckpt.load("model.layers.0.mlp.gate_up_proj.weight", "float32")
+        err = np.abs(w.reshape(ref.shape) - ref).max() / np.abs(ref).max()
+        assert err <= tol, (fmt, err)
+        fields = r.fields
+        assert int(fields["glm4.rope.dimension_count"].parts[-1][0]) == TINY.rotary_dim
+        assert int(fields["glm4.block_count"].parts[-1][0]) == TINY.num_hidden_layers
+        tok = fields["tokenizer.ggml.tokens"]
+        assert bytes(tok.parts[tok.data[151331]]).decode() == "[gMASK]"
+        assert bytes(tok.parts[tok.data[151329]]).decode() == "<|endoftext|>"
+        assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == 151329
+
+
+def test_llama_cpp_computes_glm4rt_logits(tiny_ckpt, tmp_path):
+    pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids = _ids()
+    ref = glm4rt.Glm4ForCausalLM.from_pretrained(tiny_ckpt, dtype="float32", progress=False)(ids).logits[0]
+    path = synth.write_gguf(tiny_ckpt, "f32", str(tmp_path / "f32.gguf"), log=lambda *_: None)
+    llm = llama_cpp.Llama(path, n_ctx=64, n_threads=1, logits_all=True, flash_attn=True, verbose=False)
+    assert llm.n_vocab() == TINY.vocab_size
+    llm.eval(ids[0].tolist())
+    got = np.array(llm.scores[: ids.shape[1]])
+    rel = np.sqrt(((got - ref) ** 2).mean() / (ref ** 2).mean())
+    # f32 weights: only llama.cpp's f16 KV cache separates the two (biases, sandwich norms, partial
+    # interleaved rotary or the fused gate_up mapped wrongly would give errors of 10% and more)
+    assert rel < 5e-3, rel
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
