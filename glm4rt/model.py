@@ -103,7 +103,7 @@ _DTYPE_ALIASES = {
 _CONFIG_KWARGS = set(_DEFAULTS) | {"num_labels", "id2label", "label2id", "rope_parameters",
                                    "rope_scaling", "torch_dtype"}
 # Tensors of sibling classes (other heads) or non-persistent buffers: skipped, not an error.
-_OTHER_HEADS = ("lm_head.weight", "score.weight", "score.bias")
+_OTHER_HEADS = ("lm_head.weight", "lm_head.qweight", "score.weight", "score.bias")
 
 
 def _normalise_dtype(dtype: Any) -> str:

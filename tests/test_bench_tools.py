@@ -53,7 +53,7 @@ def test_checkpoint_is_sharded_official_dialect_and_loads(tiny_ckpt):
 
 
 def test_gguf_names_types_and_values(tiny_ckpt, tmp_path):
-    gguf = pytest.importorskip("gguf")
+    gguf = pytest.importorskip("gguf", reason="benchmark peer tools: pip install .[bench]")
     expected_names = {synth.gguf_name(n) for n, *_ in synth.tensor_plan(TINY)}
     assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.ffn_up.weight",
             "blk.0.attn_q.bias", "blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= expected_names
@@ -81,8 +81,8 @@ def test_gguf_names_types_and_values(tiny_ckpt, tmp_path):
 
 
 def test_llama_cpp_computes_glm4rt_logits(tiny_ckpt, tmp_path):
-    pytest.importorskip("gguf")
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf", reason="benchmark peer tools: pip install .[bench]")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="benchmark peer: pip install .[bench]")
     ids = _ids()
     ref = glm4rt.Glm4ForCausalLM.from_pretrained(tiny_ckpt, dtype="float32", progress=False)(ids).logits[0]
     path = synth.write_gguf(tiny_ckpt, "f32", str(tmp_path / "f32.gguf"), log=lambda *_: None)
