@@ -42,6 +42,14 @@ void expect(const py::array& a, const char* name, std::vector<py::ssize_t> shape
   GLM4RT_CHECK(!writable || a.writeable()) << name << ": output array must be writable";
 }
 
+// Pointer to an optional float32 [N] bias (nullptr for None).
+const float* optional_bias(const py::object& bias, int N) {
+  if (bias.is_none()) return nullptr;
+  py::array b = bias.cast<py::array>();
+  expect<float>(b, "bias", {N});
+  return static_cast<const float*>(b.data());
+}
+
 void matmul(const py::array& x, const py::array& w, const py::object& bias, py::array& out) {
   expect<float>(x, "x", {-1, -1});
   const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
@@ -53,12 +61,7 @@ void matmul(const py::array& x, const py::array& w, const py::object& bias, py::
     expect<uint16_t>(w, "weight (bf16 bits)", {N, K});
   else
     expect<float>(w, "weight", {N, K});
-  const float* bias_ptr = nullptr;
-  if (!bias.is_none()) {
-    py::array b = bias.cast<py::array>();
-    expect<float>(b, "bias", {N});
-    bias_ptr = static_cast<const float*>(b.data());
-  }
+  const float* bias_ptr = optional_bias(bias, N);
   expect<float>(out, "out", {M, N}, true);
   const float* xp = static_cast<const float*>(x.data());
   float* yp = static_cast<float*>(out.mutable_data());
@@ -81,12 +84,7 @@ void qmatmul(const py::array& x, const py::array& packed, int fmt, int N, const 
   const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
   GLM4RT_CHECK(N > 0 && K > 0) << "qmatmul: empty matrix N=" << N << " K=" << K;
   expect<uint8_t>(packed, "packed weight", {static_cast<py::ssize_t>(glm4rt::q_packed_bytes(f, N, K))});
-  const float* bias_ptr = nullptr;
-  if (!bias.is_none()) {
-    py::array b = bias.cast<py::array>();
-    expect<float>(b, "bias", {N});
-    bias_ptr = static_cast<const float*>(b.data());
-  }
+  const float* bias_ptr = optional_bias(bias, N);
   expect<float>(out, "out", {M, N}, true);
   const float* xp = static_cast<const float*>(x.data());
   const uint8_t* wp = static_cast<const uint8_t*>(packed.data());
