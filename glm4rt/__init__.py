@@ -14,7 +14,7 @@ from .kv_cache import Glm4Cache
 from .model import Glm4Model, Glm4PreTrainedModel
 from .ops import cpu_isa, get_num_threads, set_isa, set_num_threads, supported_isas
 from .tokenizer import Glm4Tokenizer, StreamDecoder, TokenizerError
-from .generate import generate, stream_text
+from .generate import stream_text
 from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast,
                       SequenceClassifierOutputWithPast, TokenClassifierOutput)
 
@@ -27,5 +27,5 @@ __all__ = [
     "TokenClassifierOutput", "CheckpointError", "ConfigError", "Glm4rtError",
     "cpu_isa", "supported_isas", "set_isa", "set_num_threads", "get_num_threads",
     "Glm4Tokenizer", "StreamDecoder", "TokenizerError", "ChatSession", "ContextFullError",
-    "split_thinking", "generate", "stream_text",
+    "split_thinking", "stream_text",
 ]
