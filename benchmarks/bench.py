@@ -212,7 +212,7 @@ def render_markdown(results: dict) -> str:
     out.append(f"- Machine: {m.get('cpu_model')}; {m.get('usable_cpus', m.get('logical_cpus'))} usable CPUs "
                f"({m.get('logical_cpus')} logical); {m.get('ram_total_gib')} GiB RAM; glm4rt ISA: {m.get('glm4rt_isa')}; "
                f"flags: {' '.join(m.get('cpu_flags_of_note', []))}")
-    out.append(f"- Software: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
+    out.append("- Software: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
                + (f"; glm4rt git {m['git']}" if m.get("git") else ""))
     g = s["geometry"]
     out.append(f"- Model: random weights at the GLM-4-9B-0414 geometry with {g['num_hidden_layers']} of 40 layers "

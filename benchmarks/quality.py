@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     with open(os.path.join(HERE, args.out + ".json"), "w") as f:
         json.dump(results, f, indent=1)
 
-    lines = [f"# Quantization quality on the random-weight checkpoint\n",
+    lines = ["# Quantization quality on the random-weight checkpoint\n",
              f"- Date: {results['date']}",
              f"- Command: `{command}`",
              f"- Model: GLM-4-9B-0414 geometry with {g.num_hidden_layers} layers, random weights (synth.py scheme "

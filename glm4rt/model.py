@@ -418,7 +418,7 @@ class Glm4Model(Glm4PreTrainedModel):
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."
 
-            def lin(name: str, out_features: int, in_features: int) -> Linear | QuantLinear:
+            def lin(name: str, out_features: int, in_features: int, p: str = p) -> Linear | QuantLinear:
                 return _make_linear(tensors, p + name, config, out_features, in_features)
 
             if p + "self_attn.qkv_proj.qweight" in tensors:
