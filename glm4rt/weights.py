@@ -236,4 +236,4 @@ def save_safetensors(path: str, tensors: dict[str, np.ndarray], bf16: frozenset[
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for a in arrays:
-            f.write(a.tobytes())
+            f.write(memoryview(a).cast("B"))  # no copy: a 1 GB embedding must not be duplicated
