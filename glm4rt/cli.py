@@ -88,11 +88,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     c = model.config
     params = model.named_parameters()
-    n_params = c.num_hidden_layers * (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-                                      + c.num_attention_heads * c.head_dim * c.hidden_size
-                                      + 3 * c.intermediate_size * c.hidden_size + 4 * c.hidden_size
-                                      + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * c.attention_bias)
-    n_params += c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
+    # Counted from the checkpoint tensors a Glm4ForCausalLM has (not the packed bytes it may hold).
+    n_params = sum(int(np.prod(spec.shape)) for spec in Glm4ForCausalLM._tensor_specs(c).values())
     n_bytes = sum(a.nbytes for a in params.values())
     kv_per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
     quant = (getattr(c, "quantization_config", None) or {}).get("format")
@@ -129,10 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pieces = model.stream(tokenizer, ids, **kwargs)
     else:
         session = ChatSession(model, tokenizer, system=args.system, **kwargs)
-        session.messages.append({"role": "user", "content": args.prompt})
-        thinking = _ends_with_think(tokenizer, session)
-        session.messages.pop()
-        printer = _ReplyPrinter(sys.stdout, thinking=thinking)
+        printer = _ReplyPrinter(sys.stdout, thinking=_opens_thinking(tokenizer, session, args.prompt))
         pieces = session.send(args.prompt)
     try:
         for piece in pieces:
@@ -143,9 +137,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ends_with_think(tokenizer, session) -> bool:
-    text = tokenizer.apply_chat_template(session.messages, tools=session.tools, add_generation_prompt=True,
-                                         tokenize=False)
+def _opens_thinking(tokenizer, session, message: str) -> bool:
+    """Whether the prompt for ``message`` ends with ``<think>`` (GLM-Z1): the reply starts thinking."""
+    messages = session.messages + [{"role": "user", "content": message}]
+    text = tokenizer.apply_chat_template(messages, tools=session.tools, add_generation_prompt=True, tokenize=False)
     return text.rstrip().endswith("<think>")
 
 
@@ -176,10 +171,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             session.reset(system=args.system)
             print("(conversation cleared)", file=sys.stderr)
             continue
-        session.messages.append({"role": "user", "content": line})
-        thinking = _ends_with_think(tokenizer, session)
-        session.messages.pop()
-        printer = _ReplyPrinter(sys.stdout, thinking=thinking)
+        printer = _ReplyPrinter(sys.stdout, thinking=_opens_thinking(tokenizer, session, line))
         try:
             for piece in session.send(line):
                 printer.put(piece)

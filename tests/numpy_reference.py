@@ -39,7 +39,7 @@ def forward_logits(w: dict[str, np.ndarray], cfg, ids: np.ndarray, pos: np.ndarr
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
 
-        def proj(name, h):
+        def proj(name, h, p=p):
             y = h @ w[p + name + ".weight"].T
             return y + w[p + name + ".bias"] if (p + name + ".bias") in w else y
 
