@@ -19,6 +19,7 @@ namespace {
 struct CpuFeatures {
   bool avx2 = false;
   bool avx512 = false;
+  bool avx512_bf16 = false;
 };
 
 #if defined(GLM4RT_X86)
@@ -47,6 +48,8 @@ CpuFeatures detect() {
   // The avx512 kernels use VNNI for the quantized dot products (Ice Lake, Zen 4 and later);
   // AVX-512 CPUs without it (Skylake-X) run the avx2 kernels.
   f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni;
+  // bf16 dot products (vdpbf16ps) for bf16 weights: CPUID.(7, 1):EAX bit 5.
+  if (f.avx512 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) f.avx512_bf16 = eax & (1u << 5);
 #endif
   return f;
 }
@@ -61,6 +64,7 @@ const KernelTable* table_for(const std::string& name) {
 #if defined(GLM4RT_X86)
   if (name == "avx2" && cpu().avx2) return &avx2_kernels();
   if (name == "avx512" && cpu().avx512) return &avx512_kernels();
+  if (name == "avx512_bf16" && cpu().avx512_bf16) return &avx512_bf16_kernels();
 #endif
   return nullptr;
 }
@@ -91,6 +95,7 @@ std::vector<std::string> supported_isas() {
   std::vector<std::string> out{"generic"};
   if (cpu().avx2) out.push_back("avx2");
   if (cpu().avx512) out.push_back("avx512");
+  if (cpu().avx512_bf16) out.push_back("avx512_bf16");
   return out;
 }
 

@@ -1,4 +1,4 @@
-// The table of ISA-specific primitives. Every ISA (generic, avx2, avx512) fills one table;
+// The table of ISA-specific primitives. Every ISA (generic, avx2, avx512, avx512_bf16) fills one table;
 // dispatch.cpp picks one at import time. The drivers in ops.cpp (threads, tiling, attention,
 // norms) are ISA-neutral and call through this table.
 #pragma once
@@ -32,6 +32,23 @@ using QGemmTile = void (*)(const uint8_t* group, size_t group_bytes, int n_group
                            const int8_t* xq, const float* xs, const int32_t* xsum, size_t ldq,
                            size_t lds, int mt, float* y, size_t ldy, int rows);
 
+// bf16 activations x bf16 weights with AVX512-BF16 (vdpbf16ps): products of bf16 values are
+// exact in fp32, sums are fp32. Null in the tables of CPUs without it; the drivers then round x to
+// bf16 and run gemm_tile_bf16, which computes the same products exactly.
+// Dot form (few tokens): as GemmTileBF16 with x in bf16 too; k is the whole row, not a k block.
+using GemmTileBF16x = void (*)(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw,
+                               float* c, size_t ldc, int m, int n, int k, bool accumulate);
+// Panel form (many tokens): C[m, n] (+)= sum_p x[i, p] . w[j, p] over npairs pairs of k, with
+//   xp [npairs, kBf16PanelTokens]: bf16 pairs (low half = even k) of up to 12 tokens
+//   wp [npairs, kBf16PanelRows]:   bf16 pairs of 32 weight rows
+// m <= 12 tokens and n <= 32 rows of C [m, n] (row stride ldc) are written.
+constexpr int kBf16PanelTokens = 12;
+constexpr int kBf16PanelRows = 32;
+using Bf16Panel = void (*)(const uint32_t* xp, const uint32_t* wp, int npairs, float* c, size_t ldc,
+                           int m, int n, bool accumulate);
+// Packs wp [npairs, 32] from 32 full rows of bf16 weights (row stride ldw), k = 0 .. 2 npairs.
+using Bf16Pack = void (*)(const uint16_t* w, size_t ldw, int npairs, uint32_t* wp);
+
 // Attention values: out[G, d] = P[G, S] @ V[S, d] (P rows ldp apart, V rows d apart);
 // overwrites out. Keys are taken in blocks that stay in L1 across the G heads.
 using AttnPV = void (*)(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out);
@@ -55,6 +72,9 @@ struct KernelTable {
   int qmt;  // tokens per quantized tile
   QGemmTile qgemm_int8;
   QGemmTile qgemm_int4;
+  GemmTileBF16x gemm_tile_bf16x;  // null without AVX512-BF16
+  Bf16Panel bf16_panel;           // null without AVX512-BF16
+  Bf16Pack bf16_pack;             // with bf16_panel
 };
 
 // One function per ISA file; each returns its static table.
@@ -62,6 +82,7 @@ const KernelTable& generic_kernels();
 #if defined(GLM4RT_X86)
 const KernelTable& avx2_kernels();
 const KernelTable& avx512_kernels();
+const KernelTable& avx512_bf16_kernels();  // the avx512 table + the bf16 dot products
 #endif
 
 }  // namespace glm4rt

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -29,9 +30,9 @@ inline int thread_index() {
 #endif
 }
 
-template <typename W, typename Tile>
-void matmul_impl(const float* x, int M, int K, const W* w, int N, const float* bias, float* y,
-                 Tile tile, int mr, int nr) {
+template <typename X, typename W, typename Tile>
+void matmul_impl(const X* x, int M, int K, const W* w, int N, const float* bias, float* y,
+                 Tile tile, int mr, int nr, int block_k) {
   const int n_tiles = (N + nr - 1) / nr;
   const bool parallel = static_cast<long long>(M) * N * K >= kParallelWork;
 #pragma omp parallel num_threads(get_num_threads()) if (parallel)
@@ -40,8 +41,8 @@ void matmul_impl(const float* x, int M, int K, const W* w, int N, const float* b
 #pragma omp for schedule(static)
     for (int t = 0; t < n_tiles; ++t) {
       const int n0 = t * nr, nn = std::min(nr, N - n0);
-      for (int k0 = 0; k0 < K; k0 += kBlockK) {
-        const int kb = std::min(kBlockK, K - k0);
+      for (int k0 = 0; k0 < K; k0 += block_k) {
+        const int kb = std::min(block_k, K - k0);
         for (int i = 0; i < mb; i += mr)
           tile(x + static_cast<size_t>(m0 + i) * K + k0, K, w + static_cast<size_t>(n0) * K + k0,
                K, y + static_cast<size_t>(m0 + i) * N + n0, N, std::min(mr, mb - i), nn, kb,
@@ -54,17 +55,108 @@ void matmul_impl(const float* x, int M, int K, const W* w, int N, const float* b
   }
 }
 
+// fp32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN. The same rounding on every
+// ISA, so that only the order of the fp32 sums differs between them.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float bf16_value(float f) {
+  const uint32_t u = static_cast<uint32_t>(to_bf16(f)) << 16;
+  float r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+
+// Bf16 pair (k, k+1) of row `row` (uint16 [.., K]); k + 1 == K pads with zero.
+inline uint32_t bf16_pair(const uint16_t* row, int k, int K) {
+  return row[k] | (k + 1 < K ? static_cast<uint32_t>(row[k + 1]) << 16 : 0u);
+}
+
+// Many tokens on AVX512-BF16: x is converted once into panels of 12 tokens ([chunk, pair, 12]);
+// each thread takes panels of 32 weight rows, packs a block of kPanelPairs pairs of them
+// ([pair, 32], in L2) and runs every chunk of tokens over it.
+constexpr int kPanelPairs = 1024;
+
+void matmul_bf16_panels(const KernelTable& kt, const float* x, int M, int K, const uint16_t* w,
+                        int N, const float* bias, float* y) {
+  constexpr int T = kBf16PanelTokens, R = kBf16PanelRows;
+  const int P = (K + 1) / 2, n_chunks = (M + T - 1) / T, n_panels = (N + R - 1) / R;
+  const int threads = get_num_threads();
+  // Scratch allocated outside the parallel regions (see rotary_interleaved).
+  std::vector<uint32_t> xp(static_cast<size_t>(n_chunks) * P * T);  // [chunk, pair, token]
+  std::vector<uint32_t> wbuf(static_cast<size_t>(threads) * kPanelPairs * R);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int c = 0; c < n_chunks; ++c)
+      for (int i = 0; i < T; ++i) {
+        const int t = c * T + i;
+        uint32_t* dst = xp.data() + static_cast<size_t>(c) * P * T + i;
+        if (t >= M) {
+          for (int p = 0; p < P; ++p) dst[static_cast<size_t>(p) * T] = 0;
+          continue;
+        }
+        const float* xr = x + static_cast<size_t>(t) * K;
+        for (int p = 0; p < P; ++p) {
+          const uint32_t hi = 2 * p + 1 < K ? to_bf16(xr[2 * p + 1]) : 0u;
+          dst[static_cast<size_t>(p) * T] = to_bf16(xr[2 * p]) | hi << 16;
+        }
+      }
+    uint32_t* buf = wbuf.data() + static_cast<size_t>(thread_index()) * kPanelPairs * R;
+#pragma omp for schedule(static)
+    for (int panel = 0; panel < n_panels; ++panel) {
+      const int n0 = panel * R, nn = std::min(R, N - n0);
+      for (int p0 = 0; p0 < P; p0 += kPanelPairs) {
+        const int np = std::min(kPanelPairs, P - p0);
+        if (nn == R && 2 * (p0 + np) <= K) {
+          kt.bf16_pack(w + static_cast<size_t>(n0) * K + 2 * p0, K, np, buf);
+        } else {  // the last rows of the matrix, or an odd K's last pair
+          for (int r = 0; r < R; ++r) {
+            const uint16_t* wr = w + static_cast<size_t>(n0 + r) * K;
+            for (int p = 0; p < np; ++p)
+              buf[static_cast<size_t>(p) * R + r] = r < nn ? bf16_pair(wr, 2 * (p0 + p), K) : 0u;
+          }
+        }
+        for (int c = 0; c < n_chunks; ++c)
+          kt.bf16_panel(xp.data() + (static_cast<size_t>(c) * P + p0) * T, buf, np,
+                        y + static_cast<size_t>(c) * T * N + n0, N, std::min(T, M - c * T), nn, p0 > 0);
+      }
+      if (bias != nullptr)
+        for (int t = 0; t < M; ++t)
+          for (int j = 0; j < nn; ++j) y[static_cast<size_t>(t) * N + n0 + j] += bias[n0 + j];
+    }
+  }
+}
+
+// Below this many tokens the dot form wins: packing the weight panels costs about as much as a
+// few tokens' products.
+constexpr int kPanelMinTokens = 16;
+
 }  // namespace
 
 void matmul_f32(const float* x, int M, int K, const float* w, int N, const float* bias, float* y) {
   const KernelTable& kt = kernels();
-  matmul_impl(x, M, K, w, N, bias, y, kt.gemm_tile_f32, kt.mr, kt.nr);
+  matmul_impl(x, M, K, w, N, bias, y, kt.gemm_tile_f32, kt.mr, kt.nr, kBlockK);
 }
 
 void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const float* bias,
                  float* y) {
   const KernelTable& kt = kernels();
-  matmul_impl(x, M, K, w, N, bias, y, kt.gemm_tile_bf16, kt.mr, kt.nr);
+  if (kt.bf16_panel != nullptr && M >= kPanelMinTokens) {
+    matmul_bf16_panels(kt, x, M, K, w, N, bias, y);
+  } else if (kt.gemm_tile_bf16x != nullptr) {
+    std::vector<uint16_t> xb(static_cast<size_t>(M) * K);
+    for (size_t i = 0; i < xb.size(); ++i) xb[i] = to_bf16(x[i]);
+    matmul_impl(xb.data(), M, K, w, N, bias, y, kt.gemm_tile_bf16x, kt.mr, kt.nr, K);
+  } else {  // the same products: x rounded to bf16, widened back to fp32 (exact)
+    std::vector<float> xr(static_cast<size_t>(M) * K);
+    for (size_t i = 0; i < xr.size(); ++i) xr[i] = bf16_value(x[i]);
+    matmul_impl(xr.data(), M, K, w, N, bias, y, kt.gemm_tile_bf16, kt.mr, kt.nr, kBlockK);
+  }
 }
 
 void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int N,

@@ -11,7 +11,9 @@ namespace glm4rt {
 
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]). fp32 accumulation.
 void matmul_f32(const float* x, int M, int K, const float* w, int N, const float* bias, float* y);
-// Same with bf16 weights stored as raw uint16 bit patterns.
+// bf16 weights (raw uint16 bit patterns) with bf16 activations: y = sum_k bf16(x[m, k]) * w[n, k]
+// (x rounded to nearest even), products exact, sums fp32 -- on every ISA; AVX512-BF16 runs it
+// with vdpbf16ps. (For fp32 activations, widen the weights and use matmul_f32.)
 void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const float* bias,
                  float* y);
 

@@ -277,8 +277,12 @@ class Glm4PreTrainedModel:
                 (or shards + ``model.safetensors.index.json``), or a hub id such as
                 ``"zai-org/GLM-4-9B-0414"`` (resolved through ``huggingface_hub`` and its cache).
             dtype: ``"auto"`` keeps bf16 matrices as bf16 (memory-mapped, no copy) and loads the
-                rest as float32; ``"float32"`` or ``"bfloat16"`` force one weight format. Norms and
-                biases are always float32 and all arithmetic accumulates in float32.
+                rest as float32; ``"float32"`` or ``"bfloat16"`` force one weight format. bf16
+                matrices multiply activations rounded to bf16 (as llama.cpp's BF16 and
+                transformers' bf16 do: the AVX512-BF16 dot products), summed in float32;
+                ``"float32"`` widens them exactly and computes in fp32 throughout (transformers'
+                fp32 results to ~1e-6, at twice the memory). Norms, biases, attention, the
+                residual stream and every sum are float32 in all cases.
             quantization: ``"int8"`` or ``"int4"`` quantizes every projection and the lm_head while
                 loading, streaming the checkpoint a chunk of rows at a time (see ``glm4rt.quant``).
                 A checkpoint saved quantized loads as it is (memory-mapped) without this argument.

@@ -28,7 +28,8 @@ def _dims(name: str, a: np.ndarray, ndim: int) -> tuple[int, ...]:
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
            out: np.ndarray | None = None) -> np.ndarray:
-    """``x @ weight.T + bias`` with fp32 accumulation.
+    """``x @ weight.T + bias`` with fp32 accumulation; with bf16 weights the activations are
+    rounded to bf16 first (bf16 x bf16 products, exact in fp32; AVX512-BF16 where available).
 
     Args:
         x: float32 ``[n_tokens, in_features]``.
@@ -135,7 +136,7 @@ def memory_read_bandwidth(size_mib: int = 1024, repeats: int = 7) -> float:
 
 
 def cpu_isa() -> str:
-    """Name of the active kernel set: ``"generic"``, ``"avx2"`` or ``"avx512"``."""
+    """Name of the active kernel set: ``"generic"``, ``"avx2"``, ``"avx512"`` or ``"avx512_bf16"``."""
     return _C.active_isa()
 
 
@@ -145,7 +146,7 @@ def supported_isas() -> list[str]:
 
 
 def set_isa(name: str) -> None:
-    """Force a kernel set (``"generic"``, ``"avx2"``, ``"avx512"`` or ``"auto"``).
+    """Force a kernel set (``"generic"``, ``"avx2"``, ``"avx512"``, ``"avx512_bf16"`` or ``"auto"``).
 
     Raises:
         ValueError: the name is unknown or the CPU cannot run it.

@@ -82,8 +82,10 @@ def check_tokcls_extras(model, g) -> None:
     close(model(g["ids"], labels=g["labels"]).loss, g["loss"], "token classification loss")
 
 
-def check_all(directory: str, head: str, g, dtype: str = "auto") -> None:
-    """Every golden check that applies to a checkpoint with this head."""
+def check_all(directory: str, head: str, g, dtype: str = "float32") -> None:
+    """Every golden check that applies to a checkpoint with this head. The default dtype computes
+    in fp32 as transformers did (bf16 checkpoints widened exactly); bf16 compute is checked against
+    the NumPy reference in test_numpy_reference.py."""
     model = HEADS[head].from_pretrained(directory, dtype=dtype)
     check_full_forward(model, g)
     check_padding(model, g)

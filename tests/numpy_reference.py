@@ -28,8 +28,19 @@ def rotary_interleaved(x, pos, rot_dim, theta):
     return y
 
 
-def forward_logits(w: dict[str, np.ndarray], cfg, ids: np.ndarray, pos: np.ndarray | None = None) -> np.ndarray:
-    """Logits [T, vocab] of one unpadded sequence ``ids [T]`` (positions ``pos``, default 0..T-1)."""
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to float32, then to bfloat16 (nearest, ties to even), as float64."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return r.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def forward_logits(w: dict[str, np.ndarray], cfg, ids: np.ndarray, pos: np.ndarray | None = None,
+                   bf16_inputs: bool = False) -> np.ndarray:
+    """Logits [T, vocab] of one unpadded sequence ``ids [T]`` (positions ``pos``, default 0..T-1).
+    ``bf16_inputs``: every matrix product takes its activations rounded to bf16 (the semantics of
+    bf16 weights; the weights of a bf16 checkpoint are bf16 values already)."""
+    mm_in = round_bf16 if bf16_inputs else (lambda a: a)
     T = len(ids)
     pos = np.arange(T, dtype=np.float64) if pos is None else np.asarray(pos, dtype=np.float64)
     d, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -40,7 +51,7 @@ def forward_logits(w: dict[str, np.ndarray], cfg, ids: np.ndarray, pos: np.ndarr
         p = f"model.layers.{i}."
 
         def proj(name, h, p=p):
-            y = h @ w[p + name + ".weight"].T
+            y = mm_in(h) @ w[p + name + ".weight"].T
             return y + w[p + name + ".bias"] if (p + name + ".bias") in w else y
 
         h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
@@ -53,13 +64,13 @@ def forward_logits(w: dict[str, np.ndarray], cfg, ids: np.ndarray, pos: np.ndarr
             s = q[:, j] @ k[:, g].T / np.sqrt(d) + causal
             s = np.exp(s - s.max(-1, keepdims=True))
             heads.append((s / s.sum(-1, keepdims=True)) @ v[:, g])
-        a = np.concatenate(heads, axis=-1) @ w[p + "self_attn.o_proj.weight"].T
+        a = mm_in(np.concatenate(heads, axis=-1)) @ w[p + "self_attn.o_proj.weight"].T
         x = x + rms_norm(a, w[p + "post_self_attn_layernorm.weight"], eps)
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
-        gu = h @ w[p + "mlp.gate_up_proj.weight"].T
+        gu = mm_in(h) @ w[p + "mlp.gate_up_proj.weight"].T
         gate, up = gu[:, :I], gu[:, I:]
-        m = (up * gate / (1 + np.exp(-gate))) @ w[p + "mlp.down_proj.weight"].T
+        m = mm_in(up * gate / (1 + np.exp(-gate))) @ w[p + "mlp.down_proj.weight"].T
         x = x + rms_norm(m, w[p + "post_mlp_layernorm.weight"], eps)
     x = rms_norm(x, w["model.norm.weight"], eps)
     head = w["lm_head.weight"] if "lm_head.weight" in w else w["model.embed_tokens.weight"]
-    return x @ head.T
+    return mm_in(x) @ head.T

@@ -13,7 +13,7 @@ NAME = "generation"
 
 @pytest.fixture(scope="module")
 def model():
-    return glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(NAME))
+    return glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(NAME), dtype="float32")  # bf16 checkpoint, exact fp32 compute
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """glm4rt against transformers' outputs recorded in the committed fixtures (runs without torch)."""
+import numpy as np
 import pytest
 
 import glm4rt
@@ -22,7 +23,11 @@ def test_every_isa_matches_transformers(isa):
     check_all(fixture_dir("gqa2_nobias_tied_v5"), "causal", golden("gqa2_nobias_tied_v5"))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_bf16_checkpoint_any_dtype(dtype):
-    # bf16 weights widened to fp32 or kept as bf16 compute the same (fp32 accumulation).
-    check_all(fixture_dir("gqa8_bf16_sharded"), "causal", golden("gqa8_bf16_sharded"), dtype=dtype)
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_bf16_compute_stays_near_transformers(dtype):
+    # Kept as bf16, the matrices multiply bf16-rounded activations (exactly as specified: see
+    # test_numpy_reference.py); the logits stay within bf16 rounding of transformers' fp32 run.
+    g = golden("gqa8_bf16_sharded")
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir("gqa8_bf16_sharded"), dtype=dtype)
+    err = np.abs(model(g["ids"]).logits - g["logits"]).max() / np.abs(g["logits"]).max()
+    assert 1e-6 < err < 1e-2, err

@@ -26,9 +26,18 @@ def widen_bf16(bits):
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
+def round_bf16(x):
+    """float32 -> the nearest bf16 value (ties to even), as float64."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return widen_bf16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16))
+
+
 def ref_linear(x, w, bias=None):
-    w64 = widen_bf16(w) if w.dtype == np.uint16 else w.astype(np.float64)
-    y = x.astype(np.float64) @ w64.T
+    """fp32 weights: x @ w.T; bf16 weights: the activations are rounded to bf16 as well."""
+    if w.dtype == np.uint16:
+        y = round_bf16(x) @ widen_bf16(w).T
+    else:
+        y = x.astype(np.float64) @ w.astype(np.float64).T
     if bias is not None:
         y = y + bias.astype(np.float64)
     return y
@@ -140,7 +149,7 @@ def on_isa(isa, fn):
 
 def test_supported_isas_and_set_isa():
     assert ISAS[0] == "generic"
-    assert set(ISAS) <= {"generic", "avx2", "avx512"}
+    assert set(ISAS) <= {"generic", "avx2", "avx512", "avx512_bf16"}
     for isa in ISAS:
         ops.set_isa(isa)
         assert ops.cpu_isa() == isa
@@ -171,13 +180,17 @@ def test_bf16_helpers_round_to_nearest_even():
 # ---------------------------------------------------------------------------------------------
 
 # (M, K, N): GEMV and GEMM across the 64-token block, K tails (not multiples of 8/16), K over
-# one and two 512-wide k blocks, N not a multiple of the 4-row tile.
+# one and two 512-wide k blocks, N not a multiple of the 4-row tile; the bf16 panel GEMM
+# (AVX512-BF16, 12 tokens x 32 rows, 1024 pairs of k per block) with its tails.
 LINEAR_SHAPES = [
     (1, 1003, 37),   # GEMV, 2 k-blocks, K % 16 = 11
     (1, 7, 5),       # K shorter than any SIMD width
     (3, 16, 4),      # exact tiles
     (65, 520, 9),    # one row over a token block, k tail of 8
     (130, 1027, 67), # 3 token blocks (64, 64, 2), 3 k-blocks, N % 4 = 3
+    (1, 9000, 6),    # GEMV over long rows (bf16: 4 rows at a time), K % 128 = 40
+    (40, 2100, 70),  # bf16 panels: 4 token chunks (12, 12, 12, 4), 2 pair blocks (1024, 26),
+                     # 2 full 32-row panels + 6 rows
 ]
 
 
@@ -214,16 +227,40 @@ def test_linear_matches_reference(isa, wdtype, with_bias, M, K, N):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_linear_bf16_equals_widened_fp32(isa):
-    # bf16 weights are widened exactly, so the bf16 path must equal the fp32 path on the widened
-    # weights up to summation-order rounding only.
+@pytest.mark.parametrize("M", [1, 5, 70])  # gemv, dot-form tiles, bf16 panels (AVX512-BF16)
+def test_linear_bf16_is_fp32_on_rounded_inputs(isa, M):
+    # bf16 weights take bf16-rounded activations: the same products as the fp32 path on the
+    # rounded x and the widened weights. Without AVX512-BF16 it is that very computation (bitwise);
+    # vdpbf16ps sums in another order.
     rng = np.random.default_rng(5)
-    x = f32(rng, 70, 600)
-    bits = ops.f32_to_bf16(f32(rng, 33, 600))
+    x = f32(rng, M, 600)
+    bits = ops.f32_to_bf16(f32(rng, 70, 600))
     ops.set_isa(isa)
     y_bf16 = ops.linear(x, bits)
-    y_f32 = ops.linear(x, widen_bf16(bits).astype(np.float32))
-    np.testing.assert_array_equal(y_bf16, y_f32)
+    y_f32 = ops.linear(round_bf16(x).astype(np.float32), widen_bf16(bits).astype(np.float32))
+    if isa == "avx512_bf16":
+        np.testing.assert_allclose(y_bf16, y_f32, rtol=1e-5, atol=1e-5 * np.sqrt(600))
+    else:
+        np.testing.assert_array_equal(y_bf16, y_f32)
+    assert np.abs(y_bf16 - ref_linear(x, widen_bf16(bits).astype(np.float32))).max() > 1e-3  # rounding shows
+
+
+def test_bf16_rounding_of_activations_is_nearest_even_everywhere():
+    # Halfway cases, a value near the fp32 maximum and a denormal in x; the weights are the
+    # identity, so y shows each rounded activation.
+    x = np.array([[1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8), 3.0e38, 1e-40, 2.5]], np.float32)
+    K = x.shape[1]
+    w = ops.f32_to_bf16(np.eye(K, dtype=np.float32))
+    expected = round_bf16(x)
+    for isa in ISAS:
+        ops.set_isa(isa)
+        y = ops.linear(x, w)
+        if isa == "avx512_bf16":  # vdpbf16ps flushes denormal inputs to zero
+            expected_isa = expected.copy()
+            expected_isa[0, 4] = 0.0
+            np.testing.assert_array_equal(y, expected_isa, err_msg=isa)
+        else:
+            np.testing.assert_array_equal(y, expected, err_msg=isa)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -54,7 +54,7 @@ def test_long_prompt_and_decode_match_transformers(tmp_path):
     ids = np.random.default_rng(7).integers(1, ref.config.vocab_size, size=(1, 64))
     with torch.no_grad():
         expected = ref(torch.from_numpy(ids)).logits.numpy()
-    model = glm4rt.Glm4ForCausalLM.from_pretrained(str(tmp_path))
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(str(tmp_path), dtype="float32")
     out = model(ids[:, :60])
     steps = [out.logits]
     for t in range(60, 64):
@@ -79,7 +79,7 @@ def test_fresh_checkpoint_greedy_generation_matches_transformers(tmp_path):
     hf_reference.build_checkpoint(str(tmp_path), "generation", seed=321)
     ref = hf_reference.load_reference(str(tmp_path), "causal")
     g = hf_reference.generation_goldens(ref, np.random.default_rng(321))
-    model = glm4rt.Glm4ForCausalLM.from_pretrained(str(tmp_path))
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(str(tmp_path), dtype="float32")
     np.testing.assert_array_equal(model.generate(g["gen_prompt"], max_new_tokens=64), g["gen_greedy"])
     np.testing.assert_array_equal(
         model.generate(g["gen_batch_ids"], attention_mask=g["gen_batch_mask"], max_new_tokens=64),
@@ -96,6 +96,6 @@ def test_repetition_penalty_on_left_padded_batch_matches_transformers(tmp_path):
     with torch.no_grad():
         expected = ref.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=32,
                                 do_sample=False, repetition_penalty=1.3, pad_token_id=0, eos_token_id=[]).numpy()
-    model = glm4rt.Glm4ForCausalLM.from_pretrained(str(tmp_path))
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(str(tmp_path), dtype="float32")
     out = model.generate(ids, attention_mask=mask, max_new_tokens=32, repetition_penalty=1.3, eos_token_id=[])
     np.testing.assert_array_equal(out, expected)

@@ -136,8 +136,8 @@ def test_bf16_checkpoint_keeps_bf16_matrices_memory_mapped(dtype):
         assert v.dtype == np.float32, name
         bits = raw_array(stored[name]).astype(np.uint32) << 16
         np.testing.assert_array_equal(v, bits.view(np.float32), err_msg=name)
-    g = golden(BF16)
-    close(model(g["ids"]).logits, g["logits"], f"logits with dtype={dtype}")
+    g = golden(BF16)  # bf16 compute (activations rounded to bf16): within bf16 rounding
+    close(model(g["ids"]).logits, g["logits"], f"logits with dtype={dtype}", atol=1e-2 * np.abs(g["logits"]).max())
 
 
 def test_bf16_checkpoint_as_float32():
@@ -155,8 +155,10 @@ def test_bf16_dtypes_agree_with_each_other():
     g = golden(BF16)
     logits = {dt: Glm4ForCausalLM.from_pretrained(fixture_dir(BF16), dtype=dt)(g["ids"]).logits
               for dt in ("auto", "bfloat16", "float32")}
-    close(logits["auto"], logits["float32"], "auto vs float32", atol=1e-4, rtol=0)
-    close(logits["bfloat16"], logits["float32"], "bfloat16 vs float32", atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(logits["auto"], logits["bfloat16"])  # auto keeps bf16 as bf16
+    close(logits["float32"], g["logits"], "float32 vs transformers")     # widened: exact fp32 compute
+    scale = np.abs(g["logits"]).max()
+    close(logits["bfloat16"], logits["float32"], "bfloat16 vs float32", atol=1e-2 * scale, rtol=0)
 
 
 def test_fp32_checkpoint_matrices_are_float32_views():
@@ -207,8 +209,8 @@ def test_sharded_equals_single_file(tmp_path):
     shutil.copy(os.path.join(fixture_dir(BF16), "config.json"), single)
     write_raw(single / "model.safetensors", stored)
 
-    sharded = Glm4ForCausalLM.from_pretrained(fixture_dir(BF16))
-    merged = Glm4ForCausalLM.from_pretrained(single)
+    sharded = Glm4ForCausalLM.from_pretrained(fixture_dir(BF16), dtype="float32")
+    merged = Glm4ForCausalLM.from_pretrained(single, dtype="float32")
     a, b = sharded.named_parameters(), merged.named_parameters()
     assert sorted(a) == sorted(b) == sorted(stored)
     for name in a:

@@ -24,11 +24,30 @@ def test_reference_agrees_with_transformers(name):
 
 @pytest.mark.parametrize("name", CAUSAL)
 def test_glm4rt_agrees_with_reference_on_full_context(name):
-    model = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(name))
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(name), dtype="float32")
     cfg = model.config
     ids = np.random.default_rng(5).integers(0, cfg.vocab_size, size=cfg.max_position_embeddings)
     expected = forward_logits(load_float64(fixture_dir(name)), cfg, ids)
     np.testing.assert_allclose(model(ids[None]).logits[0], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("isa", glm4rt.supported_isas())
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+@pytest.mark.parametrize("n_tokens", [1, 7, 40])  # decode-sized, dot-form and panel-form matmuls
+def test_bf16_weights_compute_with_bf16_activations(isa, dtype, n_tokens):
+    """bf16 matrices multiply bf16-rounded activations (fp32 sums) on every ISA: glm4rt matches
+    the reference that rounds every matmul input, and not the one that does not."""
+    name = "gqa8_bf16_sharded"
+    glm4rt.set_isa(isa)
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(name), dtype=dtype)
+    cfg = model.config
+    ids = np.random.default_rng(n_tokens).integers(0, cfg.vocab_size, size=n_tokens)
+    w = load_float64(fixture_dir(name))
+    rounded, exact = forward_logits(w, cfg, ids, bf16_inputs=True), forward_logits(w, cfg, ids)
+    ours = model(ids[None]).logits[0]
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(ours, rounded, atol=2e-5 * scale, rtol=0)
+    assert np.abs(rounded - exact).max() > 10 * 2e-5 * scale  # the test can tell the two apart
 
 
 def test_wrong_rotary_layouts_would_be_caught():
