@@ -49,6 +49,12 @@ using Bf16Panel = void (*)(const uint32_t* xp, const uint32_t* wp, int npairs, f
 // Packs wp [npairs, 32] from 32 full rows of bf16 weights (row stride ldw), k = 0 .. 2 npairs.
 using Bf16Pack = void (*)(const uint16_t* w, size_t ldw, int npairs, uint32_t* wp);
 
+// Attention scores: S[r, s] = sum_c q[r, c] * k[s, c] for R query rows (ldq apart) and n keys
+// (rows of k, d apart; d <= 256); S rows lds apart, overwritten. The SIMD versions transpose each
+// block of keys once for all R rows, so every score is a lane of a vector of FMAs (no reductions).
+using AttnQK = void (*)(const float* q, size_t ldq, int R, const float* k, int n, int d, float* s,
+                        size_t lds);
+
 // Attention values: out[G, d] = P[G, S] @ V[S, d] (P rows ldp apart, V rows d apart);
 // overwrites out. Keys are taken in blocks that stay in L1 across the G heads.
 using AttnPV = void (*)(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out);
@@ -58,6 +64,10 @@ using SoftmaxF32 = void (*)(float* x, int n);
 // out[i] = up[i] * silu(gate[i]) = up[i] * gate[i] / (1 + exp(-gate[i]))
 using SiluMulF32 = void (*)(const float* gate, const float* up, float* out, int n);
 
+// XOR of every 8-byte word of data[n_bytes] (n_bytes a multiple of 64): the bandwidth probe, with
+// the widest loads of the ISA so that it measures the memory, not the loop.
+using ReadXor = uint64_t (*)(const uint8_t* data, size_t n_bytes);
+
 struct KernelTable {
   const char* name;  // "generic", "avx2", "avx512"
   int mr;            // tokens per gemm tile
@@ -66,6 +76,8 @@ struct KernelTable {
   GemmTileBF16 gemm_tile_bf16;
   DotF32 dot_f32;
   AxpyF32 axpy_f32;
+  ReadXor read_xor;
+  AttnQK attn_qk;
   AttnPV attn_pv;
   SoftmaxF32 softmax;
   SiluMulF32 silu_mul;

@@ -245,63 +245,74 @@ void silu_mul(const float* gate_up, float* out, int M, int I) {
   }
 }
 
+// Queries per attention work item: the rows of kAttnQueries consecutive tokens x the query heads
+// of one kv head share every transposed key block and every V row read.
+constexpr int kAttnQueries = 4;
+
 void attention(const AttentionArgs& a) {
   const KernelTable& kt = kernels();
   const int group = a.n_heads / a.n_kv_heads;  // query heads sharing one kv head
   const int d = a.head_dim, S = a.n_keys;
-  const long long n_items = static_cast<long long>(a.batch) * a.n_kv_heads * a.n_queries;
+  const int n_tblocks = (a.n_queries + kAttnQueries - 1) / kAttnQueries;
+  const long long n_items = static_cast<long long>(a.batch) * a.n_kv_heads * n_tblocks;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int threads = get_num_threads();
-  const size_t per_thread = static_cast<size_t>(group) * S;
+  const int max_rows = kAttnQueries * group;
+  // Per thread: scores [rows, S], q rows [rows, d], outputs [rows, d].
+  const size_t per_thread = static_cast<size_t>(max_rows) * (S + 2 * d);
   std::vector<float> scratch(static_cast<size_t>(threads) * per_thread);  // see rotary_interleaved
-#pragma omp parallel num_threads(threads) if (n_items * S * d * group >= kParallelWork)
+#pragma omp parallel num_threads(threads) if (static_cast<long long>(a.batch) * a.n_queries * S * d * a.n_heads >= kParallelWork)
   {
-    float* scores = scratch.data() + static_cast<size_t>(thread_index()) * per_thread;  // [group, S]
+    float* scores = scratch.data() + static_cast<size_t>(thread_index()) * per_thread;
+    float* qbuf = scores + static_cast<size_t>(max_rows) * S;
+    float* obuf = qbuf + static_cast<size_t>(max_rows) * d;
 #pragma omp for schedule(static)
     for (long long item = 0; item < n_items; ++item) {
-      const int t = static_cast<int>(item % a.n_queries);
-      const int g = static_cast<int>((item / a.n_queries) % a.n_kv_heads);
-      const int b = static_cast<int>(item / (static_cast<long long>(a.n_queries) * a.n_kv_heads));
+      const int tb = static_cast<int>(item % n_tblocks);
+      const int g = static_cast<int>((item / n_tblocks) % a.n_kv_heads);
+      const int b = static_cast<int>(item / (static_cast<long long>(n_tblocks) * a.n_kv_heads));
+      const int t0 = tb * kAttnQueries, nt = std::min(kAttnQueries, a.n_queries - t0);
+      const int rows = nt * group;  // row r = (token t0 + r / group, head g * group + r % group)
       const size_t kv_off = (static_cast<size_t>(b) * a.n_kv_heads + g) * a.capacity * d;
       const float* kb = a.k + kv_off;  // [capacity, d]
       const float* vb = a.v + kv_off;
       const uint8_t* mask = a.key_mask ? a.key_mask + static_cast<size_t>(b) * S : nullptr;
-      const int64_t last = std::min<int64_t>(a.q_pos[t], S - 1);  // causal limit
-      // q and out of head h = g * group + j: [B, T, n_heads, d]
-      const size_t row0 = (static_cast<size_t>(b) * a.n_queries + t) * a.n_heads + g * group;
-      const float* q = a.q + row0 * d;
-      float* out = a.out + row0 * d;
-
-      // Scores [group, S] for the visible keys 0..last: gemm tiles, so each key row is read
-      // once for all `group` query heads; then the causal and padding masks.
-      const int n_vis = static_cast<int>(last) + 1;
-      for (int s0 = 0; s0 < n_vis; s0 += kt.nr)
-        for (int j0 = 0; j0 < group; j0 += kt.mr)
-          kt.gemm_tile_f32(q + static_cast<size_t>(j0) * d, d, kb + static_cast<size_t>(s0) * d, d,
-                           scores + static_cast<size_t>(j0) * S + s0, S, std::min(kt.mr, group - j0),
-                           std::min(kt.nr, n_vis - s0), d, false);
-      for (int j = 0; j < group; ++j) {
-        float* sj = scores + static_cast<size_t>(j) * S;
-        for (int s = 0; s < S; ++s)
-          sj[s] = s < n_vis && (mask == nullptr || mask[s] != 0) ? sj[s] * a.scale : neg_inf;
+      // q, out of (token t, head h): [B, T, n_heads, d]; the group's heads are consecutive.
+      auto head_row = [&](int t) { return ((static_cast<size_t>(b) * a.n_queries + t) * a.n_heads + g * group) * d; };
+      int n_vis = 0;  // keys 0 .. n_vis-1 are visible to at least one query of the block
+      for (int i = 0; i < nt; ++i) {
+        std::copy(a.q + head_row(t0 + i), a.q + head_row(t0 + i) + static_cast<size_t>(group) * d,
+                  qbuf + static_cast<size_t>(i) * group * d);
+        n_vis = std::max(n_vis, static_cast<int>(std::min<int64_t>(a.q_pos[t0 + i], S - 1)) + 1);
       }
-      // Softmax per head (a head with no visible key gets all-zero probabilities).
-      for (int j = 0; j < group; ++j) kt.softmax(scores + static_cast<size_t>(j) * S, S);
-      // out [group, d] = probs [group, n_vis] @ V [n_vis, d]
-      kt.attn_pv(scores, S, group, vb, n_vis, d, out);
+      // Scores [rows, n_vis] (each key row read once for all rows), then the causal and padding
+      // masks and the scale; softmax per row (a row with no visible key gets all zeros).
+      kt.attn_qk(qbuf, d, rows, kb, n_vis, d, scores, S);
+      for (int r = 0; r < rows; ++r) {
+        const int64_t last = a.q_pos[t0 + r / group];  // causal limit of this row's token
+        float* sr = scores + static_cast<size_t>(r) * S;
+        for (int s = 0; s < S; ++s)
+          sr[s] = s < n_vis && s <= last && (mask == nullptr || mask[s] != 0) ? sr[s] * a.scale : neg_inf;
+        kt.softmax(sr, S);
+      }
+      // out [rows, d] = probs [rows, n_vis] @ V [n_vis, d]
+      kt.attn_pv(scores, S, rows, vb, n_vis, d, obuf);
+      for (int i = 0; i < nt; ++i)
+        std::copy(obuf + static_cast<size_t>(i) * group * d, obuf + static_cast<size_t>(i + 1) * group * d,
+                  a.out + head_row(t0 + i));
       if (a.probs != nullptr)
-        for (int j = 0; j < group; ++j) {
-          const int h = g * group + j;
+        for (int r = 0; r < rows; ++r) {
+          const int t = t0 + r / group, h = g * group + r % group;
           float* dst = a.probs + ((static_cast<size_t>(b) * a.n_heads + h) * a.n_queries + t) * S;
-          std::copy(scores + static_cast<size_t>(j) * S, scores + static_cast<size_t>(j + 1) * S, dst);
+          std::copy(scores + static_cast<size_t>(r) * S, scores + static_cast<size_t>(r + 1) * S, dst);
         }
     }
   }
 }
 
 uint64_t stream_read(const uint8_t* data, size_t n_bytes) {
-  const size_t n_words = n_bytes / sizeof(uint64_t);
-  const uint64_t* words = reinterpret_cast<const uint64_t*>(data);
+  const KernelTable& kt = kernels();
+  const size_t n_lines = n_bytes / 64;
   uint64_t total = 0;
 #pragma omp parallel num_threads(get_num_threads()) reduction(^ : total)
   {
@@ -310,14 +321,10 @@ uint64_t stream_read(const uint8_t* data, size_t n_bytes) {
 #else
     const size_t t = 0, n = 1;
 #endif
-    const size_t begin = n_words * t / n, end = n_words * (t + 1) / n;  // one contiguous slice each
-    uint64_t a[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent chains: the loop is load-bound
-    size_t i = begin;
-    for (; i + 8 <= end; i += 8)
-      for (int j = 0; j < 8; ++j) a[j] ^= words[i + j];
-    for (; i < end; ++i) a[0] ^= words[i];
-    for (int j = 0; j < 8; ++j) total ^= a[j];
+    const size_t begin = n_lines * t / n, end = n_lines * (t + 1) / n;  // one contiguous slice each
+    total ^= kt.read_xor(data + begin * 64, (end - begin) * 64);
   }
+  for (size_t i = n_lines * 64; i < n_bytes; ++i) total ^= data[i];
   return total;
 }
 

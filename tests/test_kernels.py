@@ -513,6 +513,25 @@ def test_attention_thread_count_is_bitwise_irrelevant(isa):
     np.testing.assert_allclose(results[0][1], ref_probs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_bandwidth_probe_reads_every_byte(isa):
+    # The probe's checksum is the XOR of all 8-byte words (and of any tail bytes): a probe that
+    # skipped data would return another value.
+    from glm4rt import _C
+    rng = np.random.default_rng(3)
+    ops.set_isa(isa)
+    for n in (64 * 1001, 64 * 1001 + 5, 256 * 3 + 64):
+        buf = rng.integers(0, 256, size=n, dtype=np.uint8)
+        words = buf[: n // 64 * 64].view(np.uint64)
+        expected = int(np.bitwise_xor.reduce(words))
+        for b in buf[n // 64 * 64:]:
+            expected ^= int(b)
+        for threads in (1, 2):
+            with num_threads(threads):
+                assert _C.stream_read(buf) == expected, (n, threads)
+    assert ops.memory_read_bandwidth(size_mib=8, repeats=2) > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad arguments: ValueError naming the argument, never a crash
 # ---------------------------------------------------------------------------------------------

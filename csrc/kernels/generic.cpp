@@ -53,6 +53,22 @@ void axpy_f32(float alpha, const float* x, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+uint64_t read_xor(const uint8_t* data, size_t n_bytes) {
+  uint64_t a[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent chains: the loop is load-bound
+  for (size_t i = 0; i < n_bytes; i += 64)
+    for (int j = 0; j < 8; ++j) {
+      uint64_t w;
+      std::memcpy(&w, data + i + 8 * j, sizeof w);
+      a[j] ^= w;
+    }
+  return a[0] ^ a[1] ^ a[2] ^ a[3] ^ a[4] ^ a[5] ^ a[6] ^ a[7];
+}
+
+void attn_qk(const float* q, size_t ldq, int R, const float* k, int n, int d, float* s, size_t lds) {
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < n; ++j) s[r * lds + j] = dot<float>(q + r * ldq, k + static_cast<size_t>(j) * d, d);
+}
+
 void attn_pv(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out) {
   for (int j = 0; j < G; ++j) {
     float* o = out + static_cast<size_t>(j) * d;
@@ -132,7 +148,7 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 const KernelTable& generic_kernels() {
   static const KernelTable table = {
       "generic", 4, 4, generic::gemm_tile<float>, generic::gemm_tile<uint16_t>,
-      generic::dot_f32, generic::axpy_f32, generic::attn_pv, generic::softmax, generic::silu_mul, 4, generic::qgemm_tile<false>, generic::qgemm_tile<true>,
+      generic::dot_f32, generic::axpy_f32, generic::read_xor, generic::attn_qk, generic::attn_pv, generic::softmax, generic::silu_mul, 4, generic::qgemm_tile<false>, generic::qgemm_tile<true>,
       nullptr, nullptr, nullptr,
   };
   return table;

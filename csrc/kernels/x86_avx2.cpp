@@ -92,6 +92,81 @@ void axpy_f32(float alpha, const float* x, float* y, int n) {
   for (int p = n8; p < n; ++p) y[p] += alpha * x[p];
 }
 
+uint64_t read_xor(const uint8_t* data, size_t n_bytes) {
+  __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  size_t i = 0;
+  for (; i + 128 <= n_bytes; i += 128)
+    for (int j = 0; j < 4; ++j)
+      a[j] = _mm256_xor_si256(a[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i + 32 * j)));
+  for (; i < n_bytes; i += 32)
+    a[0] = _mm256_xor_si256(a[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i)));
+  const __m256i v = _mm256_xor_si256(_mm256_xor_si256(a[0], a[1]), _mm256_xor_si256(a[2], a[3]));
+  return static_cast<uint64_t>(_mm256_extract_epi64(v, 0) ^ _mm256_extract_epi64(v, 1) ^
+                               _mm256_extract_epi64(v, 2) ^ _mm256_extract_epi64(v, 3));
+}
+
+// 8 x 8 transpose: in r[i] = row i, out r[c] = column c.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 8; g += 4) {
+    u[g] = _mm256_shuffle_ps(t[g], t[g + 2], 0x44);
+    u[g + 1] = _mm256_shuffle_ps(t[g], t[g + 2], 0xEE);
+    u[g + 2] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+    u[g + 3] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+    r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+  }
+}
+
+// Scores for blocks of 8 keys: the block is transposed once into kt [d, 8], then 8 query rows at
+// a time accumulate q[r, c] * kt[c] in 8 ymm.
+void attn_qk(const float* q, size_t ldq, int R, const float* k, int n, int d, float* s, size_t lds) {
+  alignas(32) float kt[256 * 8];
+  for (int s0 = 0; s0 < n; s0 += 8) {
+    const int nk = n - s0 < 8 ? n - s0 : 8;
+    for (int c0 = 0; c0 < d; c0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        if (i < nk && c0 + 8 <= d) {
+          r[i] = _mm256_loadu_ps(k + static_cast<size_t>(s0 + i) * d + c0);
+        } else {
+          alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          for (int c = c0; i < nk && c < d && c < c0 + 8; ++c) tmp[c - c0] = k[static_cast<size_t>(s0 + i) * d + c];
+          r[i] = _mm256_load_ps(tmp);
+        }
+      }
+      transpose8(r);
+      for (int c = 0; c < 8 && c0 + c < d; ++c) _mm256_store_ps(kt + (c0 + c) * 8, r[c]);
+    }
+    for (int r0 = 0; r0 < R; r0 += 8) {
+      const int nr = R - r0 < 8 ? R - r0 : 8;
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int c = 0; c < d; ++c) {
+        const __m256 kc = _mm256_load_ps(kt + c * 8);
+        for (int i = 0; i < 8; ++i)
+          if (i < nr) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + (r0 + i) * ldq + c), kc, acc[i]);
+      }
+      for (int i = 0; i < nr; ++i) {
+        float* out = s + (r0 + i) * lds + s0;
+        if (nk == 8) {
+          _mm256_storeu_ps(out, acc[i]);
+        } else {
+          alignas(32) float tmp[8];
+          _mm256_store_ps(tmp, acc[i]);
+          for (int j = 0; j < nk; ++j) out[j] = tmp[j];
+        }
+      }
+    }
+  }
+}
+
 // out[G, d] = P[G, S] @ V[S, d]: blocks of 64 keys, up to 64 output columns in 8 ymm accumulators.
 void attn_pv(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out) {
   constexpr int kKeys = 64;
@@ -265,7 +340,7 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 const KernelTable& avx2_kernels() {
   static const KernelTable table = {
       "avx2", 3, 4, avx2::gemm_tile<float>, avx2::gemm_tile<uint16_t>,
-      avx2::dot_f32, avx2::axpy_f32, avx2::attn_pv, avx2::softmax, avx2::silu_mul, 2, avx2::qgemm_tile<false>, avx2::qgemm_tile<true>,
+      avx2::dot_f32, avx2::axpy_f32, avx2::read_xor, avx2::attn_qk, avx2::attn_pv, avx2::softmax, avx2::silu_mul, 2, avx2::qgemm_tile<false>, avx2::qgemm_tile<true>,
       nullptr, nullptr, nullptr,
   };
   return table;

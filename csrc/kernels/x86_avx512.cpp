@@ -4,10 +4,13 @@
 #include <immintrin.h>
 
 #include "../kernels.h"
+#include "x86_avx512_transpose.h"
 
 namespace glm4rt {
 namespace avx512 {
 namespace {
+
+inline __mmask16 tail_mask(int left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 inline __m512 load_f32(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 
@@ -80,6 +83,48 @@ void axpy_f32(float alpha, const float* x, float* y, int n) {
   }
 }
 
+uint64_t read_xor(const uint8_t* data, size_t n_bytes) {
+  __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+  size_t i = 0;
+  for (; i + 256 <= n_bytes; i += 256)
+    for (int j = 0; j < 4; ++j) a[j] = _mm512_xor_si512(a[j], _mm512_loadu_si512(data + i + 64 * j));
+  for (; i < n_bytes; i += 64) a[0] = _mm512_xor_si512(a[0], _mm512_loadu_si512(data + i));
+  const __m512i v = _mm512_xor_si512(_mm512_xor_si512(a[0], a[1]), _mm512_xor_si512(a[2], a[3]));
+  alignas(64) uint64_t w[8];
+  _mm512_store_si512(w, v);
+  return w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5] ^ w[6] ^ w[7];
+}
+
+// Scores for blocks of 16 keys: the block is transposed once into kt [d, 16], then 8 query rows
+// at a time accumulate q[r, c] * kt[c] in 8 zmm (the broadcast folded into the FMA).
+void attn_qk(const float* q, size_t ldq, int R, const float* k, int n, int d, float* s, size_t lds) {
+  alignas(64) float kt[256 * 16];
+  for (int s0 = 0; s0 < n; s0 += 16) {
+    const int nk = n - s0 < 16 ? n - s0 : 16;
+    for (int c0 = 0; c0 < d; c0 += 16) {
+      const __mmask16 cm = tail_mask(d - c0);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nk ? _mm512_castps_si512(_mm512_maskz_loadu_ps(cm, k + static_cast<size_t>(s0 + i) * d + c0))
+                      : _mm512_setzero_si512();
+      transpose16(r);
+      for (int c = 0; c < 16 && c0 + c < d; ++c) _mm512_store_si512(kt + (c0 + c) * 16, r[c]);
+    }
+    const __mmask16 km = tail_mask(nk);
+    for (int r0 = 0; r0 < R; r0 += 8) {
+      const int nr = R - r0 < 8 ? R - r0 : 8;
+      __m512 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+      for (int c = 0; c < d; ++c) {
+        const __m512 kc = _mm512_load_ps(kt + c * 16);
+        for (int i = 0; i < 8; ++i)
+          if (i < nr) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[(r0 + i) * ldq + c]), kc, acc[i]);
+      }
+      for (int i = 0; i < nr; ++i) _mm512_mask_storeu_ps(s + (r0 + i) * lds + s0, km, acc[i]);
+    }
+  }
+}
+
 // out[G, d] = P[G, S] @ V[S, d]: for each block of 64 keys (V rows stay in L1) and each head,
 // up to 128 output columns live in 8 zmm accumulators.
 void attn_pv(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out) {
@@ -130,7 +175,6 @@ inline __m512 exp16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-inline __mmask16 tail_mask(int left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 void softmax(float* x, int n) {
   const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
@@ -291,7 +335,7 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 const KernelTable& avx512_kernels() {
   static const KernelTable table = {
       "avx512", 4, 4, avx512::gemm_tile<float>, avx512::gemm_tile<uint16_t>,
-      avx512::dot_f32, avx512::axpy_f32, avx512::attn_pv, avx512::softmax, avx512::silu_mul, 8, avx512::qgemm_tile<false>, avx512::qgemm_tile<true>,
+      avx512::dot_f32, avx512::axpy_f32, avx512::read_xor, avx512::attn_qk, avx512::attn_pv, avx512::softmax, avx512::silu_mul, 8, avx512::qgemm_tile<false>, avx512::qgemm_tile<true>,
       nullptr, nullptr, nullptr,
   };
   return table;
