@@ -2,7 +2,7 @@
 """glm4rt speed benchmark against llama.cpp (llama-cpp-python) and transformers, on random weights
 at the GLM-4-9B-0414 geometry with a configurable layer count.
 
-    python benchmarks/bench.py                      # 8 layers, threads 1,2, 5 reps, all formats/peers
+    python benchmarks/bench.py                      # 8 layers, threads 1,2, 2 rounds x 3 reps, all formats/peers
     python benchmarks/bench.py --layers 40          # the full 9B model (needs ~19 GB disk per format)
     python benchmarks/bench.py --quick              # 1 layer, 2 reps, no depth-4096: a functional check
 
@@ -12,7 +12,8 @@ What it does:
   2. measures the memory read bandwidth at each thread count (glm4rt.ops.memory_read_bandwidth);
   3. runs every engine x format in its own subprocess (workers.py), so each peak RSS is clean:
      load time, prefill tok/s for 128- and 512-token prompts, decode tok/s over 64 greedy tokens at
-     context depth 0 and 4096, at each thread count, medians over --reps;
+     context depth 0 and 4096, at each thread count; the whole plan runs --rounds times (every
+     other round reversed, as this machine's memory bandwidth drifts), medians over all repetitions;
   4. prints the tables and writes benchmarks/results.md and results.json (--quick: results-quick.*).
 
 Format names: bf16 (glm4rt bf16 / llama.cpp BF16 / transformers bf16), int8 (glm4rt int8 /
@@ -27,6 +28,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,6 +153,41 @@ def combine_bandwidth(before: dict, after: dict) -> dict:
     return out
 
 
+def merge_rounds(runs: list[dict], steps: int) -> dict:
+    """One run from the same engine/format's runs of several rounds: every repetition's time kept,
+    tok/s recomputed as the median over all of them; load time the median, peak RSS the highest."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    out["rounds"] = len(ok)
+    out["load_s"] = statistics.median([r["load_s"] for r in ok])
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ok)
+    threads = {}
+    for t, r0 in ok[0]["threads"].items():
+        r = dict(r0)
+        r["prefill_s"] = {n: [x for run in ok for x in run["threads"][t]["prefill_s"][n]] for n in r0["prefill_s"]}
+        r["prefill_tok_s"] = {n: int(n) / statistics.median(v) for n, v in r["prefill_s"].items()}
+        r["decode_s"] = {d: [x for run in ok for x in run["threads"][t]["decode_s"][d]] for d in r0["decode_s"]}
+        r["decode_tok_s"] = {d: steps / statistics.median(v) for d, v in r["decode_s"].items()}
+        r["decode_reps_identical"] = {
+            d: all(run["threads"][t]["decode_reps_identical"][d] for run in ok)
+            and all(run["threads"][t]["decode_tokens"][d] == r0["decode_tokens"][d] for run in ok)
+            for d in r0["decode_s"]}
+        threads[t] = r
+    out["threads"] = threads
+    return out
+
+
+def combine_bandwidth_rounds(readings: list[dict]) -> dict:
+    """Probe readings taken around every round; the limit uses the highest (as combine_bandwidth)."""
+    out = combine_bandwidth(readings[0], readings[-1])
+    out["all"] = readings
+    for t in out["gb_s"]:
+        out["gb_s"][t] = max(x["gb_s"][t] for x in readings if t in x.get("gb_s", {}))
+    return out
+
+
 # ---- report --------------------------------------------------------------------------------------
 
 def fmt_num(x, digits=1, suffix=""):
@@ -219,7 +256,10 @@ def render_markdown(results: dict) -> str:
                f"(hidden {g['hidden_size']}, intermediate {g['intermediate_size']}, {g['num_attention_heads']} heads / "
                f"{g['num_key_value_heads']} KV heads x {g['head_dim']}, vocab {g['vocab_size']}, untied lm_head), "
                f"bf16 safetensors `{os.path.relpath(s['checkpoint'], ROOT)}`")
-    out.append(f"- Protocol: medians of {s['reps']} repetitions; prefill = one forward over a fresh cache "
+    rounds = s.get("rounds", 1)
+    out.append(f"- Protocol: {rounds} round{'s' if rounds > 1 else ''} of the whole plan"
+               f"{' (every other round in reverse order, so that each engine is measured before and after the others)' if rounds > 1 else ''}, "
+               f"{s['reps']} repetitions per round, medians over all {rounds * s['reps']}; prefill = one forward over a fresh cache "
                f"returning the last position's logits; decode = {s['decode_steps']} greedy single-token steps "
                f"(argmax fed back){f', at depth 0 and after a {depth}-token prefill' if depth else ' at depth 0'}. "
                "Each engine x format runs in its own process (peak RSS = that process's VmHWM, "
@@ -227,11 +267,13 @@ def render_markdown(results: dict) -> str:
                "forward after it (a 32-token prefill, where memory-mapped weights are paged in).")
     bw = results.get("bandwidth", {}).get("gb_s", {})
     if bw:
+        probes = results["bandwidth"].get("all") or [results["bandwidth"][k] for k in ("before", "after")]
+
         def readings(t):
-            vals = [results["bandwidth"][k].get("gb_s", {}).get(t) for k in ("before", "after")]
+            vals = [x.get("gb_s", {}).get(t) for x in probes]
             return "/".join(f"{v:.1f}" if v else "n/a" for v in vals)
-        out.append("- Memory read bandwidth (glm4rt.ops.memory_read_bandwidth, before/after the runs; the "
-                   "higher is the ceiling used below): "
+        out.append("- Memory read bandwidth (glm4rt.ops.memory_read_bandwidth, before the runs and after each "
+                   "round; the highest is the ceiling used below): "
                    + ", ".join(f"{t} thread{'s' if t != '1' else ''}: {readings(t)} GB/s" for t in bw))
     out.append("")
 
@@ -419,7 +461,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; 40 = full 9B; --quick: 1)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
-    p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 5; --quick: 2)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per measurement and round (default 3; --quick: 2)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="times the whole plan runs, every other round in reverse order, medians over the "
+                        "repetitions of all rounds: engines compared in the same stretch of time on a "
+                        "machine whose memory bandwidth drifts (default 2; --quick: 1)")
     p.add_argument("--formats", default="bf16,int8,int4",
                    help="glm4rt formats and the matching llama.cpp GGUF types: bf16 (BF16), int8 (Q8_0), "
                         "int4 (Q4_0), fp32 (glm4rt only) (default bf16,int8,int4)")
@@ -440,7 +486,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer size of the bandwidth probe")
     a = p.parse_args(argv)
     a.layers = a.layers if a.layers is not None else (1 if a.quick else 8)
-    a.reps = a.reps if a.reps is not None else (2 if a.quick else 5)
+    a.reps = a.reps if a.reps is not None else (2 if a.quick else 3)
+    a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 2)
     a.depth = a.depth if a.depth is not None else (0 if a.quick else 4096)
     a.out = a.out or ("results-quick" if a.quick else "results")
     a.threads = [int(t) for t in a.threads.split(",") if t]
@@ -487,6 +534,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command, "machine": machine,
         "settings": {"geometry": g.__dict__, "checkpoint": ckpt, "threads": args.threads, "reps": args.reps,
+                     "rounds": args.rounds,
                      "formats": args.formats, "peers": args.peers, "tf_formats": args.tf_formats,
                      "prompt_lengths": args.prompt_lengths, "depth": args.depth,
                      "decode_steps": args.decode_steps, "quick": args.quick, "seed": args.seed,
@@ -497,39 +545,39 @@ def main(argv=None) -> int:
 
     say("\n== memory read bandwidth (before the runs)")
     bw_spec = {"task": "bandwidth", "threads": args.threads, "size_mib": args.bandwidth_mib}
-    bw_before = run_child(bw_spec, args.child_timeout)
+    bw_readings = [run_child(bw_spec, args.child_timeout)]
 
     plan = [("glm4rt", f, f) for f in args.formats]
     if "llama" in args.peers:
         plan += [("llama", f, LLAMA_TYPES[f]) for f in args.formats if f in LLAMA_TYPES]
     if "transformers" in args.peers:
         plan += [("transformers", f, f) for f in args.tf_formats]
-    for engine, fmt, label in plan:
-        say(f"\n== {ENGINE_LABEL[engine]} {label}")
-        spec = dict(base, engine=engine, format=fmt)
-        run = {"engine": engine, "format": fmt, "label": label}
-        need, avail = estimate_rss_bytes(engine, fmt, g), meminfo().get("MemAvailable", 0)
-        if avail and need > avail:
-            run.update(status="n/a", reason=f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
-            say(f"    skipped: {run['reason']}")
-            results["runs"].append(run)
-            continue
-        if engine == "llama":
-            if fmt not in ggufs:
-                run.update(status="n/a", reason="no GGUF (gguf package missing)")
-                results["runs"].append(run)
+    by_key: dict = {}  # (engine, format) -> its run of every round
+    for rnd in range(args.rounds):
+        for engine, fmt, label in (plan if rnd % 2 == 0 else plan[::-1]):
+            say(f"\n== {ENGINE_LABEL[engine]} {label}" + (f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""))
+            spec = dict(base, engine=engine, format=fmt)
+            run = {"engine": engine, "format": fmt, "label": label}
+            by_key.setdefault((engine, fmt), []).append(run)
+            need, avail = estimate_rss_bytes(engine, fmt, g), meminfo().get("MemAvailable", 0)
+            if avail and need > avail:
+                run.update(status="n/a", reason=f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
+                say(f"    skipped: {run['reason']}")
                 continue
-            spec.update(gguf=ggufs[fmt], n_ctx=n_ctx, flash_attn=args.llama_flash_attn == "on")
-        if engine == "glm4rt" and fmt in ("int8", "int4"):
-            spec["saved_dir"] = os.path.join(synth.CACHE, f"saved-{g.tag()}-{fmt}.tmp")
-        run.update(run_child(spec, args.child_timeout))
-        results["runs"].append(run)
-        if run.get("status") != "ok":
-            say(f"    {run.get('status')}: {run.get('reason')}")
-
-    say("\n== memory read bandwidth (after the runs)")
-    bw_after = run_child(bw_spec, args.child_timeout)
-    results["bandwidth"] = combine_bandwidth(bw_before, bw_after)
+            if engine == "llama":
+                if fmt not in ggufs:
+                    run.update(status="n/a", reason="no GGUF (gguf package missing)")
+                    continue
+                spec.update(gguf=ggufs[fmt], n_ctx=n_ctx, flash_attn=args.llama_flash_attn == "on")
+            if engine == "glm4rt" and fmt in ("int8", "int4") and rnd == 0:  # the save/reload check once
+                spec["saved_dir"] = os.path.join(synth.CACHE, f"saved-{g.tag()}-{fmt}.tmp")
+            run.update(run_child(spec, args.child_timeout))
+            if run.get("status") != "ok":
+                say(f"    {run.get('status')}: {run.get('reason')}")
+        say("\n== memory read bandwidth" + (f" (after round {rnd + 1})" if args.rounds > 1 else " (after the runs)"))
+        bw_readings.append(run_child(bw_spec, args.child_timeout))
+    results["runs"] = [merge_rounds(by_key[(e, f)], args.decode_steps) for e, f, _ in plan]
+    results["bandwidth"] = combine_bandwidth_rounds(bw_readings)
 
     print_summary(results)
     md = render_markdown(results)
