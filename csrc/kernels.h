@@ -48,6 +48,9 @@ using Bf16Panel = void (*)(const uint32_t* xp, const uint32_t* wp, int npairs, f
                            int m, int n, bool accumulate);
 // Packs wp [npairs, 32] from 32 full rows of bf16 weights (row stride ldw), k = 0 .. 2 npairs.
 using Bf16Pack = void (*)(const uint16_t* w, size_t ldw, int npairs, uint32_t* wp);
+// Packs xp [(K + 1) / 2, 12] from m <= 12 fp32 rows x [m, K] (row stride ldx), rounded to bf16
+// (nearest even); rows m .. 11 and the pad of an odd K are zeros.
+using Bf16PackX = void (*)(const float* x, size_t ldx, int m, int K, uint32_t* xp);
 
 // Attention scores: S[r, s] = sum_c q[r, c] * k[s, c] for R query rows (ldq apart) and n keys
 // (rows of k, d apart; d <= 256); S rows lds apart, overwritten. The SIMD versions transpose each
@@ -87,6 +90,7 @@ struct KernelTable {
   GemmTileBF16x gemm_tile_bf16x;  // null without AVX512-BF16
   Bf16Panel bf16_panel;           // null without AVX512-BF16
   Bf16Pack bf16_pack;             // with bf16_panel
+  Bf16PackX bf16_pack_x;          // with bf16_panel
 };
 
 // One function per ISA file; each returns its static table.

@@ -93,19 +93,8 @@ void matmul_bf16_panels(const KernelTable& kt, const float* x, int M, int K, con
   {
 #pragma omp for schedule(static)
     for (int c = 0; c < n_chunks; ++c)
-      for (int i = 0; i < T; ++i) {
-        const int t = c * T + i;
-        uint32_t* dst = xp.data() + static_cast<size_t>(c) * P * T + i;
-        if (t >= M) {
-          for (int p = 0; p < P; ++p) dst[static_cast<size_t>(p) * T] = 0;
-          continue;
-        }
-        const float* xr = x + static_cast<size_t>(t) * K;
-        for (int p = 0; p < P; ++p) {
-          const uint32_t hi = 2 * p + 1 < K ? to_bf16(xr[2 * p + 1]) : 0u;
-          dst[static_cast<size_t>(p) * T] = to_bf16(xr[2 * p]) | hi << 16;
-        }
-      }
+      kt.bf16_pack_x(x + static_cast<size_t>(c) * T * K, K, std::min(T, M - c * T), K,
+                     xp.data() + static_cast<size_t>(c) * P * T);
     uint32_t* buf = wbuf.data() + static_cast<size_t>(thread_index()) * kPanelPairs * R;
 #pragma omp for schedule(static)
     for (int panel = 0; panel < n_panels; ++panel) {

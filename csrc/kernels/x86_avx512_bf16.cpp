@@ -170,6 +170,31 @@ void bf16_pack(const uint16_t* w, size_t ldw, int npairs, uint32_t* wp) {
   }
 }
 
+// Per block of 32 k: each token's 32 values become 16 bf16 pairs in one zmm (vcvtne2ps2bf16,
+// round to nearest even), and a 16 x 16 transpose turns token rows into pair rows.
+void bf16_pack_x(const float* x, size_t ldx, int m, int K, uint32_t* xp) {
+  const int P = (K + 1) / 2;
+  for (int k0 = 0; k0 < K; k0 += 32) {
+    const int nk = K - k0 < 32 ? K - k0 : 32;
+    const __mmask16 lo = nk >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1u);
+    const __mmask16 hi = nk >= 32 ? (__mmask16)0xFFFF : nk > 16 ? (__mmask16)((1u << (nk - 16)) - 1u) : (__mmask16)0;
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+      if (i < m) {
+        const float* xi = x + i * ldx + k0;
+        const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, xi + 16), _mm512_maskz_loadu_ps(lo, xi));
+        r[i] = reinterpret_cast<const __m512i&>(v);
+      } else {
+        r[i] = _mm512_setzero_si512();
+      }
+    }
+    transpose16(r);  // r[c] = pair k0 / 2 + c of tokens 0..15
+    const int np = (nk + 1) / 2;
+    for (int c = 0; c < np && k0 / 2 + c < P; ++c)
+      _mm512_mask_storeu_epi32(xp + static_cast<size_t>(k0 / 2 + c) * kBf16PanelTokens, (__mmask16)0x0FFF, r[c]);
+  }
+}
+
 }  // namespace
 }  // namespace avx512_bf16
 
@@ -180,6 +205,7 @@ const KernelTable& avx512_bf16_kernels() {
     t.gemm_tile_bf16x = avx512_bf16::gemm_tile_bf16x;
     t.bf16_panel = avx512_bf16::bf16_panel;
     t.bf16_pack = avx512_bf16::bf16_pack;
+    t.bf16_pack_x = avx512_bf16::bf16_pack_x;
     return t;
   }();
   return table;
