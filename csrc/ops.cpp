@@ -30,6 +30,17 @@ inline int thread_index() {
 #endif
 }
 
+// Scratch of the calling thread, kept between calls (it grows, never shrinks): a multi-MB buffer
+// allocated afresh on every call is fresh pages, and page faults, every time. Sized before any
+// parallel region (an exception must not escape one). Each calling thread has its own, so
+// concurrent calls from several Python threads do not share it.
+template <typename T, int kSlot>
+T* reused_scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 template <typename X, typename W, typename Tile>
 void matmul_impl(const X* x, int M, int K, const W* w, int N, const float* bias, float* y,
                  Tile tile, int mr, int nr, int block_k) {
@@ -87,15 +98,15 @@ void matmul_bf16_panels(const KernelTable& kt, const float* x, int M, int K, con
   const int P = (K + 1) / 2, n_chunks = (M + T - 1) / T, n_panels = (N + R - 1) / R;
   const int threads = get_num_threads();
   // Scratch allocated outside the parallel regions (see rotary_interleaved).
-  std::vector<uint32_t> xp(static_cast<size_t>(n_chunks) * P * T);  // [chunk, pair, token]
-  std::vector<uint32_t> wbuf(static_cast<size_t>(threads) * kPanelPairs * R);
+  uint32_t* xp = reused_scratch<uint32_t, 0>(static_cast<size_t>(n_chunks) * P * T);  // [chunk, pair, token]
+  uint32_t* wbuf = reused_scratch<uint32_t, 1>(static_cast<size_t>(threads) * kPanelPairs * R);
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
     for (int c = 0; c < n_chunks; ++c)
       kt.bf16_pack_x(x + static_cast<size_t>(c) * T * K, K, std::min(T, M - c * T), K,
-                     xp.data() + static_cast<size_t>(c) * P * T);
-    uint32_t* buf = wbuf.data() + static_cast<size_t>(thread_index()) * kPanelPairs * R;
+                     xp + static_cast<size_t>(c) * P * T);
+    uint32_t* buf = wbuf + static_cast<size_t>(thread_index()) * kPanelPairs * R;
 #pragma omp for schedule(static)
     for (int panel = 0; panel < n_panels; ++panel) {
       const int n0 = panel * R, nn = std::min(R, N - n0);
@@ -111,7 +122,7 @@ void matmul_bf16_panels(const KernelTable& kt, const float* x, int M, int K, con
           }
         }
         for (int c = 0; c < n_chunks; ++c)
-          kt.bf16_panel(xp.data() + (static_cast<size_t>(c) * P + p0) * T, buf, np,
+          kt.bf16_panel(xp + (static_cast<size_t>(c) * P + p0) * T, buf, np,
                         y + static_cast<size_t>(c) * T * N + n0, N, std::min(T, M - c * T), nn, p0 > 0);
       }
       if (bias != nullptr)
@@ -249,10 +260,10 @@ void attention(const AttentionArgs& a) {
   const int max_rows = kAttnQueries * group;
   // Per thread: scores [rows, S], q rows [rows, d], outputs [rows, d].
   const size_t per_thread = static_cast<size_t>(max_rows) * (S + 2 * d);
-  std::vector<float> scratch(static_cast<size_t>(threads) * per_thread);  // see rotary_interleaved
+  float* scratch = reused_scratch<float, 0>(static_cast<size_t>(threads) * per_thread);
 #pragma omp parallel num_threads(threads) if (static_cast<long long>(a.batch) * a.n_queries * S * d * a.n_heads >= kParallelWork)
   {
-    float* scores = scratch.data() + static_cast<size_t>(thread_index()) * per_thread;
+    float* scores = scratch + static_cast<size_t>(thread_index()) * per_thread;
     float* qbuf = scores + static_cast<size_t>(max_rows) * S;
     float* obuf = qbuf + static_cast<size_t>(max_rows) * d;
 #pragma omp for schedule(static)
