@@ -164,8 +164,9 @@ def main(argv=None) -> int:
               "Notes:",
               "- KL is KL(P_ref || P_candidate) per position, in nats; top-1 = share of positions whose argmax matches.",
               "- Weights GB/token excludes the embedding table (as in bench.py); llama.cpp's from the GGUF tensor sizes.",
-              "- llama.cpp rows: `Llama(logits_all=True, flash_attn=True)`, f16 KV cache; its BF16 row also rounds "
-              "activations to bf16 inside the matmuls, and Q8_0/Q4_0 quantize activations to 8 bits. GGUF tensors are "
+              "- glm4rt bf16 and llama.cpp BF16 both round the activations to bf16 inside the matmuls (bf16 x bf16 "
+              "products, fp32 sums); glm4rt int8/int4 and llama.cpp Q8_0/Q4_0 quantize them to 8 bits per block of 32.",
+              "- llama.cpp rows: `Llama(logits_all=True, flash_attn=True)`, f16 KV cache. GGUF tensors are "
               "'pure' (token_embd and output in the named type as well).",
               "- With random weights the two best logits are close (gap above), so top-1 agreement understates what a "
               "trained model with peaked distributions would show; rel. RMS error and KL are the steadier figures.",
