@@ -1,5 +1,5 @@
 // AVX512-BF16 kernels: bf16 activations x bf16 weights with vdpbf16ps (32 products per
-// instruction, fp32 sums). The table is the avx512 one with these two entries added; called only
+// instruction, fp32 sums). The table is the avx512 one with the bf16 entries filled in; called only
 // when CPUID reports AVX512_BF16 next to the avx512 level's features (Zen 4, Cooper Lake,
 // Sapphire Rapids and later).
 #include <immintrin.h>
@@ -17,9 +17,6 @@ inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
 
 // ---- dot form: a tile of M tokens x N rows, each sum along the whole row ---------------------
 
-#ifndef PF
-#define PF 2048
-#endif
 template <int M, int N>
 void dtile(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw, float* c, size_t ldc,
            int k, bool accumulate) {
@@ -90,12 +87,8 @@ void gemv(const uint16_t* x, const uint16_t* w, size_t ldw, float* c, int n, int
 
 void gemm_tile_bf16x(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw, float* c,
                      size_t ldc, int m, int n, int k, bool acc) {
-  if (m == 1) {
-    gemv(x, w, ldw, c, n, k, acc);
-    return;
-  }
   switch (m) {
-    case 1: dtile_m<1>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
+    case 1: gemv(x, w, ldw, c, n, k, acc); break;
     case 2: dtile_m<2>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
     case 3: dtile_m<3>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
     default: dtile_m<4>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
