@@ -33,7 +33,8 @@ inline int thread_index() {
 // Scratch of the calling thread, kept between calls (it grows, never shrinks): a multi-MB buffer
 // allocated afresh on every call is fresh pages, and page faults, every time. Sized before any
 // parallel region (an exception must not escape one). Each calling thread has its own, so
-// concurrent calls from several Python threads do not share it.
+// concurrent calls from several Python threads do not share it. kSlot tells apart the buffers of
+// one type that a call holds at the same time; calls never nest, so they may share a slot.
 template <typename T, int kSlot>
 T* reused_scratch(size_t n) {
   thread_local std::vector<T> buf;
@@ -149,13 +150,15 @@ void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const f
   if (kt.bf16_panel != nullptr && M >= kPanelMinTokens) {
     matmul_bf16_panels(kt, x, M, K, w, N, bias, y);
   } else if (kt.gemm_tile_bf16x != nullptr) {
-    std::vector<uint16_t> xb(static_cast<size_t>(M) * K);
-    for (size_t i = 0; i < xb.size(); ++i) xb[i] = to_bf16(x[i]);
-    matmul_impl(xb.data(), M, K, w, N, bias, y, kt.gemm_tile_bf16x, kt.mr, kt.nr, K);
+    const size_t n = static_cast<size_t>(M) * K;
+    uint16_t* xb = reused_scratch<uint16_t, 0>(n);
+    for (size_t i = 0; i < n; ++i) xb[i] = to_bf16(x[i]);
+    matmul_impl(xb, M, K, w, N, bias, y, kt.gemm_tile_bf16x, kt.mr, kt.nr, K);
   } else {  // the same products: x rounded to bf16, widened back to fp32 (exact)
-    std::vector<float> xr(static_cast<size_t>(M) * K);
-    for (size_t i = 0; i < xr.size(); ++i) xr[i] = bf16_value(x[i]);
-    matmul_impl(xr.data(), M, K, w, N, bias, y, kt.gemm_tile_bf16, kt.mr, kt.nr, kBlockK);
+    const size_t n = static_cast<size_t>(M) * K;
+    float* xr = reused_scratch<float, 0>(n);
+    for (size_t i = 0; i < n; ++i) xr[i] = bf16_value(x[i]);
+    matmul_impl(xr, M, K, w, N, bias, y, kt.gemm_tile_bf16, kt.mr, kt.nr, kBlockK);
   }
 }
 
@@ -163,10 +166,10 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
              const float* bias, float* y) {
   const KernelTable& kt = kernels();
   const int nb = q_blocks(K), Kp = nb * kQBlock, n_groups = q_groups(N);
-  std::vector<int8_t> xq(static_cast<size_t>(M) * Kp);  // [M, Kp]
-  std::vector<float> xs(static_cast<size_t>(M) * nb);     // [M, nb]
-  std::vector<int32_t> xsum(static_cast<size_t>(M) * nb); // [M, nb]
-  quantize_acts(x, M, K, xq.data(), xs.data(), xsum.data());
+  int8_t* xq = reused_scratch<int8_t, 0>(static_cast<size_t>(M) * Kp);    // [M, Kp]
+  float* xs = reused_scratch<float, 0>(static_cast<size_t>(M) * nb);       // [M, nb]
+  int32_t* xsum = reused_scratch<int32_t, 0>(static_cast<size_t>(M) * nb); // [M, nb]
+  quantize_acts(x, M, K, xq, xs, xsum);  // writes every element, the padding of K too
   const QGemmTile tile = f == QFormat::Int8 ? kt.qgemm_int8 : kt.qgemm_int4;
   const size_t group_bytes = static_cast<size_t>(nb) * q_block_bytes(f);
   const int mt = kt.qmt;
@@ -184,8 +187,8 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
       float* yg = y + static_cast<size_t>(m0) * N + static_cast<size_t>(g) * kQGroupRows;
       for (int i = 0; i < mb; i += mt)
         tile(packed + g * group_bytes, group_bytes, std::min(groups_per_tile, n_groups - g), nb,
-             xq.data() + static_cast<size_t>(m0 + i) * Kp, xs.data() + static_cast<size_t>(m0 + i) * nb,
-             xsum.data() + static_cast<size_t>(m0 + i) * nb, Kp, nb, std::min(mt, mb - i),
+             xq + static_cast<size_t>(m0 + i) * Kp, xs + static_cast<size_t>(m0 + i) * nb,
+             xsum + static_cast<size_t>(m0 + i) * nb, Kp, nb, std::min(mt, mb - i),
              yg + static_cast<size_t>(i) * N, N, rows);
       if (bias != nullptr)
         for (int i = 0; i < mb; ++i)
