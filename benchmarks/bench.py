@@ -2,18 +2,21 @@
 """glm4rt speed benchmark against llama.cpp (llama-cpp-python) and transformers, on random weights
 at the GLM-4-9B-0414 geometry with a configurable layer count.
 
-    python benchmarks/bench.py                      # 8 layers, threads 1,2, 2 rounds x 3 reps, all formats/peers
+    python benchmarks/bench.py                      # 8 layers, threads 1,2, 4 reps, all formats/peers
     python benchmarks/bench.py --layers 40          # the full 9B model (needs ~19 GB disk per format)
     python benchmarks/bench.py --quick              # 1 layer, 2 reps, no depth-4096: a functional check
 
 What it does:
   1. builds (once, cached in benchmarks/cache/) a bf16 sharded safetensors checkpoint with random
      weights (see synth.py for the scheme) and GGUF files of the same weights (BF16, Q8_0, Q4_0);
-  2. measures the memory read bandwidth at each thread count (glm4rt.ops.memory_read_bandwidth);
-  3. runs every engine x format in its own subprocess (workers.py), so each peak RSS is clean:
-     load time, prefill tok/s for 128- and 512-token prompts, decode tok/s over 64 greedy tokens at
-     context depth 0 and 4096, at each thread count; the whole plan runs --rounds times (every
-     other round reversed, as this machine's memory bandwidth drifts), medians over all repetitions;
+  2. per format, loads glm4rt and its peers each in its own process (workers.py --serve; each peak
+     RSS is that engine's alone) and keeps them all loaded;
+  3. measures, at each thread count: prefill tok/s for 128- and 512-token prompts, decode tok/s over
+     64 greedy tokens at context depth 0 and 4096; each repetition runs on every engine of the
+     format in turn (A B C, C B A, ...) right after a memory-bandwidth probe, so that the engines
+     compared meet the same machine state (this machine's bandwidth drifts by up to 2x within
+     minutes). Speeds are medians over the repetitions; ratios are medians of the per-repetition
+     ratios; decode's share of the bandwidth limit uses the probe read next to each repetition;
   4. prints the tables and writes benchmarks/results.md and results.json (--quick: results-quick.*).
 
 Format names: bf16 (glm4rt bf16 / llama.cpp BF16 / transformers bf16), int8 (glm4rt int8 /
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import platform
+import select
 import shlex
 import statistics
 import subprocess
@@ -142,50 +146,70 @@ def estimate_rss_bytes(engine: str, fmt: str, g: synth.Geometry) -> int:
     return int(n_params * per) + 2 * 2**30
 
 
-def combine_bandwidth(before: dict, after: dict) -> dict:
-    """The probe runs before and after the engines; the limit uses the higher reading (the
-    conservative ceiling), and both are kept to show drift from other load on the machine."""
-    out = {"before": before, "after": after, "gb_s": {}}
-    for t in set(before.get("gb_s", {})) | set(after.get("gb_s", {})):
-        vals = [x["gb_s"][t] for x in (before, after) if t in x.get("gb_s", {})]
-        out["gb_s"][t] = max(vals)
-    out["gb_s"] = dict(sorted(out["gb_s"].items(), key=lambda kv: int(kv[0])))
-    return out
+class Server:
+    """A workers.py --serve child: one engine x format, loaded once, answering timing commands."""
+
+    def __init__(self, spec: dict, timeout: float) -> None:
+        self.timeout = timeout
+        self.tmp = tempfile.TemporaryDirectory(prefix="glm4rt-bench-")
+        spec_path = os.path.join(self.tmp.name, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                   TRANSFORMERS_VERBOSITY="error")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "workers.py"), "--serve", spec_path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+    def _read(self) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            why = f"no answer in {self.timeout:.0f} s" if not ready else \
+                f"worker exited with code {self.proc.returncode} (killed? out of memory? a native abort?)"
+            return {"status": "error", "reason": why}
+        return json.loads(line)
+
+    def hello(self) -> dict:
+        """The load report (status, load_s, weight_bytes, ...)."""
+        return self._read()
+
+    def call(self, **cmd) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            return {"status": "error", "reason": "worker is gone"}
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (subprocess.TimeoutExpired, OSError):
+                self.proc.kill()
+                self.proc.wait()
+        self.tmp.cleanup()
 
 
-def merge_rounds(runs: list[dict], steps: int) -> dict:
-    """One run from the same engine/format's runs of several rounds: every repetition's time kept,
-    tok/s recomputed as the median over all of them; load time the median, peak RSS the highest."""
-    ok = [r for r in runs if r.get("status") == "ok"]
-    if not ok:
-        return runs[0]
-    out = dict(ok[0])
-    out["rounds"] = len(ok)
-    out["load_s"] = statistics.median([r["load_s"] for r in ok])
-    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ok)
-    threads = {}
-    for t, r0 in ok[0]["threads"].items():
-        r = dict(r0)
-        r["prefill_s"] = {n: [x for run in ok for x in run["threads"][t]["prefill_s"][n]] for n in r0["prefill_s"]}
-        r["prefill_tok_s"] = {n: int(n) / statistics.median(v) for n, v in r["prefill_s"].items()}
-        r["decode_s"] = {d: [x for run in ok for x in run["threads"][t]["decode_s"][d]] for d in r0["decode_s"]}
-        r["decode_tok_s"] = {d: steps / statistics.median(v) for d, v in r["decode_s"].items()}
-        r["decode_reps_identical"] = {
-            d: all(run["threads"][t]["decode_reps_identical"][d] for run in ok)
-            and all(run["threads"][t]["decode_tokens"][d] == r0["decode_tokens"][d] for run in ok)
-            for d in r0["decode_s"]}
-        threads[t] = r
-    out["threads"] = threads
-    return out
+def probe_bandwidth(threads: int, size_mib: int) -> float:
+    """Memory read bandwidth (GB/s) with ``threads`` threads, read right before a repetition."""
+    import glm4rt
+    from glm4rt import ops
+
+    glm4rt.set_num_threads(threads)
+    return ops.memory_read_bandwidth(size_mib=size_mib, repeats=3)
 
 
-def combine_bandwidth_rounds(readings: list[dict]) -> dict:
-    """Probe readings taken around every round; the limit uses the highest (as combine_bandwidth)."""
-    out = combine_bandwidth(readings[0], readings[-1])
-    out["all"] = readings
-    for t in out["gb_s"]:
-        out["gb_s"][t] = max(x["gb_s"][t] for x in readings if t in x.get("gb_s", {}))
-    return out
+def per_rep_ratios(a: list, b: list) -> list:
+    """Speed ratios A/B of repetitions run back to back (times in seconds: B's time / A's time)."""
+    return [tb / ta for ta, tb in zip(a, b) if ta and tb]
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -206,20 +230,31 @@ def fmt_ratio(a, b):
     return f"{a / b:.2f}x"
 
 
+def bw_fraction(run: dict, t: str, depth) -> float | None:
+    """Median over repetitions of decode speed / (probe bandwidth right before it / weight bytes)."""
+    r = run["threads"][t]
+    times, probes = r["decode_s"].get(str(depth)), r.get("probe_gb_s", {}).get(f"decode {depth}")
+    if not times or not probes or not run.get("weight_bytes"):
+        return None
+    steps = run["decode_steps"]
+    return median([(steps / dt) * run["weight_bytes"] / (bw * 1e9) for dt, bw in zip(times, probes)])
+
+
 def build_rows(results: dict) -> list[dict]:
     """One row per (run, thread count) with every number the tables show."""
     rows = []
-    bw = results.get("bandwidth", {}).get("gb_s", {})
     depth = results["settings"]["depth"]
     for run in results["runs"]:
         if run.get("status") != "ok":
             rows.append({"engine": run["engine"], "format": run["format"], "threads": None, "status": run.get("status"),
                          "reason": run.get("reason", "")})
             continue
+        run.setdefault("decode_steps", results["settings"]["decode_steps"])
         for t, r in run["threads"].items():
             d0 = r["decode_tok_s"].get("0")
             dd = r["decode_tok_s"].get(str(depth)) if depth else None
-            limit = (bw.get(t) * 1e9 / run["weight_bytes"]) if bw.get(t) and run.get("weight_bytes") else None
+            bw = median(r.get("probe_gb_s", {}).get("decode 0", []))
+            limit = (bw * 1e9 / run["weight_bytes"]) if bw and run.get("weight_bytes") else None
             rows.append({
                 "engine": run["engine"], "format": run["format"], "label": run["label"], "threads": int(t),
                 "status": "ok", "load_s": run["load_s"], "first_call_s": run.get("first_call_s"),
@@ -228,9 +263,14 @@ def build_rows(results: dict) -> list[dict]:
                 "prefill": {n: v for n, v in r["prefill_tok_s"].items()},
                 "decode0": d0, "decode_depth": dd,
                 "depth_ratio": (dd / d0) if (dd and d0) else None,
+                "probe_gb_s": bw,
+                "group": run.get("group"),
+                "times": {**{f"prefill {n}": v for n, v in r["prefill_s"].items()},
+                          **{f"decode {d}": v for d, v in r["decode_s"].items()}},
+                "probes": r.get("probe_gb_s", {}),
                 "bw_limit_tok_s": limit,
-                "bw_fraction": (d0 / limit) if (d0 and limit) else None,
-                "bw_fraction_depth": (dd / limit) if (dd and limit) else None,
+                "bw_fraction": bw_fraction(run, t, 0),
+                "bw_fraction_depth": bw_fraction(run, t, depth) if depth else None,
             })
     return rows
 
@@ -256,25 +296,25 @@ def render_markdown(results: dict) -> str:
                f"(hidden {g['hidden_size']}, intermediate {g['intermediate_size']}, {g['num_attention_heads']} heads / "
                f"{g['num_key_value_heads']} KV heads x {g['head_dim']}, vocab {g['vocab_size']}, untied lm_head), "
                f"bf16 safetensors `{os.path.relpath(s['checkpoint'], ROOT)}`")
-    rounds = s.get("rounds", 1)
-    out.append(f"- Protocol: {rounds} round{'s' if rounds > 1 else ''} of the whole plan"
-               f"{' (every other round in reverse order, so that each engine is measured before and after the others)' if rounds > 1 else ''}, "
-               f"{s['reps']} repetitions per round, medians over all {rounds * s['reps']}; prefill = one forward over a fresh cache "
-               f"returning the last position's logits; decode = {s['decode_steps']} greedy single-token steps "
-               f"(argmax fed back){f', at depth 0 and after a {depth}-token prefill' if depth else ' at depth 0'}. "
-               "Each engine x format runs in its own process (peak RSS = that process's VmHWM, "
-               "memory-mapped weight pages included). Load = constructor/from_pretrained wall time with a warm page cache; 1st call = the first "
-               "forward after it (a 32-token prefill, where memory-mapped weights are paged in).")
-    bw = results.get("bandwidth", {}).get("gb_s", {})
-    if bw:
-        probes = results["bandwidth"].get("all") or [results["bandwidth"][k] for k in ("before", "after")]
-
-        def readings(t):
-            vals = [x.get("gb_s", {}).get(t) for x in probes]
-            return "/".join(f"{v:.1f}" if v else "n/a" for v in vals)
-        out.append("- Memory read bandwidth (glm4rt.ops.memory_read_bandwidth, before the runs and after each "
-                   "round; the highest is the ceiling used below): "
-                   + ", ".join(f"{t} thread{'s' if t != '1' else ''}: {readings(t)} GB/s" for t in bw))
+    out.append(f"- Protocol: per format, glm4rt and its peers are loaded together (each in its own process) and "
+               f"every measurement's {s['reps']} repetitions run on each engine in turn (A B C, then C B A, ...), each "
+               f"round of engines right after a memory-bandwidth probe ({s.get('probe_mib', 256)} MiB read 3 times with the "
+               "thread count of the run), so that the engines compared meet the same state of a machine whose "
+               "bandwidth drifts. Speeds are medians over the repetitions; ratios are medians of the per-repetition "
+               "ratios. Prefill = one forward over a fresh cache returning the last position's logits; decode = "
+               f"{s['decode_steps']} greedy single-token steps (argmax fed back)"
+               f"{f', at depth 0 and after a {depth}-token prefill' if depth else ' at depth 0'}. "
+               "Peak RSS = the engine process's VmHWM (memory-mapped weight pages included). Load = "
+               "constructor/from_pretrained wall time with a warm page cache; 1st call = the first forward after "
+               "it (a 32-token prefill, where memory-mapped weights are paged in).")
+    probes = {t: [x for run in results["runs"] if run.get("status") == "ok" and t in run.get("threads", {})
+                  for key, v in run["threads"][t].get("probe_gb_s", {}).items() for x in v]
+              for t in [str(x) for x in s["threads"]]}
+    if any(probes.values()):
+        out.append("- Memory read bandwidth probed before the repetitions (glm4rt.ops.memory_read_bandwidth; "
+                   "min / median / max GB/s): " + ", ".join(
+                       f"{t} thread{'s' if t != '1' else ''}: {min(v):.1f} / {median(v):.1f} / {max(v):.1f}"
+                       for t, v in probes.items() if v))
     out.append("")
 
     # main table
@@ -282,7 +322,7 @@ def render_markdown(results: dict) -> str:
         + [f"prefill {n} tok/s" for n in prompts] + ["decode d0 tok/s"]
     if depth:
         head += [f"decode d{depth} tok/s", f"d{depth}/d0"]
-    head += ["BW-limit tok/s", "decode % of limit"]
+    head += ["probe GB/s", "BW-limit tok/s", "decode % of limit"]
     out.append("## Results\n")
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
@@ -293,7 +333,7 @@ def render_markdown(results: dict) -> str:
         cells += [fmt_num(r["decode0"], 2)]
         if depth:
             cells += [fmt_num(r["decode_depth"], 2), fmt_num(r["depth_ratio"], 2)]
-        cells += [fmt_num(r["bw_limit_tok_s"], 2),
+        cells += [fmt_num(r["probe_gb_s"], 1), fmt_num(r["bw_limit_tok_s"], 2),
                   fmt_num(100 * r["bw_fraction"] if r["bw_fraction"] else None, 0, "%")]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
@@ -304,20 +344,32 @@ def render_markdown(results: dict) -> str:
                 return r
         return None
 
-    metrics = [(f"prefill {n}", lambda r, n=n: r["prefill"].get(n)) for n in prompts] + [("decode d0", lambda r: r["decode0"])]
+    metrics = [(f"prefill {n}", f"prefill {n}") for n in prompts] + [("decode d0", "decode 0")]
     if depth:
-        metrics.append((f"decode d{depth}", lambda r: r["decode_depth"]))
+        metrics.append((f"decode d{depth}", f"decode {depth}"))
     threads = sorted({r["threads"] for r in ok})
+
+    def speed_ratio(a, b, key):
+        """glm4rt/peer: the median of per-repetition ratios when both ran in lockstep, else the
+        ratio of the medians (marked)."""
+        if a is None or b is None or key not in a["times"] or key not in b["times"]:
+            return "n/a"
+        ta, tb = a["times"][key], b["times"][key]
+        if a["group"] is not None and a["group"] == b["group"] and len(ta) == len(tb):
+            return f"{median(per_rep_ratios(ta, tb)):.2f}x"
+        return f"{median(tb) / median(ta):.2f}x (not paired)"
 
     comp = []
     for fmt in s["formats"]:
         if fmt in LLAMA_TYPES:
             comp.append(("llama", fmt, fmt, f"glm4rt {fmt} / llama.cpp {LLAMA_TYPES[fmt]}"))
     for fmt in s["tf_formats"]:
-        if "bf16" in s["formats"]:
-            comp.append(("transformers", "bf16", fmt, f"glm4rt bf16 / transformers {fmt}"))
+        ours = fmt if fmt in s["formats"] else "bf16"
+        if ours in s["formats"]:
+            comp.append(("transformers", ours, fmt, f"glm4rt {ours} / transformers {fmt}"))
     if comp:
         out.append("## Speed ratios (glm4rt / peer; > 1 means glm4rt is faster)\n")
+        out.append("Medians of the ratios of repetitions run back to back (see Protocol).\n")
         head = ["comparison", "thr"] + [name for name, _ in metrics] + ["peak RSS (peer/glm4rt)", "load time (peer/glm4rt)"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
@@ -326,13 +378,36 @@ def render_markdown(results: dict) -> str:
                 a, b = find("glm4rt", ours_fmt, t), find(peer, peer_fmt, t)
                 if a is None and b is None:
                     continue
-                cells = [label, str(t)]
-                for _, get in metrics:
-                    cells.append(fmt_ratio(get(a) if a else None, get(b) if b else None))
+                cells = [label, str(t)] + [speed_ratio(a, b, key) for _, key in metrics]
                 cells.append(fmt_ratio(b["peak_rss_gib"] if b else None, a["peak_rss_gib"] if a else None))
                 cells.append(fmt_ratio(b["load_s"] if b else None, a["load_s"] if a else None))
                 out.append("| " + " | ".join(cells) + " |")
         out.append("")
+
+    # every decode repetition next to its probe: how each engine follows the machine's bandwidth
+    for d in ([0] + ([depth] if depth else [])):
+        key = f"decode {d}"
+        lines = []
+        for t in threads:
+            for grp in sorted({r["group"] for r in ok if r["group"] is not None}):
+                members = [r for r in ok if r["group"] == grp and r["threads"] == t and key in r["times"]]
+                if not members:
+                    continue
+                probes = members[0]["probes"].get(key, [])
+                for i, bw in enumerate(probes):
+                    cells = [str(t), members[0]["label"] if members[0]["engine"] == "glm4rt" else members[0]["format"],
+                             str(i + 1), f"{bw:.1f}"]
+                    cells.append(", ".join(
+                        f"{ENGINE_LABEL[r['engine']]} {r['label']} {s['decode_steps'] / r['times'][key][i]:.2f}"
+                        f" ({100 * (s['decode_steps'] / r['times'][key][i]) * r['weight_gb'] / bw:.0f}%)"
+                        for r in members if i < len(r["times"][key])))
+                    lines.append("| " + " | ".join(cells) + " |")
+        if lines:
+            out.append(f"## Decode repetitions at depth {d} (tok/s, and % of the bandwidth the probe read just before)\n")
+            out.append("| thr | format | rep | probe GB/s | tok/s (% of the probe's bandwidth) |")
+            out.append("|---|---|---|---|---|")
+            out += lines
+            out.append("")
 
     if depth:
         out.append(f"## Long-context decode loss (decode tok/s at depth {depth} / at depth 0)\n")
@@ -455,17 +530,149 @@ def print_summary(results: dict) -> None:
         say(line)
 
 
+# ---- lockstep runs -------------------------------------------------------------------------------
+
+def plan_groups(args) -> list[list[tuple[str, str, str]]]:
+    """Engines measured together, (engine, format, label) each: glm4rt and its peers at one format."""
+    groups = []
+    for fmt in args.formats:
+        group = [("glm4rt", fmt, fmt)]
+        if "llama" in args.peers and fmt in LLAMA_TYPES:
+            group.append(("llama", fmt, LLAMA_TYPES[fmt]))
+        if "transformers" in args.peers and fmt in args.tf_formats:
+            group.append(("transformers", fmt, fmt))
+        groups.append(group)
+    if "transformers" in args.peers:  # transformers dtypes without a glm4rt run of that format
+        groups += [[("transformers", f, f)] for f in args.tf_formats if f not in args.formats]
+    return groups
+
+
+def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -> list[dict]:
+    """Load every engine of ``group`` in its own process, then run each measurement's repetitions
+    in turn across the engines (A B C, then C B A, ...), with a bandwidth probe before each
+    repetition: all engines of a group meet the same machine state, whatever it drifts to."""
+    runs, servers = [], []
+    for engine, fmt, label in group:
+        say(f"\n== {ENGINE_LABEL[engine]} {label}: loading")
+        run = {"engine": engine, "format": fmt, "label": label, "group": index, "decode_steps": args.decode_steps}
+        runs.append(run)
+        spec = dict(base, engine=engine, format=fmt)
+        need, avail = estimate_rss_bytes(engine, fmt, g), meminfo().get("MemAvailable", 0)
+        if avail and need > avail:
+            run.update(status="n/a", reason=f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available "
+                                             "(with the other engines of its group loaded)")
+            say(f"    skipped: {run['reason']}")
+            continue
+        if engine == "llama":
+            if fmt not in ggufs:
+                run.update(status="n/a", reason="no GGUF (gguf package missing)")
+                continue
+            spec.update(gguf=ggufs[fmt], n_ctx=n_ctx, flash_attn=args.llama_flash_attn == "on")
+        if engine == "glm4rt" and fmt in ("int8", "int4"):
+            spec["saved_dir"] = os.path.join(synth.CACHE, f"saved-{g.tag()}-{fmt}.tmp")
+        server = Server(spec, args.child_timeout)
+        run.update(server.hello())
+        if run.get("status") != "ok":
+            say(f"    {run.get('status')}: {run.get('reason')}")
+            server.close()
+            continue
+        run["threads"] = {}
+        servers.append((run, server))
+
+    def alive():
+        return [(r, s) for r, s in servers if r.get("status") == "ok"]
+
+    def fail(run, server, answer):
+        run.update(status="error", reason=answer.get("reason"), traceback=answer.get("traceback"))
+        say(f"    {ENGINE_LABEL[run['engine']]} {run['label']}: error: {answer.get('reason')}")
+        server.close()
+
+    def lockstep(t: int, key: str, op: dict, store) -> None:
+        """args.reps repetitions of ``op`` on every engine, alternating the order."""
+        probes = []
+        for rep in range(args.reps):
+            probes.append(probe_bandwidth(t, args.bandwidth_mib))
+            order = alive() if rep % 2 == 0 else alive()[::-1]
+            for run, server in order:
+                time.sleep(0.2)  # let the previous engine's worker threads stop spinning
+                answer = server.call(**op)
+                if answer.get("status") != "ok":
+                    fail(run, server, answer)
+                    continue
+                store(run["threads"][str(t)], answer)
+        for run, _ in alive():
+            run["threads"][str(t)].setdefault("probe_gb_s", {})[key] = probes
+        line = ", ".join(f"{ENGINE_LABEL[r['engine']]} {r['label']} {summary(r['threads'][str(t)], key)}"
+                         for r, _ in alive())
+        say(f"    threads {t}, {key}: {line}; probe {median(probes):.1f} GB/s")
+
+    def summary(r: dict, key: str) -> str:
+        kind, n = key.split()
+        times = r["prefill_s" if kind == "prefill" else "decode_s"][n]
+        steps = int(n) if kind == "prefill" else args.decode_steps
+        return f"{steps / median(times):.2f} tok/s"
+
+    depths = [0] + ([args.depth] if args.depth else [])
+    for t in args.threads:
+        for run, server in alive():
+            answer = server.call(op="threads", n=t)
+            if answer.get("status") != "ok":
+                fail(run, server, answer)
+                continue
+            if answer["first_call"]:
+                run["first_call_s"] = answer["warmup_s"]
+            run["threads"][str(t)] = {"prefill_s": {}, "decode_s": {}, "decode_tokens": {}}
+        for n in args.prompt_lengths:
+            lockstep(t, f"prefill {n}", {"op": "prefill", "n": n},
+                     lambda r, a, n=n: r["prefill_s"].setdefault(str(n), []).append(a["s"]))
+        for d in depths:
+            if d:
+                for run, server in alive():
+                    answer = server.call(op="prepare_depth", depth=d)
+                    if answer.get("status") != "ok":
+                        fail(run, server, answer)
+                        continue
+                    r = run["threads"][str(t)]
+                    r["prefill_s"][str(d)] = [answer["s"]]
+                    r.setdefault("depth_first_token", {})[str(d)] = answer["first"]
+                    say(f"    {ENGINE_LABEL[run['engine']]} {run['label']}: prefill {d} (once, for the depth-{d} "
+                        f"decode) {d / answer['s']:.1f} tok/s")
+
+            def store(r, a, d=d):
+                r["decode_s"].setdefault(str(d), []).append(a["s"])
+                first = [r["depth_first_token"][str(d)]] if d else []
+                seqs = r.setdefault("_seqs", {}).setdefault(str(d), [])
+                seqs.append(first + a["tokens"])
+            lockstep(t, f"decode {d}", {"op": "decode", "depth": d, "steps": args.decode_steps}, store)
+        for run, _ in alive():
+            r = run["threads"][str(t)]
+            r["prefill_tok_s"] = {n: int(n) / median(v) for n, v in r["prefill_s"].items()}
+            r["decode_tok_s"] = {d: args.decode_steps / median(v) for d, v in r["decode_s"].items()}
+            seqs = r.pop("_seqs", {})
+            # generated greedy tokens of the first repetition (at depth > 0 the prefill's argmax
+            # first), and whether every repetition produced the same ones (checks the cache rewind)
+            r["decode_tokens"] = {d: v[0] for d, v in seqs.items()}
+            r["decode_reps_identical"] = {d: all(x == v[0] for x in v) for d, v in seqs.items()}
+    for run, server in alive():
+        answer = server.call(op="finish")
+        if answer.get("status") == "ok":
+            run["peak_rss_bytes"] = answer["peak_rss_bytes"]
+            if answer.get("saved_checkpoint"):
+                run["saved_checkpoint"] = answer["saved_checkpoint"]
+        else:
+            fail(run, server, answer)
+        server.close()
+    return runs
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; 40 = full 9B; --quick: 1)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
-    p.add_argument("--reps", type=int, default=None, help="repetitions per measurement and round (default 3; --quick: 2)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="times the whole plan runs, every other round in reverse order, medians over the "
-                        "repetitions of all rounds: engines compared in the same stretch of time on a "
-                        "machine whose memory bandwidth drifts (default 2; --quick: 1)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="repetitions per measurement, taken in turn across the engines of a format (default 4; --quick: 2)")
     p.add_argument("--formats", default="bf16,int8,int4",
                    help="glm4rt formats and the matching llama.cpp GGUF types: bf16 (BF16), int8 (Q8_0), "
                         "int4 (Q4_0), fp32 (glm4rt only) (default bf16,int8,int4)")
@@ -482,12 +689,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 layer, 2 reps, no depth-4096 run: a functional check")
     p.add_argument("--out", default=None, help="output name prefix in benchmarks/ (default results, "
                    "--quick: results-quick)")
-    p.add_argument("--child-timeout", type=float, default=3 * 3600, help="seconds per engine/format process")
-    p.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer size of the bandwidth probe")
+    p.add_argument("--child-timeout", type=float, default=3600,
+                   help="seconds an engine process may take to load or to answer one command")
+    p.add_argument("--bandwidth-mib", type=int, default=256, help="buffer size of the bandwidth probe")
     a = p.parse_args(argv)
     a.layers = a.layers if a.layers is not None else (1 if a.quick else 8)
-    a.reps = a.reps if a.reps is not None else (2 if a.quick else 3)
-    a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 2)
+    a.reps = a.reps if a.reps is not None else (2 if a.quick else 4)
     a.depth = a.depth if a.depth is not None else (0 if a.quick else 4096)
     a.out = a.out or ("results-quick" if a.quick else "results")
     a.threads = [int(t) for t in a.threads.split(",") if t]
@@ -528,13 +735,13 @@ def main(argv=None) -> int:
     depths = [0] + ([args.depth] if args.depth else [])
     cap = max(max(args.prompt_lengths), max(depths) + args.decode_steps) + 64
     n_ctx = -(-cap // 256) * 256
-    base = {"task": "speed", "checkpoint": ckpt, "threads": args.threads, "reps": args.reps,
-            "prompt_lengths": args.prompt_lengths, "depths": depths, "decode_steps": args.decode_steps}
+    base = {"checkpoint": ckpt, "threads": args.threads[:1], "capacity": cap,
+            "n_ids": max(max(args.prompt_lengths), max(depths), 32)}
     results = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command, "machine": machine,
         "settings": {"geometry": g.__dict__, "checkpoint": ckpt, "threads": args.threads, "reps": args.reps,
-                     "rounds": args.rounds,
+                     "probe_mib": args.bandwidth_mib,
                      "formats": args.formats, "peers": args.peers, "tf_formats": args.tf_formats,
                      "prompt_lengths": args.prompt_lengths, "depth": args.depth,
                      "decode_steps": args.decode_steps, "quick": args.quick, "seed": args.seed,
@@ -543,41 +750,8 @@ def main(argv=None) -> int:
         "runs": [],
     }
 
-    say("\n== memory read bandwidth (before the runs)")
-    bw_spec = {"task": "bandwidth", "threads": args.threads, "size_mib": args.bandwidth_mib}
-    bw_readings = [run_child(bw_spec, args.child_timeout)]
-
-    plan = [("glm4rt", f, f) for f in args.formats]
-    if "llama" in args.peers:
-        plan += [("llama", f, LLAMA_TYPES[f]) for f in args.formats if f in LLAMA_TYPES]
-    if "transformers" in args.peers:
-        plan += [("transformers", f, f) for f in args.tf_formats]
-    by_key: dict = {}  # (engine, format) -> its run of every round
-    for rnd in range(args.rounds):
-        for engine, fmt, label in (plan if rnd % 2 == 0 else plan[::-1]):
-            say(f"\n== {ENGINE_LABEL[engine]} {label}" + (f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""))
-            spec = dict(base, engine=engine, format=fmt)
-            run = {"engine": engine, "format": fmt, "label": label}
-            by_key.setdefault((engine, fmt), []).append(run)
-            need, avail = estimate_rss_bytes(engine, fmt, g), meminfo().get("MemAvailable", 0)
-            if avail and need > avail:
-                run.update(status="n/a", reason=f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
-                say(f"    skipped: {run['reason']}")
-                continue
-            if engine == "llama":
-                if fmt not in ggufs:
-                    run.update(status="n/a", reason="no GGUF (gguf package missing)")
-                    continue
-                spec.update(gguf=ggufs[fmt], n_ctx=n_ctx, flash_attn=args.llama_flash_attn == "on")
-            if engine == "glm4rt" and fmt in ("int8", "int4") and rnd == 0:  # the save/reload check once
-                spec["saved_dir"] = os.path.join(synth.CACHE, f"saved-{g.tag()}-{fmt}.tmp")
-            run.update(run_child(spec, args.child_timeout))
-            if run.get("status") != "ok":
-                say(f"    {run.get('status')}: {run.get('reason')}")
-        say("\n== memory read bandwidth" + (f" (after round {rnd + 1})" if args.rounds > 1 else " (after the runs)"))
-        bw_readings.append(run_child(bw_spec, args.child_timeout))
-    results["runs"] = [merge_rounds(by_key[(e, f)], args.decode_steps) for e, f, _ in plan]
-    results["bandwidth"] = combine_bandwidth_rounds(bw_readings)
+    for index, group in enumerate(plan_groups(args)):
+        results["runs"] += run_group(index, group, args, g, base, ggufs, n_ctx)
 
     print_summary(results)
     md = render_markdown(results)

@@ -1,10 +1,11 @@
 """Measurement children: one process per (engine, format), so peak RSS is that engine's alone.
 
-    python benchmarks/workers.py SPEC.json RESULT.json
+    python benchmarks/workers.py SPEC.json RESULT.json   # a one-shot task ("logits" or "build")
+    python benchmarks/workers.py --serve SPEC.json       # load an engine, then answer timing commands
 
-SPEC is a JSON object with "task" ("speed", "logits" or "bandwidth"), "engine" ("glm4rt", "llama",
-"transformers"), "format", and the run settings; RESULT receives a JSON object. Progress goes to
-stderr. An engine/format the installed software does not provide is reported as
+SPEC is a JSON object with "task", "engine" ("glm4rt", "llama", "transformers"), "format", and the
+run settings; RESULT receives a JSON object (see serve_task for the command protocol). Progress goes
+to stderr. An engine/format the installed software does not provide is reported as
 {"status": "n/a", "reason": ...}; any other failure as {"status": "error", ...}.
 """
 from __future__ import annotations
@@ -295,84 +296,92 @@ def prompt_ids(n: int, seed: int = 1234, vocab: int = 151329) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=n, dtype=np.int64)
 
 
-def _median(xs):
-    return float(np.median(xs)) if xs else None
+def serve_task(spec: dict) -> None:
+    """Load one engine, then answer commands, one JSON line each way, until "finish".
 
+    The benchmark keeps every engine of a format loaded at once and runs their repetitions in turn
+    (lockstep), so each comparison is made in the same stretch of time. Commands (stdin):
+      {"op": "threads", "n": t}            set the thread count and warm up (32-token prefill, one step)
+      {"op": "prefill", "n": n}            time one prefill of n prompt tokens over an empty cache
+      {"op": "prepare_depth", "depth": d}  prefill d tokens once (timed) and keep them in the cache
+      {"op": "decode", "depth": d, "steps": k}  rewind the cache to d positions, time k greedy steps
+      {"op": "finish"}                     peak RSS, the saved-checkpoint check (glm4rt int8/int4), exit
+    Replies go to the original stdout; stdout itself is pointed at stderr so that nothing a library
+    prints can corrupt the channel.
+    """
+    channel = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
 
-def speed_task(spec: dict) -> dict:
-    engine = ENGINES[spec["engine"]](spec)
-    reps, threads = int(spec["reps"]), list(spec["threads"])
-    prompts, depths, steps = list(spec["prompt_lengths"]), list(spec["depths"]), int(spec["decode_steps"])
-    capacity = max(max(prompts), max(depths) + steps) + 64
-    ids = prompt_ids(max(max(prompts), max(depths), 32))
+    def reply(obj: dict) -> None:
+        channel.write(json.dumps(obj) + "\n")
+        channel.flush()
 
-    log(f"{engine.name} {spec['format']}: loading")
-    t0 = time.perf_counter()
-    engine.load()
-    load_s = time.perf_counter() - t0
-    result = {"status": "ok", "load_s": load_s, "rss_after_load_bytes": current_rss_bytes()}
-    result["weight_bytes"], result["weight_bytes_source"] = engine.weight_bytes()
-    if spec["engine"] == "glm4rt":
-        result["isa"] = engine.glm4rt.cpu_isa()
-    log(f"loaded in {load_s:.2f} s; weights read per token {result['weight_bytes'] / 1e9:.3f} GB")
-    engine.allocate(capacity)
-
-    per_thread = {}
-    for t in threads:
-        engine.set_threads(t)
-        r: dict = {"prefill_tok_s": {}, "prefill_s": {}, "decode_tok_s": {}, "decode_s": {}}
-        engine.reset(0)
+    try:
+        engine = ENGINES[spec["engine"]](spec)
+        log(f"{engine.name} {spec['format']}: loading")
         t0 = time.perf_counter()
-        engine.prefill(ids[:32])  # warm-up: touch weights, buffers, thread pools
-        if "first_call_s" not in result:  # after a lazy (memory-mapped) load, the real loading cost
-            result["first_call_s"] = time.perf_counter() - t0
-        engine.reset(0)
-        engine.step(int(ids[0]))
-        for n in prompts:
-            times = []
-            for _ in range(reps):
+        engine.load()
+        info = {"status": "ok", "load_s": time.perf_counter() - t0, "rss_after_load_bytes": current_rss_bytes()}
+        info["weight_bytes"], info["weight_bytes_source"] = engine.weight_bytes()
+        if spec["engine"] == "glm4rt":
+            info["isa"] = engine.glm4rt.cpu_isa()
+        engine.allocate(int(spec["capacity"]))
+        log(f"loaded in {info['load_s']:.2f} s; weights read per token {info['weight_bytes'] / 1e9:.3f} GB")
+    except NotAvailable as e:
+        reply({"status": "n/a", "reason": str(e)})
+        return
+    except Exception as e:  # noqa: BLE001 - the parent reports it and goes on
+        reply({"status": "error", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        return
+    reply(info)
+
+    ids = prompt_ids(int(spec["n_ids"]))
+    first_of_depth = {0: int(ids[0])}  # the token decode starts from at each prepared depth
+    warmed = False
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        try:
+            if op == "threads":
+                engine.set_threads(int(cmd["n"]))
                 engine.reset(0)
                 t0 = time.perf_counter()
-                engine.prefill(ids[:n])
-                times.append(time.perf_counter() - t0)
-            r["prefill_s"][str(n)] = times
-            r["prefill_tok_s"][str(n)] = n / _median(times)
-            log(f"threads {t}: prefill {n}: {n / _median(times):.1f} tok/s")
-        for depth in depths:
-            if depth:
+                engine.prefill(ids[:32])  # touch weights, buffers, thread pools
+                out = {"status": "ok", "warmup_s": time.perf_counter() - t0, "first_call": not warmed}
+                warmed = True
+                engine.reset(0)
+                engine.step(int(ids[0]))
+            elif op == "prefill":
                 engine.reset(0)
                 t0 = time.perf_counter()
-                first = engine.prefill(ids[:depth])
-                dt = time.perf_counter() - t0
-                r["prefill_s"][str(depth)] = [dt]
-                r["prefill_tok_s"][str(depth)] = depth / dt
-                log(f"threads {t}: prefill {depth} (once, for the depth-{depth} decode): {depth / dt:.1f} tok/s")
-            else:
-                first = int(ids[0])
-            times, seqs = [], []
-            for _ in range(reps):
-                engine.reset(depth)
-                tok, seq = first, []
+                engine.prefill(ids[: int(cmd["n"])])
+                out = {"status": "ok", "s": time.perf_counter() - t0}
+            elif op == "prepare_depth":
+                d = int(cmd["depth"])
+                engine.reset(0)
                 t0 = time.perf_counter()
-                for _ in range(steps):
+                first_of_depth[d] = engine.prefill(ids[:d])
+                out = {"status": "ok", "s": time.perf_counter() - t0, "first": first_of_depth[d]}
+            elif op == "decode":
+                d = int(cmd["depth"])
+                engine.reset(d)
+                tok, seq = first_of_depth[d], []
+                t0 = time.perf_counter()
+                for _ in range(int(cmd["steps"])):
                     tok = engine.step(tok)
                     seq.append(tok)
-                times.append(time.perf_counter() - t0)
-                seqs.append(seq)
-            r["decode_s"][str(depth)] = times
-            # generated greedy tokens of the first repetition (at depth > 0 the prefill's argmax
-            # first), and whether every repetition produced the same ones (checks the cache rewind)
-            r.setdefault("decode_tokens", {})[str(depth)] = ([first] if depth else []) + seqs[0]
-            r.setdefault("decode_reps_identical", {})[str(depth)] = all(x == seqs[0] for x in seqs)
-            r["decode_tok_s"][str(depth)] = steps / _median(times)
-            log(f"threads {t}: decode {steps} tokens at depth {depth}: {steps / _median(times):.2f} tok/s")
-        per_thread[str(t)] = r
-    result["threads"] = per_thread
-    result["peak_rss_bytes"] = peak_rss_bytes()
-
-    if spec["engine"] == "glm4rt" and spec["format"] in ("int8", "int4") and spec.get("saved_dir"):
-        result["saved_checkpoint"] = _saved_roundtrip(engine, spec, ids)
-    return result
+                out = {"status": "ok", "s": time.perf_counter() - t0, "tokens": seq}
+            elif op == "finish":
+                out = {"status": "ok", "peak_rss_bytes": peak_rss_bytes()}
+                if spec["engine"] == "glm4rt" and spec["format"] in ("int8", "int4") and spec.get("saved_dir"):
+                    out["saved_checkpoint"] = _saved_roundtrip(engine, spec, ids)
+            else:
+                out = {"status": "error", "reason": f"unknown op {op!r}"}
+        except Exception as e:  # noqa: BLE001
+            out = {"status": "error", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        reply(out)
+        if op == "finish":
+            break
 
 
 def _saved_roundtrip(engine: Glm4rtEngine, spec: dict, ids: np.ndarray) -> dict:
@@ -441,18 +450,6 @@ def logits_task(spec: dict) -> dict:
             "peak_rss_bytes": peak_rss_bytes()}
 
 
-def bandwidth_task(spec: dict) -> dict:
-    import glm4rt
-    from glm4rt import ops
-
-    out = {}
-    for t in spec["threads"]:
-        glm4rt.set_num_threads(t)
-        out[str(t)] = ops.memory_read_bandwidth(size_mib=int(spec.get("size_mib", 1024)))
-        log(f"memory read bandwidth, {t} thread(s): {out[str(t)]:.1f} GB/s")
-    return {"status": "ok", "gb_s": out, "isa": glm4rt.cpu_isa()}
-
-
 def build_task(spec: dict) -> dict:
     """Build (or find in the cache) the synthetic checkpoint and the GGUF files of ``spec['gguf_formats']``."""
     import synth
@@ -472,10 +469,14 @@ def build_task(spec: dict) -> dict:
     return {"status": "ok", "checkpoint": ckpt, "gguf": ggufs, "gguf_missing": missing}
 
 
-TASKS = {"speed": speed_task, "logits": logits_task, "bandwidth": bandwidth_task, "build": build_task}
+TASKS = {"logits": logits_task, "build": build_task}
 
 
 def main(argv: list[str]) -> int:
+    if argv[0] == "--serve":
+        with open(argv[1]) as f:
+            serve_task(json.load(f))
+        return 0
     spec_path, out_path = argv
     with open(spec_path) as f:
         spec = json.load(f)

@@ -95,3 +95,48 @@ def test_llama_cpp_computes_glm4rt_logits(tiny_ckpt, tmp_path):
     # interleaved rotary or the fused gate_up mapped wrongly would give errors of 10% and more)
     assert rel < 5e-3, rel
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def test_serve_worker_times_prefill_and_decodes_greedily(tiny_ckpt):
+    """The benchmark's lockstep worker (workers.py --serve): loads, answers commands, and its decode
+    from a prepared depth is glm4rt's own greedy continuation."""
+    import bench
+
+    n_ids = 40
+    spec = {"engine": "glm4rt", "format": "fp32", "checkpoint": tiny_ckpt, "threads": [1],
+            "capacity": 64, "n_ids": n_ids}
+    server = bench.Server(spec, timeout=300)
+    try:
+        hello = server.hello()
+        assert hello["status"] == "ok", hello
+        assert hello["weight_bytes"] > 0
+        assert server.call(op="threads", n=1)["first_call"] is True
+        assert server.call(op="prefill", n=16)["s"] > 0
+        prep = server.call(op="prepare_depth", depth=20)
+        dec = server.call(op="decode", depth=20, steps=5)
+        again = server.call(op="decode", depth=20, steps=5)
+        bad = server.call(op="nonsense")
+        fin = server.call(op="finish")
+    finally:
+        server.close()
+    assert bad["status"] == "error" and "nonsense" in bad["reason"]
+    assert fin["peak_rss_bytes"] > 0
+    assert dec["tokens"] == again["tokens"]  # the cache was rewound to the prepared depth
+
+    from workers import prompt_ids
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(tiny_ckpt, dtype="float32", progress=False)
+    seq = list(prompt_ids(n_ids)[:20])
+    for _ in range(6):
+        seq.append(int(model(np.array([seq])).logits[0, -1].argmax()))
+    assert [prep["first"]] + dec["tokens"] == seq[20:]
+
+
+def test_paired_ratios_and_bandwidth_share():
+    import bench
+
+    # glm4rt 2x as fast in the first pair, 1.5x in the second: the median of the pair ratios
+    assert bench.per_rep_ratios([1.0, 2.0], [2.0, 3.0]) == [2.0, 1.5]
+    run = {"decode_steps": 10, "weight_bytes": 2e9,
+           "threads": {"2": {"decode_s": {"0": [1.0, 0.5]}, "probe_gb_s": {"decode 0": [40.0, 50.0]}}}}
+    # 10 tok/s x 2 GB = 20 GB/s of 40 -> 0.5; 20 tok/s x 2 GB = 40 GB/s of 50 -> 0.8
+    assert bench.bw_fraction(run, "2", 0) == pytest.approx(0.65)
