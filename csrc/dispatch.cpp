@@ -18,6 +18,7 @@ namespace {
 
 struct CpuFeatures {
   bool avx2 = false;
+  bool avx_vnni = false;  // 256-bit VNNI, VEX-encoded (CPUID.(7, 1):EAX bit 4)
   bool avx512 = false;
   bool avx512_bf16 = false;
 };
@@ -48,8 +49,11 @@ CpuFeatures detect() {
   // The avx512 kernels use VNNI for the quantized dot products (Ice Lake, Zen 4 and later);
   // AVX-512 CPUs without it (Skylake-X) run the avx2 kernels.
   f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni;
-  // bf16 dot products (vdpbf16ps) for bf16 weights: CPUID.(7, 1):EAX bit 5.
-  if (f.avx512 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) f.avx512_bf16 = eax & (1u << 5);
+  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) {
+    f.avx_vnni = f.avx2 && (eax & (1u << 4));
+    // bf16 dot products (vdpbf16ps) for bf16 weights: CPUID.(7, 1):EAX bit 5.
+    f.avx512_bf16 = f.avx512 && (eax & (1u << 5));
+  }
 #endif
   return f;
 }
@@ -63,6 +67,14 @@ const KernelTable* table_for(const std::string& name) {
   if (name == "generic") return &generic_kernels();
 #if defined(GLM4RT_X86)
   if (name == "avx2" && cpu().avx2) return &avx2_kernels();
+  if (name == "avx_vnni") {
+#if defined(GLM4RT_AVXVNNI)
+    if (cpu().avx_vnni) return &avx_vnni_kernels();
+#endif
+    // AVX512-VNNI CPUs run the same 256-bit code EVEX-encoded (never chosen by default there:
+    // avx512 ranks higher; forcing it tests the path AVX-VNNI CPUs take).
+    if (cpu().avx512) return &avx_vnni_evex_kernels();
+  }
   if (name == "avx512" && cpu().avx512) return &avx512_kernels();
   if (name == "avx512_bf16" && cpu().avx512_bf16) return &avx512_bf16_kernels();
 #endif
@@ -94,6 +106,12 @@ std::atomic<int> g_threads{0};
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out{"generic"};
   if (cpu().avx2) out.push_back("avx2");
+#if defined(GLM4RT_AVXVNNI)
+  const bool vex_vnni = cpu().avx_vnni;
+#else
+  const bool vex_vnni = false;
+#endif
+  if (vex_vnni || cpu().avx512) out.push_back("avx_vnni");
   if (cpu().avx512) out.push_back("avx512");
   if (cpu().avx512_bf16) out.push_back("avx512_bf16");
   return out;

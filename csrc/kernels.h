@@ -1,4 +1,4 @@
-// The table of ISA-specific primitives. Every ISA (generic, avx2, avx512, avx512_bf16) fills one table;
+// The table of ISA-specific primitives. Every ISA (generic, avx2, avx_vnni, avx512, avx512_bf16) fills one table;
 // dispatch.cpp picks one at import time. The drivers in ops.cpp (threads, tiling, attention,
 // norms) are ISA-neutral and call through this table.
 #pragma once
@@ -67,12 +67,18 @@ using SoftmaxF32 = void (*)(float* x, int n);
 // out[i] = up[i] * silu(gate[i]) = up[i] * gate[i] / (1 + exp(-gate[i]))
 using SiluMulF32 = void (*)(const float* gate, const float* up, float* out, int n);
 
+// int4 quantization of one packed block (16 rows x 32 weights) by the specification,
+// quantize_block_int4_ref in quant.cpp, bit for bit (the SIMD versions run one row per lane).
+//   wt [32][16] k-major: wt[k * 16 + r] (rows past the matrix and k past K are zeros)
+//   blk: the block's 256 quant bytes, then its 16 fp16 scales (layout in quant.h)
+using QuantizeInt4 = void (*)(const float* wt, uint8_t* blk);
+
 // XOR of every 8-byte word of data[n_bytes] (n_bytes a multiple of 64): the bandwidth probe, with
 // the widest loads of the ISA so that it measures the memory, not the loop.
 using ReadXor = uint64_t (*)(const uint8_t* data, size_t n_bytes);
 
 struct KernelTable {
-  const char* name;  // "generic", "avx2", "avx512"
+  const char* name;  // "generic", "avx2", "avx_vnni", "avx512", "avx512_bf16"
   int mr;            // tokens per gemm tile
   int nr;            // weight rows per gemm tile
   GemmTileF32 gemm_tile_f32;
@@ -91,12 +97,20 @@ struct KernelTable {
   Bf16Panel bf16_panel;           // null without AVX512-BF16
   Bf16Pack bf16_pack;             // with bf16_panel
   Bf16PackX bf16_pack_x;          // with bf16_panel
+  QuantizeInt4 quantize_int4;
 };
 
 // One function per ISA file; each returns its static table.
 const KernelTable& generic_kernels();
+void quantize_int4_group_ref(const float* wt, uint8_t* blk);  // quant.cpp: the specification
+#if defined(GLM4RT_X86)
+void quantize_int4_avx2(const float* wt, uint8_t* blk);    // x86_avx2_quant.cpp
+void quantize_int4_avx512(const float* wt, uint8_t* blk);  // x86_avx512_quant.cpp
+#endif
 #if defined(GLM4RT_X86)
 const KernelTable& avx2_kernels();
+const KernelTable& avx_vnni_kernels();       // the avx2 table + 256-bit VNNI quantized tiles (VEX)
+const KernelTable& avx_vnni_evex_kernels();  // the same tiles in EVEX encoding (AVX512-VNNI CPUs)
 const KernelTable& avx512_kernels();
 const KernelTable& avx512_bf16_kernels();  // the avx512 table + the bf16 dot products
 #endif

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "dispatch.h"
+#include "kernels.h"
 
 namespace glm4rt {
 
@@ -103,40 +104,54 @@ void quantize_block_int4_ref(const float* w, uint8_t* q, uint16_t* d) {
   *d = best_d;
 }
 
+void quantize_int4_group_ref(const float* wt, uint8_t* blk) {
+  uint16_t* scales = reinterpret_cast<uint16_t*>(blk + kQ4QuantBytes);
+  for (int r = 0; r < kQGroupRows; ++r) {
+    float w[kQBlock];
+    for (int k = 0; k < kQBlock; ++k) w[k] = wt[k * kQGroupRows + r];
+    uint8_t q[kQBlock];
+    quantize_block_int4_ref(w, q, &scales[r]);
+    for (int k = 0; k < kQBlock / 2; ++k)
+      blk[(k / 4) * 64 + r * 4 + k % 4] = static_cast<uint8_t>(q[k] | (q[k + 16] << 4));
+  }
+}
+
 void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N, int K, int row0,
                    int n_rows, uint8_t* packed) {
   const int nb = q_blocks(K);
   const size_t bb = q_block_bytes(f);
   const int g0 = row0 / kQGroupRows, g1 = q_groups(row0 + n_rows);
+  const QuantizeInt4 quantize_int4 = kernels().quantize_int4;  // the reference or its SIMD twin
 #pragma omp parallel for num_threads(get_num_threads()) schedule(dynamic, 1)
   for (int g = g0; g < g1; ++g) {
     for (int b = 0; b < nb; ++b) {
       uint8_t* blk = packed + (static_cast<size_t>(g) * nb + b) * bb;
-      uint16_t* scales = reinterpret_cast<uint16_t*>(blk + bb - kQScaleBytes);
+      // wt [32][16]: the block's weights k-major, zeros past the matrix and past K
+      float wt[kQBlock * kQGroupRows] = {};
       for (int r = 0; r < kQGroupRows; ++r) {
         const int row = g * kQGroupRows + r;
-        float w[kQBlock] = {};
-        if (row < N && row < row0 + n_rows)
-          for (int k = 0; k < kQBlock && b * kQBlock + k < K; ++k) {
-            const size_t idx = static_cast<size_t>(row - row0) * K + b * kQBlock + k;
-            if (w_f32 != nullptr) {
-              w[k] = w_f32[idx];
-            } else {
-              const uint32_t bits = static_cast<uint32_t>(w_bf16[idx]) << 16;
-              std::memcpy(&w[k], &bits, sizeof bits);
-            }
+        if (row >= N || row >= row0 + n_rows) continue;
+        for (int k = 0; k < kQBlock && b * kQBlock + k < K; ++k) {
+          const size_t idx = static_cast<size_t>(row - row0) * K + b * kQBlock + k;
+          if (w_f32 != nullptr) {
+            wt[k * kQGroupRows + r] = w_f32[idx];
+          } else {
+            const uint32_t bits = static_cast<uint32_t>(w_bf16[idx]) << 16;
+            std::memcpy(&wt[k * kQGroupRows + r], &bits, sizeof bits);
           }
-        if (f == QFormat::Int8) {
-          int8_t q[kQBlock];
-          quantize_block_int8_ref(w, q, &scales[r]);
-          for (int k = 0; k < kQBlock; ++k)
-            blk[(k / 4) * 64 + r * 4 + k % 4] = static_cast<uint8_t>(q[k] + 128);
-        } else {
-          uint8_t q[kQBlock];
-          quantize_block_int4_ref(w, q, &scales[r]);
-          for (int k = 0; k < kQBlock / 2; ++k)
-            blk[(k / 4) * 64 + r * 4 + k % 4] = static_cast<uint8_t>(q[k] | (q[k + 16] << 4));
         }
+      }
+      if (f == QFormat::Int4) {
+        quantize_int4(wt, blk);
+        continue;
+      }
+      uint16_t* scales = reinterpret_cast<uint16_t*>(blk + kQ8QuantBytes);
+      for (int r = 0; r < kQGroupRows; ++r) {
+        float w[kQBlock];
+        for (int k = 0; k < kQBlock; ++k) w[k] = wt[k * kQGroupRows + r];
+        int8_t q[kQBlock];
+        quantize_block_int8_ref(w, q, &scales[r]);
+        for (int k = 0; k < kQBlock; ++k) blk[(k / 4) * 64 + r * 4 + k % 4] = static_cast<uint8_t>(q[k] + 128);
       }
     }
   }

@@ -149,7 +149,7 @@ def on_isa(isa, fn):
 
 def test_supported_isas_and_set_isa():
     assert ISAS[0] == "generic"
-    assert set(ISAS) <= {"generic", "avx2", "avx512", "avx512_bf16"}
+    assert set(ISAS) <= {"generic", "avx2", "avx_vnni", "avx512", "avx512_bf16"}
     for isa in ISAS:
         ops.set_isa(isa)
         assert ops.cpu_isa() == isa

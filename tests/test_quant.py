@@ -80,6 +80,80 @@ def test_int4_layout_scale_search_and_error(shape):
     assert np.sqrt(err_ours.sum() / (b ** 2).sum()) < 0.09  # Gaussian weights: ~0.08 relative RMS
 
 
+def _int4_search_numpy(w):
+    """The int4 scale search of csrc/quant.cpp (quantize_block_int4_ref) in NumPy float32, all
+    blocks at once, every sum in k order: returns levels q - 8 [n, k] and fp16 scales [n, k/32]."""
+    b = _blocks(w).astype(np.float32)  # [n, nb, 32]
+    m = np.zeros(b.shape[:2], np.float32)
+    sum_ww = np.zeros(b.shape[:2], np.float32)
+    for k in range(32):
+        x = b[..., k]
+        m = np.where(np.abs(x) > np.abs(m), x, m)
+        sum_ww = sum_ww + x * x
+    best_err = np.full(m.shape, np.inf, np.float32)
+    best_d = np.zeros(m.shape, np.float16)
+    best_l = np.zeros(b.shape, np.float32)
+    magic = np.float32(12582912.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for step in range(-9, 10):
+            iscale = -(np.float32(8.0) + np.float32(0.1) * np.float32(step)) / m
+            l = np.minimum(np.maximum((iscale[..., None] * b + magic) - magic, np.float32(-8)), np.float32(7))
+            sum_lw = np.zeros(m.shape, np.float32)
+            sum_ll = np.zeros(m.shape, np.float32)
+            for k in range(32):
+                sum_lw = sum_lw + l[..., k] * b[..., k]
+                sum_ll = sum_ll + l[..., k] * l[..., k]
+            dh = (sum_lw / sum_ll).astype(np.float16)
+            dq = dh.astype(np.float32)
+            err = (sum_ww - np.float32(2.0) * dq * sum_lw) + dq * dq * sum_ll
+            take = (m != 0) & (sum_ll != 0) & (err < best_err)
+            best_err = np.where(take, err, best_err)
+            best_d = np.where(take, dh, best_d)
+            best_l = np.where(take[..., None], l, best_l)
+    n, k = w.shape
+    return best_l.reshape(n, -1)[:, :k].astype(np.int32), best_d.astype(np.float32)
+
+
+def _int4_hard_cases():
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((53, 200)).astype(np.float32)  # 53 rows: a partial last group; K tail 8
+    w[0] = rng.integers(-3, 4, 200)  # exact ties between candidate scales and between |max| values
+    w[1, :32] = 0.0  # an all-zero block
+    w[2] *= 1e-7  # scales below fp16's smallest normal (subnormal halves)
+    w[3] *= 1e4
+    w[4, :32] = np.tile([2.5, -2.5], 16)  # equal magnitudes, opposite signs: the first one wins
+    w[5, 40:72] = np.linspace(-1, 1, 32)
+    w[6, 64:96] = 1.0  # a constant block
+    return w
+
+
+def test_int4_reference_is_the_numpy_search():
+    w = _int4_hard_cases()
+    glm4rt.set_isa("generic")
+    try:
+        q, d = _unpack(quantize_weight(w, "int4"), "int4", *w.shape)
+    finally:
+        glm4rt.set_isa("auto")
+    q_np, d_np = _int4_search_numpy(w)
+    np.testing.assert_array_equal(d, d_np)
+    np.testing.assert_array_equal(q, q_np)
+
+
+@pytest.mark.parametrize("isa", glm4rt.supported_isas())
+def test_int4_quantizer_is_bitwise_the_reference_on_every_isa(isa):
+    w = _int4_hard_cases()
+    big = np.random.default_rng(12).standard_normal((64, 4096)).astype(np.float32)
+    sources = [w, big, ops.f32_to_bf16(w)]
+    glm4rt.set_isa("generic")
+    try:
+        expected = [quantize_weight(x, "int4") for x in sources]
+        glm4rt.set_isa(isa)
+        for x, e in zip(sources, expected):
+            np.testing.assert_array_equal(quantize_weight(x, "int4"), e)
+    finally:
+        glm4rt.set_isa("auto")
+
+
 def test_zero_and_padded_blocks():
     w = np.zeros((20, 40), np.float32)
     w[3, 5] = 1.5
@@ -116,7 +190,8 @@ def _reference_qmatmul(x, packed, fmt, n):
 
 @pytest.mark.parametrize("isa", glm4rt.supported_isas())
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m, k, n", [(1, 64, 16), (1, 100, 37), (2, 4096, 80), (13, 320, 33), (70, 544, 48)])
+@pytest.mark.parametrize("m, k, n", [(1, 64, 16), (1, 100, 37), (2, 4096, 80), (7, 96, 40), (13, 320, 33),
+                                     (70, 544, 48)])
 def test_kernels_match_reference(isa, fmt, m, k, n):
     rng = np.random.default_rng(m * 1000 + k + n)
     w = rng.standard_normal((n, k)).astype(np.float32)

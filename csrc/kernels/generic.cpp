@@ -149,7 +149,7 @@ const KernelTable& generic_kernels() {
   static const KernelTable table = {
       "generic", 4, 4, generic::gemm_tile<float>, generic::gemm_tile<uint16_t>,
       generic::dot_f32, generic::axpy_f32, generic::read_xor, generic::attn_qk, generic::attn_pv, generic::softmax, generic::silu_mul, 4, generic::qgemm_tile<false>, generic::qgemm_tile<true>,
-      nullptr, nullptr, nullptr, nullptr,
+      nullptr, nullptr, nullptr, nullptr, quantize_int4_group_ref,
   };
   return table;
 }

@@ -341,7 +341,7 @@ const KernelTable& avx2_kernels() {
   static const KernelTable table = {
       "avx2", 3, 4, avx2::gemm_tile<float>, avx2::gemm_tile<uint16_t>,
       avx2::dot_f32, avx2::axpy_f32, avx2::read_xor, avx2::attn_qk, avx2::attn_pv, avx2::softmax, avx2::silu_mul, 2, avx2::qgemm_tile<false>, avx2::qgemm_tile<true>,
-      nullptr, nullptr, nullptr, nullptr,
+      nullptr, nullptr, nullptr, nullptr, quantize_int4_avx2,
   };
   return table;
 }

@@ -338,7 +338,7 @@ const KernelTable& avx512_kernels() {
   static const KernelTable table = {
       "avx512", 4, 4, avx512::gemm_tile<float>, avx512::gemm_tile<uint16_t>,
       avx512::dot_f32, avx512::axpy_f32, avx512::read_xor, avx512::attn_qk, avx512::attn_pv, avx512::softmax, avx512::silu_mul, 8, avx512::qgemm_tile<false>, avx512::qgemm_tile<true>,
-      nullptr, nullptr, nullptr, nullptr,
+      nullptr, nullptr, nullptr, nullptr, quantize_int4_avx512,
   };
   return table;
 }
