@@ -90,8 +90,12 @@ inline uint32_t bf16_pair(const uint16_t* row, int k, int K) {
 
 // Many tokens on AVX512-BF16: x is converted once into panels of 12 tokens ([chunk, pair, 12]);
 // each thread takes panels of 32 weight rows, packs a block of kPanelPairs pairs of them
-// ([pair, 32], in L2) and runs every chunk of tokens over it.
+// ([pair, 32], in L2) and runs every chunk of a block of tokens over it. Blocks of
+// kPanelBlockChunks chunks (~516 tokens, 2 MiB of packed x per block of pairs) keep the tokens
+// a panel meets in L3: a 4096-token prompt would otherwise stream all its 32 MiB of packed x
+// from memory for every panel.
 constexpr int kPanelPairs = 1024;
+constexpr int kPanelBlockChunks = 43;
 
 void matmul_bf16_panels(const KernelTable& kt, const float* x, int M, int K, const uint16_t* w,
                         int N, const float* bias, float* y) {
@@ -108,27 +112,30 @@ void matmul_bf16_panels(const KernelTable& kt, const float* x, int M, int K, con
       kt.bf16_pack_x(x + static_cast<size_t>(c) * T * K, K, std::min(T, M - c * T), K,
                      xp + static_cast<size_t>(c) * P * T);
     uint32_t* buf = wbuf + static_cast<size_t>(thread_index()) * kPanelPairs * R;
+    for (int c0 = 0; c0 < n_chunks; c0 += kPanelBlockChunks) {
+      const int c1 = std::min(n_chunks, c0 + kPanelBlockChunks);
 #pragma omp for schedule(static)
-    for (int panel = 0; panel < n_panels; ++panel) {
-      const int n0 = panel * R, nn = std::min(R, N - n0);
-      for (int p0 = 0; p0 < P; p0 += kPanelPairs) {
-        const int np = std::min(kPanelPairs, P - p0);
-        if (nn == R && 2 * (p0 + np) <= K) {
-          kt.bf16_pack(w + static_cast<size_t>(n0) * K + 2 * p0, K, np, buf);
-        } else {  // the last rows of the matrix, or an odd K's last pair
-          for (int r = 0; r < R; ++r) {
-            const uint16_t* wr = w + static_cast<size_t>(n0 + r) * K;
-            for (int p = 0; p < np; ++p)
-              buf[static_cast<size_t>(p) * R + r] = r < nn ? bf16_pair(wr, 2 * (p0 + p), K) : 0u;
+      for (int panel = 0; panel < n_panels; ++panel) {
+        const int n0 = panel * R, nn = std::min(R, N - n0);
+        for (int p0 = 0; p0 < P; p0 += kPanelPairs) {
+          const int np = std::min(kPanelPairs, P - p0);
+          if (nn == R && 2 * (p0 + np) <= K) {
+            kt.bf16_pack(w + static_cast<size_t>(n0) * K + 2 * p0, K, np, buf);
+          } else {  // the last rows of the matrix, or an odd K's last pair
+            for (int r = 0; r < R; ++r) {
+              const uint16_t* wr = w + static_cast<size_t>(n0 + r) * K;
+              for (int p = 0; p < np; ++p)
+                buf[static_cast<size_t>(p) * R + r] = r < nn ? bf16_pair(wr, 2 * (p0 + p), K) : 0u;
+            }
           }
+          for (int c = c0; c < c1; ++c)
+            kt.bf16_panel(xp + (static_cast<size_t>(c) * P + p0) * T, buf, np,
+                          y + static_cast<size_t>(c) * T * N + n0, N, std::min(T, M - c * T), nn, p0 > 0);
         }
-        for (int c = 0; c < n_chunks; ++c)
-          kt.bf16_panel(xp + (static_cast<size_t>(c) * P + p0) * T, buf, np,
-                        y + static_cast<size_t>(c) * T * N + n0, N, std::min(T, M - c * T), nn, p0 > 0);
+        if (bias != nullptr)
+          for (int t = c0 * T; t < std::min(M, c1 * T); ++t)
+            for (int j = 0; j < nn; ++j) y[static_cast<size_t>(t) * N + n0 + j] += bias[n0 + j];
       }
-      if (bias != nullptr)
-        for (int t = 0; t < M; ++t)
-          for (int j = 0; j < nn; ++j) y[static_cast<size_t>(t) * N + n0 + j] += bias[n0 + j];
     }
   }
 }
@@ -294,9 +301,10 @@ void attention(const AttentionArgs& a) {
       for (int r = 0; r < rows; ++r) {
         const int64_t last = a.q_pos[t0 + r / group];  // causal limit of this row's token
         float* sr = scores + static_cast<size_t>(r) * S;
-        for (int s = 0; s < S; ++s)
-          sr[s] = s < n_vis && s <= last && (mask == nullptr || mask[s] != 0) ? sr[s] * a.scale : neg_inf;
-        kt.softmax(sr, S);
+        for (int s = 0; s < n_vis; ++s)
+          sr[s] = s <= last && (mask == nullptr || mask[s] != 0) ? sr[s] * a.scale : neg_inf;
+        kt.softmax(sr, n_vis);  // keys from n_vis on are invisible to the whole block
+        if (a.probs != nullptr) std::fill(sr + n_vis, sr + S, 0.0f);
       }
       // out [rows, d] = probs [rows, n_vis] @ V [n_vis, d]
       kt.attn_pv(scores, S, rows, vb, n_vis, d, obuf);

@@ -191,6 +191,7 @@ LINEAR_SHAPES = [
     (1, 9000, 6),    # GEMV over long rows (bf16: 4 rows at a time), K % 128 = 40
     (40, 2100, 70),  # bf16 panels: 4 token chunks (12, 12, 12, 4), 2 pair blocks (1024, 26),
                      # 2 full 32-row panels + 6 rows
+    (1050, 71, 40),  # bf16 panels: 88 chunks in 3 token blocks (43, 43, 2), odd K, 32 + 8 rows
 ]
 
 
