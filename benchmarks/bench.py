@@ -230,26 +230,24 @@ def fmt_ratio(a, b):
     return f"{a / b:.2f}x"
 
 
-def bw_fraction(run: dict, t: str, depth) -> float | None:
+def bw_fraction(run: dict, t: str, depth, steps: int) -> float | None:
     """Median over repetitions of decode speed / (probe bandwidth right before it / weight bytes)."""
     r = run["threads"][t]
     times, probes = r["decode_s"].get(str(depth)), r.get("probe_gb_s", {}).get(f"decode {depth}")
     if not times or not probes or not run.get("weight_bytes"):
         return None
-    steps = run["decode_steps"]
     return median([(steps / dt) * run["weight_bytes"] / (bw * 1e9) for dt, bw in zip(times, probes)])
 
 
 def build_rows(results: dict) -> list[dict]:
     """One row per (run, thread count) with every number the tables show."""
     rows = []
-    depth = results["settings"]["depth"]
+    depth, steps = results["settings"]["depth"], results["settings"]["decode_steps"]
     for run in results["runs"]:
         if run.get("status") != "ok":
             rows.append({"engine": run["engine"], "format": run["format"], "threads": None, "status": run.get("status"),
                          "reason": run.get("reason", "")})
             continue
-        run.setdefault("decode_steps", results["settings"]["decode_steps"])
         for t, r in run["threads"].items():
             d0 = r["decode_tok_s"].get("0")
             dd = r["decode_tok_s"].get(str(depth)) if depth else None
@@ -269,8 +267,8 @@ def build_rows(results: dict) -> list[dict]:
                           **{f"decode {d}": v for d, v in r["decode_s"].items()}},
                 "probes": r.get("probe_gb_s", {}),
                 "bw_limit_tok_s": limit,
-                "bw_fraction": bw_fraction(run, t, 0),
-                "bw_fraction_depth": bw_fraction(run, t, depth) if depth else None,
+                "bw_fraction": bw_fraction(run, t, 0, steps),
+                "bw_fraction_depth": bw_fraction(run, t, depth, steps) if depth else None,
             })
     return rows
 
@@ -558,7 +556,7 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
     runs, servers = [], []
     for engine, fmt, label in group:
         say(f"\n== {ENGINE_LABEL[engine]} {label}: loading")
-        run = {"engine": engine, "format": fmt, "label": label, "group": index, "decode_steps": args.decode_steps}
+        run = {"engine": engine, "format": fmt, "label": label, "group": index}
         runs.append(run)
         spec = dict(base, engine=engine, format=fmt)
         need, avail = estimate_rss_bytes(engine, fmt, g), meminfo().get("MemAvailable", 0)

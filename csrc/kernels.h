@@ -106,8 +106,6 @@ void quantize_int4_group_ref(const float* wt, uint8_t* blk);  // quant.cpp: the 
 #if defined(GLM4RT_X86)
 void quantize_int4_avx2(const float* wt, uint8_t* blk);    // x86_avx2_quant.cpp
 void quantize_int4_avx512(const float* wt, uint8_t* blk);  // x86_avx512_quant.cpp
-#endif
-#if defined(GLM4RT_X86)
 const KernelTable& avx2_kernels();
 const KernelTable& avx_vnni_kernels();       // the avx2 table + 256-bit VNNI quantized tiles (VEX)
 const KernelTable& avx_vnni_evex_kernels();  // the same tiles in EVEX encoding (AVX512-VNNI CPUs)

@@ -104,11 +104,20 @@ void quantize_block_int4_ref(const float* w, uint8_t* q, uint16_t* d) {
   *d = best_d;
 }
 
+namespace {
+
+// Row r of a block tile wt [32][16] (k-major), the input of the per-row reference quantizers.
+inline void block_row(const float* wt, int r, float* w) {
+  for (int k = 0; k < kQBlock; ++k) w[k] = wt[k * kQGroupRows + r];
+}
+
+}  // namespace
+
 void quantize_int4_group_ref(const float* wt, uint8_t* blk) {
   uint16_t* scales = reinterpret_cast<uint16_t*>(blk + kQ4QuantBytes);
   for (int r = 0; r < kQGroupRows; ++r) {
     float w[kQBlock];
-    for (int k = 0; k < kQBlock; ++k) w[k] = wt[k * kQGroupRows + r];
+    block_row(wt, r, w);
     uint8_t q[kQBlock];
     quantize_block_int4_ref(w, q, &scales[r]);
     for (int k = 0; k < kQBlock / 2; ++k)
@@ -148,7 +157,7 @@ void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N,
       uint16_t* scales = reinterpret_cast<uint16_t*>(blk + kQ8QuantBytes);
       for (int r = 0; r < kQGroupRows; ++r) {
         float w[kQBlock];
-        for (int k = 0; k < kQBlock; ++k) w[k] = wt[k * kQGroupRows + r];
+        block_row(wt, r, w);
         int8_t q[kQBlock];
         quantize_block_int8_ref(w, q, &scales[r]);
         for (int k = 0; k < kQBlock; ++k) blk[(k / 4) * 64 + r * 4 + k % 4] = static_cast<uint8_t>(q[k] + 128);

@@ -136,7 +136,7 @@ def test_paired_ratios_and_bandwidth_share():
 
     # glm4rt 2x as fast in the first pair, 1.5x in the second: the median of the pair ratios
     assert bench.per_rep_ratios([1.0, 2.0], [2.0, 3.0]) == [2.0, 1.5]
-    run = {"decode_steps": 10, "weight_bytes": 2e9,
+    run = {"weight_bytes": 2e9,
            "threads": {"2": {"decode_s": {"0": [1.0, 0.5]}, "probe_gb_s": {"decode 0": [40.0, 50.0]}}}}
     # 10 tok/s x 2 GB = 20 GB/s of 40 -> 0.5; 20 tok/s x 2 GB = 40 GB/s of 50 -> 0.8
-    assert bench.bw_fraction(run, "2", 0) == pytest.approx(0.65)
+    assert bench.bw_fraction(run, "2", 0, steps=10) == pytest.approx(0.65)
