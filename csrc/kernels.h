@@ -62,6 +62,15 @@ using AttnQK = void (*)(const float* q, size_t ldq, int R, const float* k, int n
 // overwrites out. Keys are taken in blocks that stay in L1 across the G heads.
 using AttnPV = void (*)(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out);
 
+// Decode attention: the G query heads of one token that share a kv head, over the n keys of a
+// range (rows of k and v, d apart; d <= 256); key_mask [n] (0 = padding) or null. Writes
+//   out [G, d] = sum_s e^(score_s - m) v_s  (not yet divided by l)
+//   m [G] = the largest visible score (-inf if none), l [G] = sum_s e^(score_s - m)
+// so that key ranges computed apart (on different threads) merge exactly. Each K and V row is read
+// once for all G heads. The drivers use it when no attention probabilities are asked for.
+using AttnDecode = void (*)(const float* q, int G, const float* k, const float* v, int n, int d,
+                            const uint8_t* key_mask, float scale, float* out, float* m, float* l);
+
 // In place over x[n]: softmax (fp32); -inf entries get 0, an all -inf row becomes all 0.
 using SoftmaxF32 = void (*)(float* x, int n);
 // out[i] = up[i] * silu(gate[i]) = up[i] * gate[i] / (1 + exp(-gate[i]))
@@ -98,6 +107,7 @@ struct KernelTable {
   Bf16Pack bf16_pack;             // with bf16_panel
   Bf16PackX bf16_pack_x;          // with bf16_panel
   QuantizeInt4 quantize_int4;
+  AttnDecode attn_decode;
 };
 
 // One function per ISA file; each returns its static table.

@@ -259,8 +259,67 @@ void silu_mul(const float* gate_up, float* out, int M, int I) {
 // of one kv head share every transposed key block and every V row read.
 constexpr int kAttnQueries = 4;
 
+// Decoding (one query token, no probabilities asked for): per (sequence, kv head, range of
+// kDecodeSplitKeys keys) one attn_decode call, which reads each K and V row once for the whole
+// group of query heads; then the ranges are merged by their softmax statistics. Ranges split a
+// long context between the threads even when there are fewer kv heads than threads; their size is
+// fixed, so the result does not depend on the thread count.
+constexpr int kDecodeSplitKeys = 1024;
+
+void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
+  const int group = a.n_heads / a.n_kv_heads, d = a.head_dim, S = a.n_keys;
+  const int n_vis = static_cast<int>(std::clamp<int64_t>(a.q_pos[0] + 1, 0, S));  // causal: keys 0 .. q_pos
+  const int n_splits = std::max(1, (n_vis + kDecodeSplitKeys - 1) / kDecodeSplitKeys);
+  const long long n_items = static_cast<long long>(a.batch) * a.n_kv_heads * n_splits;
+  const size_t per_item = static_cast<size_t>(group) * (d + 2);  // out [group, d], m [group], l [group]
+  float* part = reused_scratch<float, 0>(static_cast<size_t>(n_items) * per_item);
+  const long long n_rows = static_cast<long long>(a.batch) * a.n_heads;
+#pragma omp parallel num_threads(get_num_threads()) if (static_cast<long long>(a.batch) * S * d * a.n_heads >= kParallelWork)
+  {
+#pragma omp for schedule(static)
+    for (long long item = 0; item < n_items; ++item) {
+      const int split = static_cast<int>(item % n_splits);
+      const long long bg = item / n_splits;  // b * n_kv_heads + g
+      const int b = static_cast<int>(bg / a.n_kv_heads), g = static_cast<int>(bg % a.n_kv_heads);
+      const int s0 = split * kDecodeSplitKeys, ns = std::max(0, std::min(kDecodeSplitKeys, n_vis - s0));
+      const size_t kv_off = (static_cast<size_t>(bg) * a.capacity + s0) * d;
+      float* out = part + static_cast<size_t>(item) * per_item;
+      kt.attn_decode(a.q + (static_cast<size_t>(b) * a.n_heads + static_cast<size_t>(g) * group) * d, group,
+                     a.k + kv_off, a.v + kv_off, ns, d,
+                     a.key_mask ? a.key_mask + static_cast<size_t>(b) * S + s0 : nullptr, a.scale,
+                     out, out + static_cast<size_t>(group) * d, out + static_cast<size_t>(group) * (d + 1));
+    }
+    // Merge: out_h = sum_i e^(m_i - M) out_i / sum_i e^(m_i - M) l_i, M = max_i m_i; zeros
+    // for a head that sees no key.
+#pragma omp for schedule(static)
+    for (long long row = 0; row < n_rows; ++row) {  // row = b * n_heads + head
+      const int head = static_cast<int>(row % a.n_heads), h = head % group;
+      const long long first = (row / a.n_heads * a.n_kv_heads + head / group) * n_splits;
+      const float* p0 = part + static_cast<size_t>(first) * per_item;
+      float M = -std::numeric_limits<float>::infinity();
+      for (int i = 0; i < n_splits; ++i) M = std::max(M, p0[i * per_item + static_cast<size_t>(group) * d + h]);
+      float* dst = a.out + static_cast<size_t>(row) * d;
+      std::fill(dst, dst + d, 0.0f);
+      if (M == -std::numeric_limits<float>::infinity()) continue;
+      float L = 0.0f;
+      for (int i = 0; i < n_splits; ++i) {
+        const float* pi = p0 + i * per_item;
+        const float w = std::exp(pi[static_cast<size_t>(group) * d + h] - M);  // 0 for a range with no visible key
+        L += w * pi[static_cast<size_t>(group) * (d + 1) + h];
+        for (int c = 0; c < d; ++c) dst[c] += w * pi[static_cast<size_t>(h) * d + c];
+      }
+      const float inv = 1.0f / L;
+      for (int c = 0; c < d; ++c) dst[c] *= inv;
+    }
+  }
+}
+
 void attention(const AttentionArgs& a) {
   const KernelTable& kt = kernels();
+  if (kt.attn_decode != nullptr && a.n_queries == 1 && a.probs == nullptr) {
+    attention_decode(kt, a);
+    return;
+  }
   const int group = a.n_heads / a.n_kv_heads;  // query heads sharing one kv head
   const int d = a.head_dim, S = a.n_keys;
   const int n_tblocks = (a.n_queries + kAttnQueries - 1) / kAttnQueries;

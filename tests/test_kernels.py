@@ -472,10 +472,55 @@ def test_attention_matches_reference(isa, case):
     np.testing.assert_allclose(out, out_g, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(probs, probs_g, rtol=1e-5, atol=1e-6)
 
-    # probs=None and out=None paths give the same bits
+    # Without probs, the same bits (several tokens), or the decode kernel's online softmax (one
+    # token: the same values up to rounding).
     ops.set_isa(isa)
     out2 = ops.attention(q, k, v, n_keys, q_pos, key_mask, scale)
-    np.testing.assert_array_equal(out2, out)
+    if T > 1:
+        np.testing.assert_array_equal(out2, out)
+    else:
+        np.testing.assert_allclose(out2, ref_out, rtol=1e-5, atol=1e-5)
+        assert np.all(out2[~any_vis] == 0.0)
+
+
+DECODE_CASES = {
+    # name: (B, n_heads, n_kv_heads, head_dim, n_keys, q_pos, mask zeros per batch)
+    # 2500 keys: three ranges of 1024 keys (merged across threads), 64-key chunks, a partial last one
+    "glm4_9b_long": (1, 32, 2, 128, 2500, 2499, None),
+    "glm4_9b_padding": (2, 32, 2, 128, 2500, 2400, {0: slice(1024, 2048), 1: slice(0, 2300)}),
+    "group6_dim40": (2, 12, 2, 40, 300, 299, {1: [0, 5, 299]}),  # GLM-4-32B's group of 6
+    "group24_dim20": (1, 48, 2, 20, 130, 100, {0: slice(64, 128)}),  # two passes of <= 16 heads
+    "mha_dim256": (1, 3, 3, 256, 70, 69, None),
+    "blind_query": (2, 4, 1, 16, 40, 39, {0: slice(None), 1: [3]}),
+    "one_key": (1, 16, 1, 64, 9, 0, None),  # sees key 0 only
+}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
+def test_decode_attention_matches_reference(isa, case):
+    # One query token without probabilities: the attn_decode kernel (key-major scores, online
+    # softmax per 64-key chunk, 1024-key ranges merged by their statistics).
+    B, n_h, n_kv, d, n_keys, pos, zeros = DECODE_CASES[case]
+    rng = np.random.default_rng(sum(map(ord, case)))
+    q, k, v, q_pos, key_mask = _attention_case(rng, B, 1, n_h, n_kv, d, n_keys + 5, n_keys, [pos], zeros)
+    q *= 3.0  # peaked softmaxes: the running maximum changes between chunks
+    scale = d ** -0.5
+    ref_out, _ = ref_attention(q, k, v, n_keys, q_pos, key_mask, scale)
+    ops.set_isa(isa)
+    outs = []
+    for n in (1, 2):
+        with num_threads(n):
+            outs.append(ops.attention(q, k, v, n_keys, q_pos, key_mask, scale))
+    np.testing.assert_array_equal(outs[0], outs[1])  # the split into ranges is fixed
+    np.testing.assert_allclose(outs[0], ref_out, rtol=2e-5, atol=2e-5)
+    vis = (np.arange(n_keys) <= pos)[None, :] & (key_mask != 0 if key_mask is not None else True)
+    blind = ~np.broadcast_to(vis, (B, n_keys)).any(-1)
+    assert np.all(outs[0][blind] == 0.0)
+    if case == "blind_query":
+        assert blind[0] and not blind[1]
+    out_g = on_isa("generic", lambda: ops.attention(q, k, v, n_keys, q_pos, key_mask, scale))
+    np.testing.assert_allclose(outs[0], out_g, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("isa", ISAS)

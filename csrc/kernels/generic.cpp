@@ -6,6 +6,7 @@
 
 #include "../kernels.h"
 #include "../quant.h"
+#include "attn_decode_impl.h"
 
 namespace glm4rt {
 namespace generic {
@@ -76,6 +77,23 @@ void attn_pv(const float* p, size_t ldp, int G, const float* v, int S, int d, fl
     for (int s = 0; s < S; ++s) axpy_f32(p[j * ldp + s], v + static_cast<size_t>(s) * d, o, d);
   }
 }
+
+// One lane: the reference form of the decode attention (attn_decode_impl.h).
+struct Vec1 {
+  using R = float;
+  static constexpr int W = 1;
+  static R zero() { return 0.0f; }
+  static R set1(float x) { return x; }
+  static R load(const float* p) { return *p; }
+  static void store(float* p, R r) { *p = r; }
+  static R bcast(const float* p) { return *p; }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  static R mul(R a, R b) { return a * b; }
+  static R add(R a, R b) { return a + b; }
+  static R max(R a, R b) { return a > b ? a : b; }
+  static R exp_visible(R s, R m) { return s == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(s - m); }
+  static R finite_or_zero(R m) { return m == -std::numeric_limits<float>::infinity() ? 0.0f : m; }
+};
 
 void softmax(float* x, int n) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -150,6 +168,7 @@ const KernelTable& generic_kernels() {
       "generic", 4, 4, generic::gemm_tile<float>, generic::gemm_tile<uint16_t>,
       generic::dot_f32, generic::axpy_f32, generic::read_xor, generic::attn_qk, generic::attn_pv, generic::softmax, generic::silu_mul, 4, generic::qgemm_tile<false>, generic::qgemm_tile<true>,
       nullptr, nullptr, nullptr, nullptr, quantize_int4_group_ref,
+      attn_decode::attn_decode<generic::Vec1, 16>,
   };
   return table;
 }

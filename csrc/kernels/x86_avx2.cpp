@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "../kernels.h"
+#include "attn_decode_impl.h"
 
 namespace glm4rt {
 namespace avx2 {
@@ -212,6 +213,24 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+struct Vec8 {  // the decode attention's vector (attn_decode_impl.h)
+  using R = __m256;
+  static constexpr int W = 8;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R r) { _mm256_storeu_ps(p, r); }
+  static R bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static R finite_or_zero(R m) { return _mm256_and_ps(_mm256_cmp_ps(m, set1(-__builtin_inff()), _CMP_NEQ_OQ), m); }
+  static R exp_visible(R s, R m) {
+    return _mm256_and_ps(_mm256_cmp_ps(s, set1(-__builtin_inff()), _CMP_NEQ_OQ), exp8(_mm256_sub_ps(s, m)));
+  }
+};
+
 void softmax(float* x, int n) {
   const float neg_inf = -__builtin_inff();
   float m = neg_inf;
@@ -342,6 +361,7 @@ const KernelTable& avx2_kernels() {
       "avx2", 3, 4, avx2::gemm_tile<float>, avx2::gemm_tile<uint16_t>,
       avx2::dot_f32, avx2::axpy_f32, avx2::read_xor, avx2::attn_qk, avx2::attn_pv, avx2::softmax, avx2::silu_mul, 2, avx2::qgemm_tile<false>, avx2::qgemm_tile<true>,
       nullptr, nullptr, nullptr, nullptr, quantize_int4_avx2,
+      attn_decode::attn_decode<avx2::Vec8, 8>,
   };
   return table;
 }

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "../kernels.h"
+#include "attn_decode_impl.h"
 #include "x86_avx512_transpose.h"
 
 namespace glm4rt {
@@ -176,6 +177,24 @@ inline __m512 exp16(__m512 x) {
 }
 
 
+struct Vec16 {  // the decode attention's vector (attn_decode_impl.h)
+  using R = __m512;
+  static constexpr int W = 16;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R r) { _mm512_storeu_ps(p, r); }
+  static R bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static R finite_or_zero(R m) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, set1(-__builtin_inff()), _CMP_NEQ_OQ), m); }
+  static R exp_visible(R s, R m) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, set1(-__builtin_inff()), _CMP_NEQ_OQ), exp16(_mm512_sub_ps(s, m)));
+  }
+};
+
 void softmax(float* x, int n) {
   const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
   __m512 mx = neg_inf;
@@ -339,6 +358,7 @@ const KernelTable& avx512_kernels() {
       "avx512", 4, 4, avx512::gemm_tile<float>, avx512::gemm_tile<uint16_t>,
       avx512::dot_f32, avx512::axpy_f32, avx512::read_xor, avx512::attn_qk, avx512::attn_pv, avx512::softmax, avx512::silu_mul, 8, avx512::qgemm_tile<false>, avx512::qgemm_tile<true>,
       nullptr, nullptr, nullptr, nullptr, quantize_int4_avx512,
+      attn_decode::attn_decode<avx512::Vec16, 16>,
   };
   return table;
 }
