@@ -58,6 +58,21 @@ CpuFeatures detect() {
   return f;
 }
 
+// AMD family 0x1A (Zen 5) and later.
+bool detect_zen5_or_later() {
+#if defined(GLM4RT_X86)
+  unsigned int eax, ebx, ecx, edx;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amd = ebx == 0x68747541u && edx == 0x69746e65u && ecx == 0x444d4163u;  // "AuthenticAMD"
+  if (!amd || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  unsigned int family = (eax >> 8) & 0xF;
+  if (family == 0xF) family += (eax >> 20) & 0xFF;
+  return family >= 0x1A;
+#else
+  return false;
+#endif
+}
+
 const CpuFeatures& cpu() {
   static const CpuFeatures features = detect();
   return features;
@@ -102,6 +117,17 @@ std::atomic<const KernelTable*> g_table{nullptr};
 std::atomic<int> g_threads{0};
 
 }  // namespace
+
+bool decode_prefetch_into_l1() {
+  static const bool l1 = [] {
+    const char* env = std::getenv("GLM4RT_DECODE_PREFETCH");
+    const std::string v = env != nullptr ? env : "";
+    GLM4RT_CHECK(v.empty() || v == "l1" || v == "l2")
+        << "GLM4RT_DECODE_PREFETCH must be l1 or l2, got '" << v << "'";
+    return v.empty() ? detect_zen5_or_later() : v == "l1";
+  }();
+  return l1;
+}
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out{"generic"};

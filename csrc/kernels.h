@@ -110,6 +110,11 @@ struct KernelTable {
   AttnDecode attn_decode;
 };
 
+// CPU tuning that never changes results, from CPUID (dispatch.cpp): whether the AVX-512 quantized
+// decode GEMV prefetches its weight streams into L1 (~3 KiB ahead: AMD Zen 5 and later) or into L2
+// (~2 KiB ahead: the default, tuned on Zen 4). GLM4RT_DECODE_PREFETCH=l1|l2 overrides it.
+bool decode_prefetch_into_l1();
+
 // One function per ISA file; each returns its static table.
 const KernelTable& generic_kernels();
 void quantize_int4_group_ref(const float* wt, uint8_t* blk);  // quant.cpp: the specification

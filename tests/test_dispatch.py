@@ -42,6 +42,33 @@ def test_env_with_unknown_isa_fails_import_with_message():
     assert "Traceback" in r.stderr  # a Python exception, not a crash
 
 
+_DECODE_CODE = """
+import hashlib, numpy as np, glm4rt
+from glm4rt.quant import QuantLinear, quantize_weight
+rng = np.random.default_rng(5)
+w = rng.standard_normal((80, 4096)).astype(np.float32)  # 5 groups of 16 rows: pairs and a single
+x = rng.standard_normal((1, 4096)).astype(np.float32)
+h = hashlib.sha256()
+for fmt in ("int8", "int4"):
+    for n in (1, 2):
+        glm4rt.set_num_threads(n)
+        h.update(QuantLinear(quantize_weight(w, fmt), fmt, 80, 4096)(x).tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_decode_prefetch_setting_changes_no_bits():
+    # GLM4RT_DECODE_PREFETCH picks where the one-token quantized GEMV prefetches its weights (a
+    # CPU tuning): both settings must give the same bits as the default.
+    runs = {v: _run(_DECODE_CODE, **({"GLM4RT_DECODE_PREFETCH": v} if v else {})) for v in ("", "l1", "l2")}
+    for v, r in runs.items():
+        assert r.returncode == 0, (v, r.stderr)
+    assert len({r.stdout for r in runs.values()}) == 1
+    bad = _run("import glm4rt", GLM4RT_DECODE_PREFETCH="l3")
+    assert bad.returncode != 0 and "GLM4RT_DECODE_PREFETCH must be l1 or l2" in bad.stderr
+    assert "Traceback" in bad.stderr
+
+
 def test_env_sets_threads():
     r = _run("import glm4rt; print(glm4rt.get_num_threads())", GLM4RT_NUM_THREADS="3")
     assert r.returncode == 0, r.stderr

@@ -249,7 +249,7 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* x) {
 // mt tokens x 16 rows (x G groups). Each 64-byte load holds 4 consecutive k of all 16 rows (one
 // row per 32-bit lane), so one broadcast of 4 activation bytes feeds 16 rows per vpdpbusd, and
 // G = 2 groups share every broadcast when decoding a single token.
-template <int MT, int G, bool kInt4>
+template <int MT, int G, bool kInt4, bool kPrefetchL1 = false>
 void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t* xq, const float* xs,
            const int32_t* xsum, size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
   constexpr size_t kQuant = kInt4 ? 256 : 512, kBlockBytes = kQuant + 32;
@@ -261,15 +261,19 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
   for (int g = 0; g < G; ++g)
     for (int m = 0; m < MT; ++m) acc[g][m] = _mm512_setzero_ps();
   for (int b = 0; b < n_blocks; ++b) {
-    // Software prefetch into L2, a few blocks (~2 KiB) ahead in every group stream: decoding one
-    // token, the hardware prefetchers alone leave bandwidth unused. Distances measured on the
-    // benchmark CPU (lm_head GEMV, share of the probe's bandwidth, 2 threads): int4 0.81 (8 blocks
-    // ahead into L1) -> 0.89-0.92 (6 into L2); int8 0.99 (none) -> 1.00-1.03 (4 into L2, and 1 thread
-    // 0.92 -> 1.00); farther (8+ blocks) was worse for both.
-    constexpr int kAhead = kInt4 ? 6 : 4;
+    // Software prefetch a few blocks ahead in every group stream: decoding one token, the hardware
+    // prefetchers alone leave bandwidth unused. Two settings, chosen per CPU (kernels.h):
+    //  - into L2, ~2 KiB ahead (the default). Zen 4, lm_head GEMV, share of the probe's bandwidth,
+    //    2 threads: int4 0.81 (8 blocks ahead into L1) -> 0.89-0.92 (6 into L2); int8 0.99 (none)
+    //    -> 1.00-1.03 (4 into L2; 1 thread 0.92 -> 1.00); farther (8+ blocks) was worse for both.
+    //  - into L1, ~3 KiB ahead (Zen 5, 48 KiB L1). Zen 5, GLM-4-9B matrices streamed from memory,
+    //    against the L2 setting: int4 +13% (1 thread) and +12% (2 threads, 54 -> 59 GB/s);
+    //    int8 +12% (1 thread), level with 2.
+    constexpr int kAhead = kPrefetchL1 ? (kInt4 ? 10 : 6) : (kInt4 ? 6 : 4);
     for (int g = 0; g < G; ++g)
       for (size_t off = 0; off < kBlockBytes; off += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(group + g * group_bytes + (b + kAhead) * kBlockBytes + off), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(group + g * group_bytes + (b + kAhead) * kBlockBytes + off),
+                     kPrefetchL1 ? _MM_HINT_T0 : _MM_HINT_T1);
     __m512i isum[G][MT][kChains], isum_hi[G][MT][kChains];
     for (int g = 0; g < G; ++g)
       for (int m = 0; m < MT; ++m)
@@ -326,18 +330,20 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
   }
 }
 
-template <bool kInt4>
+// kPrefetchL1: the prefetch setting of the one-token (decode) tiles; the tiles of several tokens
+// read each weight block for every token of the tile and keep the L2 setting.
+template <bool kInt4, bool kPrefetchL1>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y,
                 size_t ldy, int rows) {
 #define GLM4RT_QTILE(MT, G) qtile<MT, G, kInt4>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows)
   if (n_groups == 2 && mt == 1 && rows > 16) {
-    GLM4RT_QTILE(1, 2);
+    qtile<1, 2, kInt4, kPrefetchL1>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows);
     return;
   }
   for (int g = 0; g < n_groups && rows > 16 * g; ++g, group += group_bytes, y += 16, rows -= 16) {
     switch (mt) {
-      case 1: GLM4RT_QTILE(1, 1); break;
+      case 1: qtile<1, 1, kInt4, kPrefetchL1>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows); break;
       case 2: GLM4RT_QTILE(2, 1); break;
       case 3: GLM4RT_QTILE(3, 1); break;
       case 4: GLM4RT_QTILE(4, 1); break;
@@ -354,9 +360,12 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 }  // namespace avx512
 
 const KernelTable& avx512_kernels() {
+  static const bool l1 = decode_prefetch_into_l1();
   static const KernelTable table = {
       "avx512", 4, 4, avx512::gemm_tile<float>, avx512::gemm_tile<uint16_t>,
-      avx512::dot_f32, avx512::axpy_f32, avx512::read_xor, avx512::attn_qk, avx512::attn_pv, avx512::softmax, avx512::silu_mul, 8, avx512::qgemm_tile<false>, avx512::qgemm_tile<true>,
+      avx512::dot_f32, avx512::axpy_f32, avx512::read_xor, avx512::attn_qk, avx512::attn_pv, avx512::softmax, avx512::silu_mul, 8,
+      l1 ? avx512::qgemm_tile<false, true> : avx512::qgemm_tile<false, false>,
+      l1 ? avx512::qgemm_tile<true, true> : avx512::qgemm_tile<true, false>,
       nullptr, nullptr, nullptr, nullptr, quantize_int4_avx512,
       attn_decode::attn_decode<avx512::Vec16, 16>,
   };
