@@ -192,6 +192,8 @@ void attention(const py::array& q, const py::array& k, const py::array& v, int n
   a.n_kv_heads = static_cast<int>(k.shape(1));
   a.capacity = static_cast<int>(k.shape(2));
   expect<float>(v, "v", {a.batch, a.n_kv_heads, a.capacity, a.head_dim});
+  GLM4RT_CHECK(a.head_dim >= 1 && a.head_dim <= glm4rt::kMaxHeadDim)
+      << "head_dim must be in [1, " << glm4rt::kMaxHeadDim << "] (the attention kernels' limit), got " << a.head_dim;
   GLM4RT_CHECK(a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0)
       << "n_heads (" << a.n_heads << ") must be a multiple of n_kv_heads (" << a.n_kv_heads << ")";
   GLM4RT_CHECK(n_keys > 0 && n_keys <= a.capacity)

@@ -52,6 +52,10 @@ using Bf16Pack = void (*)(const uint16_t* w, size_t ldw, int npairs, uint32_t* w
 // (nearest even); rows m .. 11 and the pad of an odd K are zeros.
 using Bf16PackX = void (*)(const float* x, size_t ldx, int m, int K, uint32_t* xp);
 
+// Largest head_dim the attention kernels take (they keep a block of transposed keys or the
+// transposed queries on the stack); the bindings reject larger ones. GLM-4 models use 128.
+constexpr int kMaxHeadDim = 256;
+
 // Attention scores: S[r, s] = sum_c q[r, c] * k[s, c] for R query rows (ldq apart) and n keys
 // (rows of k, d apart; d <= 256); S rows lds apart, overwritten. The SIMD versions transpose each
 // block of keys once for all R rows, so every score is a lane of a vector of FMAs (no reductions).

@@ -47,6 +47,7 @@ _DEFAULTS: dict[str, Any] = {
 }
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 _SUPPORTED_ACTS = ("silu", "swish")
+MAX_HEAD_DIM = 256  # csrc/kernels.h kMaxHeadDim
 
 
 class Glm4Config:
@@ -136,6 +137,9 @@ class Glm4Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.head_dim > MAX_HEAD_DIM:
+            raise ConfigError(f"head_dim={self.head_dim} is larger than {MAX_HEAD_DIM}, the most glm4rt's "
+                              "attention kernels take (GLM-4 models use 128)")
         if self.hidden_act not in _SUPPORTED_ACTS:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (GLM-4 uses 'silu')")
         if self.num_attention_heads % self.num_key_value_heads:

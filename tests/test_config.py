@@ -92,6 +92,7 @@ def test_overrides(tmp_path):
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1.0}), "linear"),
     (dict(num_attention_heads=6, num_key_value_heads=4), "multiple"),
     (dict(head_dim=10, partial_rotary_factor=0.3), "even"),
+    (dict(head_dim=512), "head_dim=512 is larger than 256"),
     (dict(problem_type="ranking"), "problem_type"),
     (dict(hidden_size=0), "hidden_size"),
 ])

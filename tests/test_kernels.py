@@ -641,6 +641,13 @@ BAD_CALLS = {
     "attn_q_pos_len": (lambda: _attn(q_pos=(1, 2, 3)), r"q_pos: dimension 0 must be 2"),
     "attn_heads_not_multiple": (lambda: _attn(q_shape=(1, 2, 6, 8), kv_shape=(1, 4, 6, 8)), r"n_heads \(6\) must be a multiple of n_kv_heads \(4\)"),
     "attn_k_head_dim": (lambda: _attn(kv_shape=(1, 2, 6, 4)), r"\bk: dimension 3 must be 8"),
+    # larger than the kernels' stack buffers: an error, not an overflow (decode and prefill paths)
+    "attn_head_dim_too_large": (lambda: _attn(q_shape=(1, 1, 4, 512), kv_shape=(1, 2, 6, 512), q_pos=(4,),
+                                              out=_f(1, 1, 4, 512), probs=None),
+                                r"head_dim must be in \[1, 256\].*got 512"),
+    "attn_head_dim_too_large_prefill": (lambda: _attn(q_shape=(1, 2, 4, 264), kv_shape=(1, 2, 6, 264),
+                                                      out=_f(1, 2, 4, 264), probs=None),
+                                        r"head_dim must be in \[1, 256\].*got 264"),
     "attn_v_shape": (lambda: _attn(v_shape=(1, 2, 5, 8)), r"\bv: dimension 2 must be 6"),
     "attn_q_float64": (lambda: ops.attention(np.ones((1, 2, 4, 8)), _f(1, 2, 6, 8), _f(1, 2, 6, 8), 5,
                                              np.array([3, 4]), None, 0.3, out=_f(1, 2, 4, 8)), r"\bq: expected dtype float32"),

@@ -28,7 +28,6 @@ namespace attn_decode {
 
 constexpr int kHeads = 16;  // heads per pass (the scores of one key: 16 floats)
 constexpr int kChunk = 64;  // keys per online-softmax step
-constexpr int kMaxDim = 256;
 
 // Software prefetch of a key's K and V rows this many keys ahead (the hardware prefetchers alone
 // leave the long-context cache reads far below the memory bandwidth).
@@ -117,9 +116,9 @@ void attn_decode(const float* q, int G, const float* k, const float* v, int n, i
   using R = typename V::R;
   constexpr int NV = kHeads / V::W;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  alignas(64) float qt[kMaxDim * kHeads];
+  alignas(64) float qt[kMaxHeadDim * kHeads];
   alignas(64) float sc[kChunk * kHeads];
-  alignas(64) float acc[kHeads * kMaxDim];  // unnormalised outputs of the pass's heads [16][d]
+  alignas(64) float acc[kHeads * kMaxHeadDim];  // unnormalised outputs of the pass's heads [16][d]
   alignas(64) float m[kHeads], l[kHeads], alpha[kHeads];
   for (int g0 = 0; g0 < G; g0 += kHeads) {
     const int gs = std::min(kHeads, G - g0);

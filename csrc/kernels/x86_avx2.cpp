@@ -128,7 +128,7 @@ inline void transpose8(__m256 r[8]) {
 // Scores for blocks of 8 keys: the block is transposed once into kt [d, 8], then 8 query rows at
 // a time accumulate q[r, c] * kt[c] in 8 ymm.
 void attn_qk(const float* q, size_t ldq, int R, const float* k, int n, int d, float* s, size_t lds) {
-  alignas(32) float kt[256 * 8];
+  alignas(32) float kt[kMaxHeadDim * 8];
   for (int s0 = 0; s0 < n; s0 += 8) {
     const int nk = n - s0 < 8 ? n - s0 : 8;
     for (int c0 = 0; c0 < d; c0 += 8) {

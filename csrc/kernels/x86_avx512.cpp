@@ -99,7 +99,7 @@ uint64_t read_xor(const uint8_t* data, size_t n_bytes) {
 // Scores for blocks of 16 keys: the block is transposed once into kt [d, 16], then 8 query rows
 // at a time accumulate q[r, c] * kt[c] in 8 zmm (the broadcast folded into the FMA).
 void attn_qk(const float* q, size_t ldq, int R, const float* k, int n, int d, float* s, size_t lds) {
-  alignas(64) float kt[256 * 16];
+  alignas(64) float kt[kMaxHeadDim * 16];
   for (int s0 = 0; s0 < n; s0 += 16) {
     const int nk = n - s0 < 16 ? n - s0 : 16;
     for (int c0 = 0; c0 < d; c0 += 16) {
