@@ -114,9 +114,10 @@ struct KernelTable {
   AttnDecode attn_decode;
 };
 
-// CPU tuning that never changes results, from CPUID (dispatch.cpp): whether the AVX-512 quantized
-// decode GEMV prefetches its weight streams into L1 (~3 KiB ahead: AMD Zen 5 and later) or into L2
-// (~2 KiB ahead: the default, tuned on Zen 4). GLM4RT_DECODE_PREFETCH=l1|l2 overrides it.
+// CPU tuning that never changes results, from CPUID (dispatch.cpp): whether the AVX-512 decode
+// GEMVs prefetch their weight streams into L1 (~3-4 KiB ahead: AMD Zen 5 and later) or, the
+// default tuned on Zen 4, the quantized ones into L2 (~2 KiB ahead) and bf16 not at all.
+// GLM4RT_DECODE_PREFETCH=l1|l2 overrides it.
 bool decode_prefetch_into_l1();
 
 // One function per ISA file; each returns its static table.

@@ -53,13 +53,16 @@ for fmt in ("int8", "int4"):
     for n in (1, 2):
         glm4rt.set_num_threads(n)
         h.update(QuantLinear(quantize_weight(w, fmt), fmt, 80, 4096)(x).tobytes())
+for k in (4096, 9000):  # bf16 GEMV: one row at a time, and 4 rows at a time for K > 8192
+    wb = glm4rt.ops.f32_to_bf16(rng.standard_normal((40, k)).astype(np.float32))
+    h.update(glm4rt.ops.linear(rng.standard_normal((1, k)).astype(np.float32), wb).tobytes())
 print(h.hexdigest())
 """
 
 
 def test_decode_prefetch_setting_changes_no_bits():
-    # GLM4RT_DECODE_PREFETCH picks where the one-token quantized GEMV prefetches its weights (a
-    # CPU tuning): both settings must give the same bits as the default.
+    # GLM4RT_DECODE_PREFETCH picks where the one-token GEMVs (int8, int4, bf16) prefetch their
+    # weights (a CPU tuning): both settings must give the same bits as the default.
     runs = {v: _run(_DECODE_CODE, **({"GLM4RT_DECODE_PREFETCH": v} if v else {})) for v in ("", "l1", "l2")}
     for v, r in runs.items():
         assert r.returncode == 0, (v, r.stderr)
