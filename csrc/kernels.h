@@ -57,8 +57,9 @@ using Bf16PackX = void (*)(const float* x, size_t ldx, int m, int K, uint32_t* x
 constexpr int kMaxHeadDim = 256;
 
 // Attention scores: S[r, s] = sum_c q[r, c] * k[s, c] for R query rows (ldq apart) and n keys
-// (rows of k, d apart; d <= 256); S rows lds apart, overwritten. The SIMD versions transpose each
-// block of keys once for all R rows, so every score is a lane of a vector of FMAs (no reductions).
+// (rows of k, d apart; d <= kMaxHeadDim); S rows lds apart, overwritten. The SIMD versions
+// transpose each block of keys once for all R rows, so every score is a lane of a vector of FMAs
+// (no reductions).
 using AttnQK = void (*)(const float* q, size_t ldq, int R, const float* k, int n, int d, float* s,
                         size_t lds);
 
@@ -67,11 +68,12 @@ using AttnQK = void (*)(const float* q, size_t ldq, int R, const float* k, int n
 using AttnPV = void (*)(const float* p, size_t ldp, int G, const float* v, int S, int d, float* out);
 
 // Decode attention: the G query heads of one token that share a kv head, over the n keys of a
-// range (rows of k and v, d apart; d <= 256); key_mask [n] (0 = padding) or null. Writes
+// range (rows of k and v, d apart; d <= kMaxHeadDim); key_mask [n] (0 = padding) or null. Writes
 //   out [G, d] = sum_s e^(score_s - m) v_s  (not yet divided by l)
 //   m [G] = the largest visible score (-inf if none), l [G] = sum_s e^(score_s - m)
 // so that key ranges computed apart (on different threads) merge exactly. Each K and V row is read
-// once for all G heads. The drivers use it when no attention probabilities are asked for.
+// once for all G heads. Every table has one; the drivers use it when no attention
+// probabilities are asked for.
 using AttnDecode = void (*)(const float* q, int G, const float* k, const float* v, int n, int d,
                             const uint8_t* key_mask, float scale, float* out, float* m, float* l);
 

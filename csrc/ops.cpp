@@ -316,7 +316,7 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
 
 void attention(const AttentionArgs& a) {
   const KernelTable& kt = kernels();
-  if (kt.attn_decode != nullptr && a.n_queries == 1 && a.probs == nullptr) {
+  if (a.n_queries == 1 && a.probs == nullptr) {
     attention_decode(kt, a);
     return;
   }

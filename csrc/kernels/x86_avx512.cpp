@@ -336,14 +336,15 @@ template <bool kInt4, bool kPrefetchL1>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y,
                 size_t ldy, int rows) {
-#define GLM4RT_QTILE(MT, G) qtile<MT, G, kInt4>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows)
+#define GLM4RT_QTILE(MT, G) \
+  qtile<MT, G, kInt4, kPrefetchL1 && (MT) == 1>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows)
   if (n_groups == 2 && mt == 1 && rows > 16) {
-    qtile<1, 2, kInt4, kPrefetchL1>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows);
+    GLM4RT_QTILE(1, 2);
     return;
   }
   for (int g = 0; g < n_groups && rows > 16 * g; ++g, group += group_bytes, y += 16, rows -= 16) {
     switch (mt) {
-      case 1: qtile<1, 1, kInt4, kPrefetchL1>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows); break;
+      case 1: GLM4RT_QTILE(1, 1); break;
       case 2: GLM4RT_QTILE(2, 1); break;
       case 3: GLM4RT_QTILE(3, 1); break;
       case 4: GLM4RT_QTILE(4, 1); break;
@@ -360,12 +361,11 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 }  // namespace avx512
 
 const KernelTable& avx512_kernels() {
-  static const bool l1 = decode_prefetch_into_l1();
   static const KernelTable table = {
       "avx512", 4, 4, avx512::gemm_tile<float>, avx512::gemm_tile<uint16_t>,
       avx512::dot_f32, avx512::axpy_f32, avx512::read_xor, avx512::attn_qk, avx512::attn_pv, avx512::softmax, avx512::silu_mul, 8,
-      l1 ? avx512::qgemm_tile<false, true> : avx512::qgemm_tile<false, false>,
-      l1 ? avx512::qgemm_tile<true, true> : avx512::qgemm_tile<true, false>,
+      decode_prefetch_into_l1() ? avx512::qgemm_tile<false, true> : avx512::qgemm_tile<false, false>,
+      decode_prefetch_into_l1() ? avx512::qgemm_tile<true, true> : avx512::qgemm_tile<true, false>,
       nullptr, nullptr, nullptr, nullptr, quantize_int4_avx512,
       attn_decode::attn_decode<avx512::Vec16, 16>,
   };
