@@ -275,8 +275,11 @@ void silu_mul(const float* gate, const float* up, float* out, int n) {
 
 // ---- quantized weights (layout in quant.h): 16 rows as two ymm halves -----------------------
 // No VNNI here: vpmaddubsw (u8 x s8 -> pairs of i16) + vpmaddwd. int4 quants (0..15) are the
-// unsigned operand directly (no saturation: 2 * 15 * 127 < 32767); int8 uses the sign trick
-// |x| * sign(w, x), which keeps both operands within 127.
+// unsigned operand directly (no saturation: 2 * 15 * 127 < 32767) and a block's products are
+// summed in int16 before one vpmaddwd; int8 uses the sign trick |x| * sign(w, x), which keeps
+// both operands within 127. Sharing the broadcasts between the 2 groups of a decode tile (the
+// old loop took one group at a time) raised Zen 3's int4 GEMV from memory from ~14 to ~20 GB/s
+// on 1 thread (the probe's bandwidth) and int8 from ~15 to ~19.
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -284,59 +287,94 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
-template <int MT, bool kInt4>
-void qtile(const uint8_t* group, int n_blocks, const int8_t* xq, const float* xs,
+// MT tokens x 16 rows x G groups. Each 64-byte chunk holds 4 consecutive k of all 16 rows (bytes
+// 0-31 rows 0-7, bytes 32-63 rows 8-15, one row per 32-bit lane), so one broadcast of 4
+// activation bytes feeds 8 rows per instruction, and G = 2 groups share every broadcast when
+// decoding one token.
+template <int MT, int G, bool kInt4>
+void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t* xq, const float* xs,
            const int32_t* xsum, size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
   constexpr size_t kQuant = kInt4 ? 256 : 512, kBlockBytes = kQuant + 32;
   const __m256i low4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[MT][2];
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  __m256 acc[G][2][MT];
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < MT; ++m) acc[g][0][m] = acc[g][1][m] = _mm256_setzero_ps();
   for (int b = 0; b < n_blocks; ++b) {
-    const uint8_t* blk = group + b * kBlockBytes;
-    __m256i isum[MT][2];
-    for (int m = 0; m < MT; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
-    for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15
-      if (kInt4) {
-        for (int c = 0; c < 4; ++c) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + c * 64 + h * 32));
-          const __m256i lo = _mm256_and_si256(v, low4);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-          for (int m = 0; m < MT; ++m) {
-            const int8_t* x = xq + m * ldq + b * 32;
-            const __m256i p = _mm256_add_epi16(
-                _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(x + 4 * c))),
-                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(x + 16 + 4 * c))));
-            isum[m][h] = _mm256_add_epi32(isum[m][h], _mm256_madd_epi16(p, ones));
-          }
+    // Decoding one int4 token: software prefetch 8 blocks (2.3 KiB) ahead into L1 in every group
+    // stream. Zen 3, GLM-4-9B matrices streamed from memory: +5-10% with 1 thread; int8 (none:
+    // 4 or 6 blocks ahead was 0-15% slower) and 2 threads within the machine's noise.
+    constexpr int kAhead = 8;
+    if (kInt4 && MT == 1)
+      for (int g = 0; g < G; ++g)
+        for (size_t off = 0; off < kBlockBytes; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(group + g * group_bytes + (b + kAhead) * kBlockBytes + off), _MM_HINT_T0);
+    __m256i isum[G][2][MT];
+    if (kInt4) {
+      // int16 sums over the 4 chunks: each chunk adds at most 4 * 15 * 127 = 7620 per lane.
+      __m256i s16[G][2][MT];
+      for (int g = 0; g < G; ++g)
+        for (int h = 0; h < 2; ++h)
+          for (int m = 0; m < MT; ++m) s16[g][h][m] = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        __m256i xlo[MT], xhi[MT];
+        for (int m = 0; m < MT; ++m) {
+          const int8_t* x = xq + m * ldq + b * 32;
+          xlo[m] = _mm256_set1_epi32(load_i32(x + 4 * c));       // k = 4c .. 4c+3
+          xhi[m] = _mm256_set1_epi32(load_i32(x + 16 + 4 * c));  // k = 16+4c ..
         }
-      } else {
-        for (int c = 0; c < 8; ++c) {
-          const __m256i w = _mm256_xor_si256(
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + c * 64 + h * 32)), flip);  // s8 q
-          for (int m = 0; m < MT; ++m) {
-            const __m256i xv = _mm256_set1_epi32(load_i32(xq + m * ldq + b * 32 + 4 * c));
-            const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
-            isum[m][h] = _mm256_add_epi32(isum[m][h], _mm256_madd_epi16(p, ones));
+        for (int g = 0; g < G; ++g)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + g * group_bytes + b * kBlockBytes + c * 64 + h * 32));
+            const __m256i lo = _mm256_and_si256(v, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            for (int m = 0; m < MT; ++m)
+              s16[g][h][m] = _mm256_add_epi16(s16[g][h][m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]),
+                                                                              _mm256_maddubs_epi16(hi, xhi[m])));
           }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int h = 0; h < 2; ++h)
+          for (int m = 0; m < MT; ++m)
+            isum[g][h][m] = _mm256_sub_epi32(_mm256_madd_epi16(s16[g][h][m], ones), _mm256_set1_epi32(8 * xsum[m * lds + b]));
+    } else {
+      for (int g = 0; g < G; ++g)
+        for (int h = 0; h < 2; ++h)
+          for (int m = 0; m < MT; ++m) isum[g][h][m] = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        __m256i xv[MT], xa[MT];
+        for (int m = 0; m < MT; ++m) {
+          xv[m] = _mm256_set1_epi32(load_i32(xq + m * ldq + b * 32 + 4 * c));
+          xa[m] = _mm256_abs_epi8(xv[m]);
         }
+        for (int g = 0; g < G; ++g)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i w = _mm256_xor_si256(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + g * group_bytes + b * kBlockBytes + c * 64 + h * 32)), flip);  // s8 q
+            for (int m = 0; m < MT; ++m) {
+              const __m256i p = _mm256_maddubs_epi16(xa[m], _mm256_sign_epi8(w, xv[m]));
+              isum[g][h][m] = _mm256_add_epi32(isum[g][h][m], _mm256_madd_epi16(p, ones));
+            }
+          }
       }
     }
-    for (int h = 0; h < 2; ++h) {
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + kQuant + h * 16)));
-      for (int m = 0; m < MT; ++m) {
-        __m256i s = isum[m][h];
-        if (kInt4) s = _mm256_sub_epi32(s, _mm256_set1_epi32(8 * xsum[m * lds + b]));
-        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xs[m * lds + b])),
-                                    acc[m][h]);
+    for (int g = 0; g < G; ++g)
+      for (int h = 0; h < 2; ++h) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + g * group_bytes + b * kBlockBytes + kQuant + h * 16)));
+        for (int m = 0; m < MT; ++m)
+          acc[g][h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g][h][m]),
+                                         _mm256_mul_ps(d, _mm256_set1_ps(xs[m * lds + b])), acc[g][h][m]);
       }
-    }
   }
-  for (int m = 0; m < MT; ++m) {
-    float out[16];
-    _mm256_storeu_ps(out, acc[m][0]);
-    _mm256_storeu_ps(out + 8, acc[m][1]);
-    for (int r = 0; r < rows && r < 16; ++r) y[m * ldy + r] = out[r];
+  for (int g = 0; g < G; ++g) {
+    const int r = rows - 16 * g;
+    if (r <= 0) break;
+    for (int m = 0; m < MT; ++m) {
+      float out[16];
+      _mm256_storeu_ps(out, acc[g][0][m]);
+      _mm256_storeu_ps(out + 8, acc[g][1][m]);
+      for (int i = 0; i < r && i < 16; ++i) y[m * ldy + 16 * g + i] = out[i];
+    }
   }
 }
 
@@ -344,12 +382,16 @@ template <bool kInt4>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y,
                 size_t ldy, int rows) {
+  if (n_groups == 2 && mt == 1 && rows > 16) {
+    qtile<1, 2, kInt4>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows);
+    return;
+  }
   for (int g = 0; g < n_groups && rows > 16 * g; ++g) {
     const int r = rows - 16 * g < 16 ? rows - 16 * g : 16;
     if (mt == 1)
-      qtile<1, kInt4>(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y + 16 * g, ldy, r);
+      qtile<1, 1, kInt4>(group + g * group_bytes, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y + 16 * g, ldy, r);
     else
-      qtile<2, kInt4>(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y + 16 * g, ldy, r);
+      qtile<2, 1, kInt4>(group + g * group_bytes, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y + 16 * g, ldy, r);
   }
 }
 
