@@ -52,6 +52,20 @@ using Bf16Pack = void (*)(const uint16_t* w, size_t ldw, int npairs, uint32_t* w
 // (nearest even); rows m .. 11 and the pad of an odd K are zeros.
 using Bf16PackX = void (*)(const float* x, size_t ldx, int m, int K, uint32_t* xp);
 
+// Panel form with fp32 FMAs (many tokens on CPUs without AVX512-BF16; fp32 weights on any):
+// the weights of kF32PanelRows rows over kc columns are packed once, k-major and widened to fp32,
+//   wp [kc, kF32PanelRows]   (rows past the matrix are zeros)
+// and every tile of m <= kF32PanelTokens tokens runs over it:
+//   C[i, j] (+)= sum_k x[i, k] * wp[k, j]    x [m, kc] (row stride ldx), C [m, n <= 16] (ldc)
+// Each C element is one fp32 lane summing k in order, the same on every thread count.
+constexpr int kF32PanelTokens = 6;
+constexpr int kF32PanelRows = 16;
+using F32Panel = void (*)(const float* x, size_t ldx, const float* wp, int kc, float* c, size_t ldc,
+                          int m, int n, bool accumulate);
+// Packs wp [kc, 16] from the n <= 16 rows at w (row stride ldw), columns 0 .. kc.
+using F32PackF32 = void (*)(const float* w, size_t ldw, int n, int kc, float* wp);
+using F32PackBF16 = void (*)(const uint16_t* w, size_t ldw, int n, int kc, float* wp);
+
 // Largest head_dim the attention kernels take (they keep a block of transposed keys or the
 // transposed queries on the stack); the bindings reject larger ones. GLM-4 models use 128.
 constexpr int kMaxHeadDim = 256;
@@ -114,6 +128,9 @@ struct KernelTable {
   Bf16PackX bf16_pack_x;          // with bf16_panel
   QuantizeInt4 quantize_int4;
   AttnDecode attn_decode;
+  F32Panel f32_panel;           // null where the tile form is used for every matmul
+  F32PackF32 f32_pack;          // with f32_panel
+  F32PackBF16 f32_pack_bf16;    // with f32_panel
 };
 
 // CPU tuning that never changes results, from CPUID (dispatch.cpp): whether the AVX-512 decode

@@ -140,6 +140,52 @@ void matmul_bf16_panels(const KernelTable& kt, const float* x, int M, int K, con
   }
 }
 
+// Many tokens with the fp32 panel form (kernels.h; AVX2): each thread takes panels of 16 weight
+// rows; per block of kF32PanelK columns it packs them once ([kc, 16] fp32, 24 KiB, in L1) and
+// runs every tile of 6 tokens of a block of kF32BlockTokens tokens over it (their [192, kc]
+// slice of x, 288 KiB, stays in L2). Zen 3, bf16 weights, 512 tokens: kc 256-512 measured
+// alike, 128 and 768 slower. Blocks of tokens bound what a panel meets to L2 / L3 for
+// long prompts; the weights are then read once per block (a 512-token prompt: 3 times).
+constexpr int kF32PanelK = 384;
+constexpr int kF32BlockTokens = 32 * kF32PanelTokens;
+
+template <typename W, typename Pack>
+void matmul_f32_panels(const KernelTable& kt, Pack pack, const float* x, int M, int K, const W* w,
+                       int N, const float* bias, float* y) {
+  constexpr int T = kF32PanelTokens, R = kF32PanelRows, kPanelFloats = kF32PanelK * R;
+  const int n_panels = (N + R - 1) / R;
+  const int threads = get_num_threads();
+  // One packed panel per thread, 32-byte aligned for the kernels' aligned loads.
+  float* wbuf = reused_scratch<float, 1>(static_cast<size_t>(threads) * kPanelFloats + 8);
+  wbuf += (8 - (reinterpret_cast<uintptr_t>(wbuf) / sizeof(float)) % 8) % 8;
+  const bool parallel = static_cast<long long>(M) * N * K >= kParallelWork;
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    float* buf = wbuf + static_cast<size_t>(thread_index()) * kPanelFloats;
+    for (int m0 = 0; m0 < M; m0 += kF32BlockTokens) {
+      const int mb = std::min(kF32BlockTokens, M - m0);
+#pragma omp for schedule(static)
+      for (int panel = 0; panel < n_panels; ++panel) {
+        const int n0 = panel * R, nn = std::min(R, N - n0);
+        for (int k0 = 0; k0 < K; k0 += kF32PanelK) {
+          const int kb = std::min(kF32PanelK, K - k0);
+          pack(w + static_cast<size_t>(n0) * K + k0, K, nn, kb, buf);
+          if (k0 + kb < K)  // the next block's rows, into L2 while the tiles run
+            for (int r = 0; r < nn; ++r)
+              for (size_t off = 0; off < kF32PanelK * sizeof(W); off += 64)
+                __builtin_prefetch(reinterpret_cast<const char*>(w + static_cast<size_t>(n0 + r) * K + k0 + kb) + off, 0, 2);
+          for (int i = 0; i < mb; i += T)
+            kt.f32_panel(x + static_cast<size_t>(m0 + i) * K + k0, K, buf, kb,
+                         y + static_cast<size_t>(m0 + i) * N + n0, N, std::min(T, mb - i), nn, k0 > 0);
+        }
+        if (bias != nullptr)
+          for (int i = m0; i < m0 + mb; ++i)
+            for (int j = 0; j < nn; ++j) y[static_cast<size_t>(i) * N + n0 + j] += bias[n0 + j];
+      }
+    }
+  }
+}
+
 // Below this many tokens the dot form wins: packing the weight panels costs about as much as a
 // few tokens' products.
 constexpr int kPanelMinTokens = 16;
@@ -148,7 +194,10 @@ constexpr int kPanelMinTokens = 16;
 
 void matmul_f32(const float* x, int M, int K, const float* w, int N, const float* bias, float* y) {
   const KernelTable& kt = kernels();
-  matmul_impl(x, M, K, w, N, bias, y, kt.gemm_tile_f32, kt.mr, kt.nr, kBlockK);
+  if (kt.f32_panel != nullptr && M >= kPanelMinTokens)
+    matmul_f32_panels(kt, kt.f32_pack, x, M, K, w, N, bias, y);
+  else
+    matmul_impl(x, M, K, w, N, bias, y, kt.gemm_tile_f32, kt.mr, kt.nr, kBlockK);
 }
 
 void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const float* bias,
@@ -156,6 +205,11 @@ void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const f
   const KernelTable& kt = kernels();
   if (kt.bf16_panel != nullptr && M >= kPanelMinTokens) {
     matmul_bf16_panels(kt, x, M, K, w, N, bias, y);
+  } else if (kt.f32_panel != nullptr && M >= kPanelMinTokens) {  // x rounded to bf16, as below
+    const size_t n = static_cast<size_t>(M) * K;
+    float* xr = reused_scratch<float, 0>(n);
+    for (size_t i = 0; i < n; ++i) xr[i] = bf16_value(x[i]);
+    matmul_f32_panels(kt, kt.f32_pack_bf16, xr, M, K, w, N, bias, y);
   } else if (kt.gemm_tile_bf16x != nullptr) {
     const size_t n = static_cast<size_t>(M) * K;
     uint16_t* xb = reused_scratch<uint16_t, 0>(n);
