@@ -368,6 +368,9 @@ const KernelTable& avx512_kernels() {
       decode_prefetch_into_l1() ? avx512::qgemm_tile<true, true> : avx512::qgemm_tile<true, false>,
       nullptr, nullptr, nullptr, nullptr, quantize_int4_avx512,
       attn_decode::attn_decode<avx512::Vec16, 16>,
+      // Prefill with fp32 / bf16 weights (where AVX512-BF16 is absent): the AVX2 panel GEMM (its
+      // 6 x 16 ymm tile; every AVX-512 CPU runs AVX2 code).
+      avx2_kernels().f32_panel, avx2_kernels().f32_pack, avx2_kernels().f32_pack_bf16,
   };
   return table;
 }
