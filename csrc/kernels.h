@@ -128,7 +128,7 @@ struct KernelTable {
   Bf16PackX bf16_pack_x;          // with bf16_panel
   QuantizeInt4 quantize_int4;
   AttnDecode attn_decode;
-  F32Panel f32_panel;           // null where the tile form is used for every matmul
+  F32Panel f32_panel;           // avx2 (and avx512, avx_vnni, which take avx2's); null in generic
   F32PackF32 f32_pack;          // with f32_panel
   F32PackBF16 f32_pack_bf16;    // with f32_panel
 };
