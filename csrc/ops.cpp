@@ -83,6 +83,15 @@ inline float bf16_value(float f) {
   return r;
 }
 
+// x [M, K] rounded to bf16 and widened back to fp32 (exact), in this thread's scratch: the
+// activations of the bf16-weight paths that multiply in fp32.
+const float* bf16_rounded(const float* x, int M, int K) {
+  const size_t n = static_cast<size_t>(M) * K;
+  float* xr = reused_scratch<float, 0>(n);
+  for (size_t i = 0; i < n; ++i) xr[i] = bf16_value(x[i]);
+  return xr;
+}
+
 // Bf16 pair (k, k+1) of row `row` (uint16 [.., K]); k + 1 == K pads with zero.
 inline uint32_t bf16_pair(const uint16_t* row, int k, int K) {
   return row[k] | (k + 1 < K ? static_cast<uint32_t>(row[k + 1]) << 16 : 0u);
@@ -205,21 +214,15 @@ void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const f
   const KernelTable& kt = kernels();
   if (kt.bf16_panel != nullptr && M >= kPanelMinTokens) {
     matmul_bf16_panels(kt, x, M, K, w, N, bias, y);
-  } else if (kt.f32_panel != nullptr && M >= kPanelMinTokens) {  // x rounded to bf16, as below
-    const size_t n = static_cast<size_t>(M) * K;
-    float* xr = reused_scratch<float, 0>(n);
-    for (size_t i = 0; i < n; ++i) xr[i] = bf16_value(x[i]);
-    matmul_f32_panels(kt, kt.f32_pack_bf16, xr, M, K, w, N, bias, y);
+  } else if (kt.f32_panel != nullptr && M >= kPanelMinTokens) {
+    matmul_f32_panels(kt, kt.f32_pack_bf16, bf16_rounded(x, M, K), M, K, w, N, bias, y);
   } else if (kt.gemm_tile_bf16x != nullptr) {
     const size_t n = static_cast<size_t>(M) * K;
     uint16_t* xb = reused_scratch<uint16_t, 0>(n);
     for (size_t i = 0; i < n; ++i) xb[i] = to_bf16(x[i]);
     matmul_impl(xb, M, K, w, N, bias, y, kt.gemm_tile_bf16x, kt.mr, kt.nr, K);
-  } else {  // the same products: x rounded to bf16, widened back to fp32 (exact)
-    const size_t n = static_cast<size_t>(M) * K;
-    float* xr = reused_scratch<float, 0>(n);
-    for (size_t i = 0; i < n; ++i) xr[i] = bf16_value(x[i]);
-    matmul_impl(xr, M, K, w, N, bias, y, kt.gemm_tile_bf16, kt.mr, kt.nr, kBlockK);
+  } else {  // the same products in fp32
+    matmul_impl(bf16_rounded(x, M, K), M, K, w, N, bias, y, kt.gemm_tile_bf16, kt.mr, kt.nr, kBlockK);
   }
 }
 

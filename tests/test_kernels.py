@@ -182,7 +182,7 @@ def test_bf16_helpers_round_to_nearest_even():
 # (M, K, N): GEMV and GEMM across the 64-token block, K tails (not multiples of 8/16), K over
 # one and two 512-wide k blocks, N not a multiple of the 4-row tile; the bf16 panel GEMM
 # (AVX512-BF16, 12 tokens x 32 rows, 1024 pairs of k per block) and the fp32 panel GEMM (AVX2,
-# 6 tokens x 16 rows, 256 k per block, 192-token blocks; from 16 tokens on) with their tails.
+# 6 tokens x 16 rows, 384 k per block, 192-token blocks; from 16 tokens on) with their tails.
 LINEAR_SHAPES = [
     (1, 1003, 37),   # GEMV, 2 k-blocks, K % 16 = 11
     (1, 7, 5),       # K shorter than any SIMD width
@@ -193,8 +193,8 @@ LINEAR_SHAPES = [
     (40, 2100, 70),  # bf16 panels: 4 token chunks (12, 12, 12, 4), 2 pair blocks (1024, 26),
                      # 2 full 32-row panels + 6 rows
     (1050, 71, 40),  # bf16 panels: 88 chunks in 3 token blocks (43, 43, 2), odd K, 32 + 8 rows
-    (200, 300, 33),  # fp32 panels: token blocks (192, 8), tiles of 6 with a tail of 2,
-                     # k blocks (256, 44) with a pack tail of 4, 2 full 16-row panels + 1 row
+    (200, 430, 33),  # fp32 panels: token blocks (192, 8), tiles of 6 with a tail of 2,
+                     # k blocks (384, 46) with a pack tail of 6, 2 full 16-row panels + 1 row
     (16, 8, 16),     # fp32 panels: the fewest tokens, one k block of 8, one full panel
 ]
 
