@@ -71,9 +71,9 @@ _BASE_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", 
               "use_cache", "output_attentions", "output_hidden_states", "cache_position", "cache")
 
 
-def _run_base(model: Glm4Model, args: dict[str, Any]):
+def _run_base(model: Glm4Model, args: dict[str, Any], **extra: Any):
     """Call the decoder with the base-model arguments picked out of a head's ``locals()``."""
-    return model.forward(**{k: args[k] for k in _BASE_ARGS}, return_dict=True)
+    return model.forward(**{k: args[k] for k in _BASE_ARGS}, return_dict=True, **extra)
 
 
 class Glm4ForCausalLM(Glm4PreTrainedModel):
@@ -145,14 +145,25 @@ class Glm4ForCausalLM(Glm4PreTrainedModel):
         Returns:
             ``CausalLMOutputWithPast`` with ``logits [batch, kept, vocab]`` float32 (or a tuple).
         """
-        base = _run_base(self.model, locals())
-        hidden = base.last_hidden_state  # [B, T, H]
+        src = input_ids if input_ids is not None else inputs_embeds
+        T = np.shape(src)[1] if src is not None and np.ndim(src) >= 2 else 0  # (the decoder checks shapes)
         if isinstance(logits_to_keep, (int, np.integer)):
             if logits_to_keep < 0:
                 raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
-            kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            keep = np.arange(max(T - logits_to_keep, 0) if logits_to_keep else 0, T)  # [K]
         else:
-            kept = hidden[:, np.asarray(logits_to_keep)]
+            keep = np.asarray(logits_to_keep).reshape(-1)
+            if keep.dtype.kind not in "iu":
+                raise ValueError(f"logits_to_keep indices must be integers, got dtype {keep.dtype}")
+            if keep.size and (keep.min() < -T or keep.max() >= T):
+                raise ValueError(f"logits_to_keep indices must be in [-{T}, {T}), got {keep}")
+            keep = keep % max(T, 1)
+        # The decoder's last layer then computes the kept positions only (ascending, distinct ones:
+        # any other index array is taken from the full output).
+        ascending = keep.size > 0 and bool(np.all(np.diff(keep) > 0))
+        base = _run_base(self.model, locals(), keep_positions=keep if ascending else None)
+        hidden = base.last_hidden_state  # [B, T or K, H]
+        kept = hidden if ascending and hidden.shape[1] == keep.size else hidden[:, keep]
         B, K, H = kept.shape
         logits = self.lm_head(np.ascontiguousarray(kept).reshape(B * K, H)).reshape(B, K, -1)
         loss = causal_lm_loss(logits, labels) if labels is not None else None

@@ -472,7 +472,7 @@ class Glm4Model(Glm4PreTrainedModel):
                 past_key_values: Any = None, inputs_embeds: Any = None, use_cache: Optional[bool] = None,
                 output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
                 cache_position: Any = None, return_dict: Optional[bool] = None, cache: Any = None,
-                ) -> BaseModelOutputWithPast | tuple:
+                *, keep_positions: Optional[np.ndarray] = None) -> BaseModelOutputWithPast | tuple:
         """Run the decoder.
 
         Args:
@@ -487,8 +487,14 @@ class Glm4Model(Glm4PreTrainedModel):
             cache_position: int ``[seq]`` cache rows the new tokens occupy (contiguous); default
                 ``past .. past + seq - 1``. A start below the cached length rewinds the cache.
             return_dict: ``False`` returns a tuple of the non-``None`` fields.
+            keep_positions: int ``[K]`` positions in ``0 .. seq-1`` (ascending, distinct) whose final
+                states are all the caller needs (the causal LM head's ``logits_to_keep``): the last
+                layer still projects every token's key and value into the cache, but runs
+                attention, ``o_proj`` and the MLP for these positions only, as llama.cpp does for a
+                prompt's last layer. Ignored when hidden states or attentions are asked for.
         Returns:
-            ``BaseModelOutputWithPast`` (or a tuple).
+            ``BaseModelOutputWithPast`` (or a tuple); ``last_hidden_state`` is ``[batch, K, H]`` when
+            ``keep_positions`` applied.
         Raises:
             ValueError: token ids outside the vocabulary, a sequence longer than
                 ``max_position_embeddings``, shapes that do not fit.
@@ -582,6 +588,16 @@ class Glm4Model(Glm4PreTrainedModel):
         h = np.empty((N, H), dtype=np.float32)                     # normed input of a block
         attn = np.empty((B, T, n_h, d), dtype=np.float32)          # attention output per head
         ffn = np.empty((N, config.intermediate_size), dtype=np.float32)
+        if output_hidden_states or output_attentions:
+            keep_positions = None
+        if keep_positions is not None:
+            keep_positions = np.asarray(keep_positions, dtype=np.int64).reshape(-1)
+            if keep_positions.size and (keep_positions.min() < 0 or keep_positions.max() >= T
+                                        or np.any(np.diff(keep_positions) <= 0)):
+                raise ValueError(f"keep_positions must be ascending distinct positions in [0, {T}), "
+                                 f"got {keep_positions}")
+            if keep_positions.size in (0, T):
+                keep_positions = None  # every position is kept anyway (or none: nothing to save)
 
         for i, layer in enumerate(self.layers):
             sa = layer.self_attn
@@ -599,6 +615,15 @@ class Glm4Model(Glm4PreTrainedModel):
             ops.rotary_(q, positions, self.inv_freq, R)  # first R dims, adjacent pairs
             ops.rotary_(k, positions, self.inv_freq, R)
             kv.write(i, k.reshape(B, T, n_kv, d), v.reshape(B, T, n_kv, d), past)
+            if keep_positions is not None and i == len(self.layers) - 1:
+                # Last layer, only some positions wanted: the rest of the layer runs on their rows.
+                T = keep_positions.size
+                N = B * T
+                q = np.ascontiguousarray(q.reshape(B, -1, n_h, d)[:, keep_positions])    # [B, T, n_h, d]
+                x = np.ascontiguousarray(x.reshape(B, -1, H)[:, keep_positions]).reshape(N, H)  # [N, H]
+                q_rows = q_rows[keep_positions]
+                h, ffn = h[:N], ffn[:N]
+                attn = np.empty((B, T, n_h, d), dtype=np.float32)
             probs = np.empty((B, n_h, T, total), dtype=np.float32) if output_attentions else None
             ops.attention(q.reshape(B, T, n_h, d), kv.key_cache[i], kv.value_cache[i], total, q_rows,
                           key_mask, d ** -0.5, out=attn, probs=probs)

@@ -66,6 +66,17 @@ def check_causal_extras(model, g) -> None:
         steps.append(out.logits)
     close(np.concatenate(steps, axis=1), g["cache_logits"], "prefill + one-token decode logits")
     close(np.concatenate(steps, axis=1), g["logits"], "cached decode vs full forward")
+    # A prefill that keeps one position (its last layer runs attention and MLP for that row only)
+    # still fills the cache for every position: the decode after it is the same.
+    out = model(ids[:, :5], use_cache=True, logits_to_keep=1)
+    close(out.logits, g["cache_logits"][:, 4:5], "prefill with logits_to_keep=1")
+    cache = out.past_key_values
+    for t in range(5, ids.shape[1]):
+        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        close(out.logits, g["cache_logits"][:, t:t + 1], f"decode step {t} after a logits_to_keep=1 prefill")
+    # Left padding: the last position of every row is real.
+    out = model(g["left_ids"], attention_mask=g["left_mask"], position_ids=g["left_pos"], logits_to_keep=1)
+    close(out.logits[:, 0], g["left_logits"][:, -1], "left-padded batch, logits_to_keep=1")
 
 
 def check_seqcls_extras(model, g) -> None:

@@ -250,3 +250,47 @@ def test_thread_count_does_not_change_results(model, g):
     assert glm4rt.get_num_threads() == before
     np.testing.assert_array_equal(one, two)
     np.testing.assert_allclose(one, g["logits"], atol=1e-4, rtol=0)
+
+
+def _rows_seen_by_last_mlp(model, monkeypatch) -> list[int]:
+    """Record the number of rows the last layer's down_proj multiplies in each call."""
+    rows = []
+    mlp = model.model.layers[-1].mlp
+    down = mlp.down_proj
+
+    def recording(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return down(x, *args, **kwargs)
+
+    monkeypatch.setattr(mlp, "down_proj", recording)
+    return rows
+
+
+def test_logits_to_keep_prunes_the_last_layer(model, g, full_logits, monkeypatch):
+    """With logits_to_keep, the last layer's MLP runs on the kept rows only (the rest of the prompt's
+    last-layer work feeds nothing returned) and the kept logits equal the full forward's."""
+    rows = _rows_seen_by_last_mlp(model, monkeypatch)
+    B, T = g["ids"].shape
+    close(model(g["ids"], logits_to_keep=1).logits, full_logits[:, -1:], "keep 1")
+    close(model(g["ids"], logits_to_keep=np.array([1, 3])).logits, full_logits[:, [1, 3]], "keep [1, 3]")
+    close(model(g["ids"], logits_to_keep=np.array([-1])).logits, full_logits[:, -1:], "keep [-1]")
+    assert rows == [B, 2 * B, B]
+    rows.clear()
+    # Indices out of order or repeated, every position, hidden states asked for: the full last layer.
+    close(model(g["ids"], logits_to_keep=np.array([3, 1, 3])).logits, full_logits[:, [3, 1, 3]], "keep [3, 1, 3]")
+    close(model(g["ids"], logits_to_keep=T + 5).logits, full_logits, "keep more than T")
+    out = model(g["ids"], logits_to_keep=1, output_hidden_states=True)
+    close(out.logits, full_logits[:, -1:], "keep 1 with hidden states")
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert out.hidden_states[-1].shape == (B, T, model.config.hidden_size)
+    assert rows == [B * T] * 3
+
+
+def test_logits_to_keep_bad_values(model, g):
+    T = g["ids"].shape[1]
+    with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
+        model(g["ids"], logits_to_keep=-1)
+    with pytest.raises(ValueError, match=rf"logits_to_keep indices must be in \[-{T}, {T}\)"):
+        model(g["ids"], logits_to_keep=np.array([T]))
+    with pytest.raises(ValueError, match="logits_to_keep indices must be integers"):
+        model(g["ids"], logits_to_keep=np.array([0.5]))
