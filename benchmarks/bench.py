@@ -15,7 +15,7 @@ What it does:
      64 greedy tokens at context depth 0 and 4096; each repetition runs on every engine of the
      format in turn (A B C, C B A, ...) right after a memory-bandwidth probe, so that the engines
      compared meet the same machine state (this machine's bandwidth drifts by up to 2x within
-     minutes). Speeds are medians over the repetitions; ratios are medians of the per-repetition
+     minutes); a decode repetition is itself cut into slices of 8 tokens taken in turn. Speeds are medians over the repetitions; ratios are medians of the per-repetition
      ratios; decode's share of the bandwidth limit uses the probe read next to each repetition;
   4. prints the tables and writes benchmarks/results.md and results.json (--quick: results-quick.*).
 
@@ -205,6 +205,19 @@ def probe_bandwidth(threads: int, size_mib: int) -> float:
     return ops.memory_read_bandwidth(size_mib=size_mib, repeats=3)
 
 
+def split_steps(steps: int, slices: int) -> list[int]:
+    """``steps`` shared out over ``slices`` consecutive calls, the first ones taking the remainder."""
+    return [steps // slices + (i < steps % slices) for i in range(slices)]
+
+
+def merge_slices(answers: list[dict]) -> dict:
+    """One repetition's answer from its slices: their times summed, their tokens concatenated."""
+    if len(answers) == 1:
+        return answers[0]
+    return {"status": "ok", "s": sum(a["s"] for a in answers),
+            "tokens": [tok for a in answers for tok in a.get("tokens", [])]}
+
+
 def per_rep_ratios(a: list, b: list) -> list:
     """Speed ratios A/B of repetitions run back to back (times in seconds: B's time / A's time)."""
     return [tb / ta for ta, tb in zip(a, b) if ta and tb]
@@ -276,6 +289,19 @@ def build_rows(results: dict) -> list[dict]:
     return rows
 
 
+def decode_slices_text(settings: dict) -> str:
+    """How a decode repetition was cut into slices that the engines ran in turn (older results: none)."""
+    slices, steps = settings.get("decode_slices", 1), settings["decode_steps"]
+    if slices <= 1:
+        return ""
+    sizes = split_steps(steps, slices)
+    size = f"{sizes[0]}" if len(set(sizes)) == 1 else f"{min(sizes)}-{max(sizes)}"
+    return (f"; each decode repetition runs in {slices} slices of {size} steps, the engines taking turns slice "
+            "by slice (A B C, C B A, ...; each slice goes on from the engine's previous one), so that they "
+            "share the machine's bandwidth even when it changes within a repetition; an engine's time is the "
+            "sum of its slices")
+
+
 def render_markdown(results: dict) -> str:
     s = results["settings"]
     m = results["machine"]
@@ -304,7 +330,8 @@ def render_markdown(results: dict) -> str:
                "bandwidth drifts. Speeds are medians over the repetitions; ratios are medians of the per-repetition "
                "ratios. Prefill = one forward over a fresh cache returning the last position's logits; decode = "
                f"{s['decode_steps']} greedy single-token steps (argmax fed back)"
-               f"{f', at depth 0 and after a {depth}-token prefill (run once per engine and thread count, in turn; reported as prefill {depth})' if depth else ' at depth 0'}. "
+               f"{f', at depth 0 and after a {depth}-token prefill (run once per engine and thread count, in turn; reported as prefill {depth})' if depth else ' at depth 0'}"
+               f"{decode_slices_text(s)}. "
                "Peak RSS = the engine process's VmHWM (memory-mapped weight pages included). Load = "
                "constructor/from_pretrained wall time with a warm page cache; 1st call = the first forward after "
                "it (a 32-token prefill, where memory-mapped weights are paged in).")
@@ -592,19 +619,30 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
         say(f"    {ENGINE_LABEL[run['engine']]} {run['label']}: error: {answer.get('reason')}")
         server.close()
 
-    def lockstep(t: int, key: str, op: dict, store) -> None:
-        """args.reps repetitions of ``op`` on every engine, alternating the order."""
+    def lockstep(t: int, key: str, op: dict, store, slices: int = 1) -> None:
+        """args.reps repetitions of ``op`` on every engine, alternating the order. With ``slices``
+        > 1 (decode) a repetition is cut into that many calls, op's steps shared out and each later
+        call resuming where the previous one stopped, and the engines take turns slice by slice: they
+        meet the same bandwidth even when it changes within a repetition. An engine's time for the
+        repetition is the sum of its slices, its tokens their concatenation."""
         probes = []
         for rep in range(args.reps):
             probes.append(probe_bandwidth(t, args.bandwidth_mib))
-            order = alive() if rep % 2 == 0 else alive()[::-1]
-            for run, server in order:
-                time.sleep(0.2)  # let the previous engine's worker threads stop spinning
-                answer = server.call(**op)
-                if answer.get("status") != "ok":
-                    fail(run, server, answer)
-                    continue
-                store(run["threads"][str(t)], answer)
+            answers = {id(run): [] for run, _ in alive()}
+            for sl in range(slices):
+                order = alive() if (rep + sl) % 2 == 0 else alive()[::-1]
+                for run, server in order:
+                    time.sleep(0.2)  # let the previous engine's worker threads stop spinning
+                    call = dict(op)
+                    if slices > 1:
+                        call.update(steps=split_steps(op["steps"], slices)[sl], resume=sl > 0)
+                    answer = server.call(**call)
+                    if answer.get("status") != "ok":
+                        fail(run, server, answer)
+                        continue
+                    answers[id(run)].append(answer)
+            for run, _ in alive():
+                store(run["threads"][str(t)], merge_slices(answers[id(run)]))
         for run, _ in alive():
             run["threads"][str(t)].setdefault("probe_gb_s", {})[key] = probes
         line = ", ".join(f"{ENGINE_LABEL[r['engine']]} {r['label']} {summary(r['threads'][str(t)], key)}"
@@ -648,7 +686,8 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
                 first = [r["depth_first_token"][str(d)]] if d else []
                 seqs = r.setdefault("_seqs", {}).setdefault(str(d), [])
                 seqs.append(first + a["tokens"])
-            lockstep(t, f"decode {d}", {"op": "decode", "depth": d, "steps": args.decode_steps}, store)
+            lockstep(t, f"decode {d}", {"op": "decode", "depth": d, "steps": args.decode_steps}, store,
+                     slices=args.decode_slices)
         for run, _ in alive():
             r = run["threads"][str(t)]
             r["prefill_tok_s"] = {n: int(n) / median(v) for n, v in r["prefill_s"].items()}
@@ -687,6 +726,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "0 skips it; --quick: 0)")
     p.add_argument("--prompt-lengths", default="128,512", help="prefill prompt lengths (default 128,512)")
     p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--decode-slices", type=int, default=8,
+                   help="each decode repetition runs in this many slices, the engines taking turns slice by "
+                        "slice (default 8: 8 tokens each; 1 = each engine decodes all its steps in one go)")
     p.add_argument("--llama-flash-attn", choices=("on", "off"), default="on",
                    help="llama.cpp flash attention (default on: llama.cpp's own 'auto' picks it on CPU; "
                         "llama-cpp-python would otherwise disable it)")
@@ -702,6 +744,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.reps = a.reps if a.reps is not None else (2 if a.quick else 4)
     a.depth = a.depth if a.depth is not None else (0 if a.quick else 4096)
     a.out = a.out or ("results-quick" if a.quick else "results")
+    if not 1 <= a.decode_slices <= a.decode_steps:
+        p.error(f"--decode-slices must be between 1 and --decode-steps ({a.decode_steps})")
     a.threads = [int(t) for t in a.threads.split(",") if t]
     a.formats = [f for f in a.formats.split(",") if f]
     a.tf_formats = [f for f in a.tf_formats.split(",") if f]
@@ -749,7 +793,8 @@ def main(argv=None) -> int:
                      "probe_mib": args.bandwidth_mib,
                      "formats": args.formats, "peers": args.peers, "tf_formats": args.tf_formats,
                      "prompt_lengths": args.prompt_lengths, "depth": args.depth,
-                     "decode_steps": args.decode_steps, "quick": args.quick, "seed": args.seed,
+                     "decode_steps": args.decode_steps, "decode_slices": args.decode_slices,
+                     "quick": args.quick, "seed": args.seed,
                      "llama_n_ctx": n_ctx, "llama_flash_attn": args.llama_flash_attn == "on",
                      "gguf": ggufs},
         "runs": [],

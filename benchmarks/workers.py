@@ -305,6 +305,7 @@ def serve_task(spec: dict) -> None:
       {"op": "prefill", "n": n}            time one prefill of n prompt tokens over an empty cache
       {"op": "prepare_depth", "depth": d}  prefill d tokens once (timed) and keep them in the cache
       {"op": "decode", "depth": d, "steps": k}  rewind the cache to d positions, time k greedy steps
+      {"op": "decode", ..., "resume": true}      time k more steps from where the last decode stopped
       {"op": "finish"}                     peak RSS, the saved-checkpoint check (glm4rt int8/int4), exit
     Replies go to the original stdout; stdout itself is pointed at stderr so that nothing a library
     prints can corrupt the channel.
@@ -337,6 +338,7 @@ def serve_task(spec: dict) -> None:
 
     ids = prompt_ids(int(spec["n_ids"]))
     first_of_depth = {0: int(ids[0])}  # the token decode starts from at each prepared depth
+    last_token = None  # the last token a decode produced (a resumed decode feeds it back)
     warmed = False
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -364,13 +366,20 @@ def serve_task(spec: dict) -> None:
                 out = {"status": "ok", "s": time.perf_counter() - t0, "first": first_of_depth[d]}
             elif op == "decode":
                 d = int(cmd["depth"])
-                engine.reset(d)
-                tok, seq = first_of_depth[d], []
+                if cmd.get("resume"):  # go on from the last decode's cache and token
+                    if last_token is None:
+                        raise ValueError("decode with resume before any decode")
+                    tok = last_token
+                else:
+                    engine.reset(d)
+                    tok = first_of_depth[d]
+                seq = []
                 t0 = time.perf_counter()
                 for _ in range(int(cmd["steps"])):
                     tok = engine.step(tok)
                     seq.append(tok)
                 out = {"status": "ok", "s": time.perf_counter() - t0, "tokens": seq}
+                last_token = tok
             elif op == "finish":
                 out = {"status": "ok", "peak_rss_bytes": peak_rss_bytes()}
                 if spec["engine"] == "glm4rt" and spec["format"] in ("int8", "int4") and spec.get("saved_dir"):

@@ -111,10 +111,14 @@ def test_serve_worker_times_prefill_and_decodes_greedily(tiny_ckpt):
         assert hello["status"] == "ok", hello
         assert hello["weight_bytes"] > 0
         assert server.call(op="threads", n=1)["first_call"] is True
+        early = server.call(op="decode", depth=0, steps=1, resume=True)
+        assert early["status"] == "error" and "resume before any decode" in early["reason"]
         assert server.call(op="prefill", n=16)["s"] > 0
         prep = server.call(op="prepare_depth", depth=20)
         dec = server.call(op="decode", depth=20, steps=5)
         again = server.call(op="decode", depth=20, steps=5)
+        first = server.call(op="decode", depth=20, steps=2)  # the same 5 steps in two slices
+        rest = server.call(op="decode", depth=20, steps=3, resume=True)
         bad = server.call(op="nonsense")
         fin = server.call(op="finish")
     finally:
@@ -122,6 +126,9 @@ def test_serve_worker_times_prefill_and_decodes_greedily(tiny_ckpt):
     assert bad["status"] == "error" and "nonsense" in bad["reason"]
     assert fin["peak_rss_bytes"] > 0
     assert dec["tokens"] == again["tokens"]  # the cache was rewound to the prepared depth
+    assert first["tokens"] + rest["tokens"] == dec["tokens"]  # resume went on from the 2nd token
+    assert bench.merge_slices([first, rest]) == {"status": "ok", "s": first["s"] + rest["s"],
+                                                 "tokens": dec["tokens"]}
 
     from workers import prompt_ids
     model = glm4rt.Glm4ForCausalLM.from_pretrained(tiny_ckpt, dtype="float32", progress=False)
@@ -134,6 +141,9 @@ def test_serve_worker_times_prefill_and_decodes_greedily(tiny_ckpt):
 def test_paired_ratios_and_bandwidth_share():
     import bench
 
+    assert bench.split_steps(64, 8) == [8] * 8
+    assert bench.split_steps(10, 4) == [3, 3, 2, 2]
+    assert bench.split_steps(5, 1) == [5]
     # glm4rt 2x as fast in the first pair, 1.5x in the second: the median of the pair ratios
     assert bench.per_rep_ratios([1.0, 2.0], [2.0, 3.0]) == [2.0, 1.5]
     run = {"weight_bytes": 2e9,
