@@ -226,19 +226,25 @@ class Glm4ForSequenceClassification(_Glm4Classifier):
             ValueError: batch > 1 without a ``pad_token_id`` to find each row's last token.
         """
         config = self.config
-        base = _run_base(self.model, locals())
-        hidden = base.last_hidden_state  # [B, T, H]
-        B, T, H = hidden.shape
-        logits = self.score(hidden.reshape(B * T, H)).reshape(B, T, -1)  # [B, T, num_labels]
+        src = input_ids if input_ids is not None else inputs_embeds
+        if src is not None and np.ndim(src) >= 2:  # (the decoder checks the inputs)
+            B, T = np.shape(src)[:2]
+            if config.pad_token_id is None or input_ids is None:
+                last = np.full(B, T - 1)
+            else:
+                non_pad = np.asarray(input_ids) != config.pad_token_id
+                last = (np.arange(T) * non_pad).argmax(-1)  # rightmost non-pad (0 for an all-pad row)
+            keep = np.unique(last)  # the decoder's last layer computes these positions only
+        else:
+            last = keep = None
+        base = _run_base(self.model, locals(), keep_positions=keep)
+        hidden = base.last_hidden_state  # [B, T, H], or [B, K, H] for the kept positions
+        B, K, H = hidden.shape
         if config.pad_token_id is None and B != 1:
             raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
-        if config.pad_token_id is None or input_ids is None:
-            last = np.full(B, T - 1)
-        else:
-            ids = np.asarray(input_ids)
-            non_pad = ids != config.pad_token_id
-            last = (np.arange(T) * non_pad).argmax(-1)  # rightmost non-pad (0 for an all-pad row)
-        pooled = logits[np.arange(B), last]  # [B, num_labels]
+        if K != T:
+            last = np.searchsorted(keep, last)  # each row's pooled position among the kept ones
+        pooled = self.score(hidden[np.arange(B), last])  # [B, num_labels]
 
         loss = None
         if labels is not None:

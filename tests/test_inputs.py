@@ -294,3 +294,19 @@ def test_logits_to_keep_bad_values(model, g):
         model(g["ids"], logits_to_keep=np.array([T]))
     with pytest.raises(ValueError, match="logits_to_keep indices must be integers"):
         model(g["ids"], logits_to_keep=np.array([0.5]))
+
+
+def test_sequence_classification_prunes_the_last_layer(monkeypatch):
+    """The sequence classifier pools one position per row: the last layer computes the distinct
+    pooled positions only, and the pooled logits still equal transformers' (padded batches)."""
+    from glm4rt import Glm4ForSequenceClassification
+    g = golden("seqcls")
+    model = Glm4ForSequenceClassification.from_pretrained(fixture_dir("seqcls"))
+    rows = _rows_seen_by_last_mlp(model, monkeypatch)
+    for side in ("left", "right"):
+        ids, mask = g[f"{side}_ids"], g[f"{side}_mask"]
+        pos = g[f"{side}_pos"] if side == "left" else None
+        out = model(ids, attention_mask=mask, position_ids=pos)
+        np.testing.assert_allclose(out.logits, g[f"{side}_logits"], atol=1e-4, rtol=1e-4, err_msg=side)
+        pooled = (np.arange(ids.shape[1]) * (ids != model.config.pad_token_id)).argmax(-1)
+        assert rows[-1] == ids.shape[0] * np.unique(pooled).size < ids.size, (side, rows)
