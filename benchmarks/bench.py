@@ -15,8 +15,9 @@ What it does:
      64 greedy tokens at context depth 0 and 4096; each repetition runs on every engine of the
      format in turn (A B C, C B A, ...) right after a memory-bandwidth probe, so that the engines
      compared meet the same machine state (this machine's bandwidth drifts by up to 2x within
-     minutes); a decode repetition is itself cut into slices of 8 tokens taken in turn. Speeds are medians over the repetitions; ratios are medians of the per-repetition
-     ratios; decode's share of the bandwidth limit uses the probe read next to each repetition;
+     minutes); a decode repetition is itself cut into slices of 8 tokens taken in turn. Speeds
+     are medians over the repetitions; ratios are medians of the per-repetition ratios; decode's
+     share of the bandwidth limit uses the probe read next to each repetition;
   4. prints the tables and writes benchmarks/results.md and results.json (--quick: results-quick.*).
 
 Format names: bf16 (glm4rt bf16 / llama.cpp BF16 / transformers bf16), int8 (glm4rt int8 /
@@ -626,6 +627,7 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
         meet the same bandwidth even when it changes within a repetition. An engine's time for the
         repetition is the sum of its slices, its tokens their concatenation."""
         probes = []
+        slice_steps = split_steps(op["steps"], slices) if slices > 1 else None
         for rep in range(args.reps):
             probes.append(probe_bandwidth(t, args.bandwidth_mib))
             answers = {id(run): [] for run, _ in alive()}
@@ -633,9 +635,7 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
                 order = alive() if (rep + sl) % 2 == 0 else alive()[::-1]
                 for run, server in order:
                     time.sleep(0.2)  # let the previous engine's worker threads stop spinning
-                    call = dict(op)
-                    if slices > 1:
-                        call.update(steps=split_steps(op["steps"], slices)[sl], resume=sl > 0)
+                    call = dict(op, steps=slice_steps[sl], resume=sl > 0) if slice_steps else op
                     answer = server.call(**call)
                     if answer.get("status") != "ok":
                         fail(run, server, answer)

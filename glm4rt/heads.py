@@ -71,6 +71,13 @@ _BASE_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", 
               "use_cache", "output_attentions", "output_hidden_states", "cache_position", "cache")
 
 
+def _input_shape(input_ids: Any, inputs_embeds: Any) -> tuple[int, int] | None:
+    """``(batch, seq)`` of the given input, or None when it is missing or has too few dimensions
+    (the decoder then raises the error that names the problem)."""
+    src = input_ids if input_ids is not None else inputs_embeds
+    return tuple(np.shape(src)[:2]) if src is not None and np.ndim(src) >= 2 else None
+
+
 def _run_base(model: Glm4Model, args: dict[str, Any], **extra: Any):
     """Call the decoder with the base-model arguments picked out of a head's ``locals()``."""
     return model.forward(**{k: args[k] for k in _BASE_ARGS}, return_dict=True, **extra)
@@ -145,8 +152,7 @@ class Glm4ForCausalLM(Glm4PreTrainedModel):
         Returns:
             ``CausalLMOutputWithPast`` with ``logits [batch, kept, vocab]`` float32 (or a tuple).
         """
-        src = input_ids if input_ids is not None else inputs_embeds
-        T = np.shape(src)[1] if src is not None and np.ndim(src) >= 2 else 0  # (the decoder checks shapes)
+        T = (_input_shape(input_ids, inputs_embeds) or (0, 0))[1]
         if isinstance(logits_to_keep, (int, np.integer)):
             if logits_to_keep < 0:
                 raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
@@ -162,8 +168,8 @@ class Glm4ForCausalLM(Glm4PreTrainedModel):
         # any other index array is taken from the full output).
         ascending = keep.size > 0 and bool(np.all(np.diff(keep) > 0))
         base = _run_base(self.model, locals(), keep_positions=keep if ascending else None)
-        hidden = base.last_hidden_state  # [B, T or K, H]
-        kept = hidden if ascending and hidden.shape[1] == keep.size else hidden[:, keep]
+        hidden = base.last_hidden_state  # [B, K, H] when the decoder kept them, else [B, T, H]
+        kept = hidden if ascending else hidden[:, keep]
         B, K, H = kept.shape
         logits = self.lm_head(np.ascontiguousarray(kept).reshape(B * K, H)).reshape(B, K, -1)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
@@ -226,9 +232,9 @@ class Glm4ForSequenceClassification(_Glm4Classifier):
             ValueError: batch > 1 without a ``pad_token_id`` to find each row's last token.
         """
         config = self.config
-        src = input_ids if input_ids is not None else inputs_embeds
-        if src is not None and np.ndim(src) >= 2:  # (the decoder checks the inputs)
-            B, T = np.shape(src)[:2]
+        shape = _input_shape(input_ids, inputs_embeds)
+        if shape is not None:
+            B, T = shape
             if config.pad_token_id is None or input_ids is None:
                 last = np.full(B, T - 1)
             else:
@@ -238,13 +244,10 @@ class Glm4ForSequenceClassification(_Glm4Classifier):
         else:
             last = keep = None
         base = _run_base(self.model, locals(), keep_positions=keep)
-        hidden = base.last_hidden_state  # [B, T, H], or [B, K, H] for the kept positions
-        B, K, H = hidden.shape
+        hidden = base.last_hidden_state  # [B, K, H]: the kept positions
         if config.pad_token_id is None and B != 1:
             raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
-        if K != T:
-            last = np.searchsorted(keep, last)  # each row's pooled position among the kept ones
-        pooled = self.score(hidden[np.arange(B), last])  # [B, num_labels]
+        pooled = self.score(hidden[np.arange(B), np.searchsorted(keep, last)])  # [B, num_labels]
 
         loss = None
         if labels is not None:

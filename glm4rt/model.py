@@ -488,13 +488,13 @@ class Glm4Model(Glm4PreTrainedModel):
                 ``past .. past + seq - 1``. A start below the cached length rewinds the cache.
             return_dict: ``False`` returns a tuple of the non-``None`` fields.
             keep_positions: int ``[K]`` positions in ``0 .. seq-1`` (ascending, distinct) whose final
-                states are all the caller needs (the causal LM head's ``logits_to_keep``): the last
+                states are all the caller needs (the heads' kept or pooled positions): the last
                 layer still projects every token's key and value into the cache, but runs
                 attention, ``o_proj`` and the MLP for these positions only, as llama.cpp does for a
-                prompt's last layer. Ignored when hidden states or attentions are asked for.
+                prompt's last layer (the whole layer when hidden states or attentions are asked for).
         Returns:
-            ``BaseModelOutputWithPast`` (or a tuple); ``last_hidden_state`` is ``[batch, K, H]`` when
-            ``keep_positions`` applied.
+            ``BaseModelOutputWithPast`` (or a tuple); with ``keep_positions``, ``last_hidden_state``
+            holds those positions only, ``[batch, K, H]``.
         Raises:
             ValueError: token ids outside the vocabulary, a sequence longer than
                 ``max_position_embeddings``, shapes that do not fit.
@@ -588,16 +588,18 @@ class Glm4Model(Glm4PreTrainedModel):
         h = np.empty((N, H), dtype=np.float32)                     # normed input of a block
         attn = np.empty((B, T, n_h, d), dtype=np.float32)          # attention output per head
         ffn = np.empty((N, config.intermediate_size), dtype=np.float32)
-        if output_hidden_states or output_attentions:
-            keep_positions = None
         if keep_positions is not None:
             keep_positions = np.asarray(keep_positions, dtype=np.int64).reshape(-1)
             if keep_positions.size and (keep_positions.min() < 0 or keep_positions.max() >= T
                                         or np.any(np.diff(keep_positions) <= 0)):
                 raise ValueError(f"keep_positions must be ascending distinct positions in [0, {T}), "
                                  f"got {keep_positions}")
-            if keep_positions.size in (0, T):
-                keep_positions = None  # every position is kept anyway (or none: nothing to save)
+            if keep_positions.size == T:
+                keep_positions = None  # every position, in order
+        # Whether the last layer runs on the kept rows only (every layer's output asked for, or no
+        # position kept: it runs whole, and the kept rows are picked at the end).
+        prune = (keep_positions is not None and keep_positions.size > 0
+                 and not (output_hidden_states or output_attentions))
 
         for i, layer in enumerate(self.layers):
             sa = layer.self_attn
@@ -615,7 +617,7 @@ class Glm4Model(Glm4PreTrainedModel):
             ops.rotary_(q, positions, self.inv_freq, R)  # first R dims, adjacent pairs
             ops.rotary_(k, positions, self.inv_freq, R)
             kv.write(i, k.reshape(B, T, n_kv, d), v.reshape(B, T, n_kv, d), past)
-            if keep_positions is not None and i == len(self.layers) - 1:
+            if prune and i == len(self.layers) - 1:
                 # Last layer, only some positions wanted: the rest of the layer runs on their rows.
                 T = keep_positions.size
                 N = B * T
@@ -646,7 +648,7 @@ class Glm4Model(Glm4PreTrainedModel):
         if output_hidden_states:
             all_hidden[-1] = x  # transformers reports the final *normed* state last
         out = BaseModelOutputWithPast(
-            last_hidden_state=x,
+            last_hidden_state=x if prune or keep_positions is None else x[:, keep_positions],
             past_key_values=kv if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
