@@ -12,6 +12,10 @@
 #if defined(GLM4RT_X86)
 #include <cpuid.h>
 #endif
+#if defined(GLM4RT_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace glm4rt {
 namespace {
@@ -21,7 +25,17 @@ struct CpuFeatures {
   bool avx_vnni = false;  // 256-bit VNNI, VEX-encoded (CPUID.(7, 1):EAX bit 4)
   bool avx512 = false;
   bool avx512_bf16 = false;
+  bool amx = false;  // AMX-TILE + AMX-BF16, tile state enabled by the OS and granted to this process
 };
+
+#if defined(GLM4RT_AMX)
+// Linux (5.16+) hands out the AMX tile data state only to processes that ask for it; until then a
+// tile instruction faults. Granted once for the whole process (every thread).
+bool request_amx_permission() {
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#endif
 
 #if defined(GLM4RT_X86)
 unsigned long long xgetbv0() {
@@ -45,6 +59,8 @@ CpuFeatures detect() {
   bool avx2 = ebx & (1u << 5);
   bool avx512f = ebx & (1u << 16), avx512dq = ebx & (1u << 17);
   bool avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31), avx512vnni = ecx & (1u << 11);
+  bool amx_bf16 = edx & (1u << 22), amx_tile = edx & (1u << 24);
+  bool os_amx = (xcr0 & 0x60000) == 0x60000;  // XTILECFG and XTILEDATA
   f.avx2 = os_avx && avx2 && fma && f16c;
   // The avx512 kernels use VNNI for the quantized dot products (Ice Lake, Zen 4 and later);
   // AVX-512 CPUs without it (Skylake-X) run the avx2 kernels.
@@ -54,6 +70,12 @@ CpuFeatures detect() {
     // bf16 dot products (vdpbf16ps) for bf16 weights: CPUID.(7, 1):EAX bit 5.
     f.avx512_bf16 = f.avx512 && (eax & (1u << 5));
   }
+#if defined(GLM4RT_AMX)
+  // The amx table extends the avx512_bf16 one (its packing kernels convert with AVX512-BF16).
+  f.amx = f.avx512_bf16 && amx_tile && amx_bf16 && os_amx && request_amx_permission();
+#else
+  (void)amx_bf16, (void)amx_tile, (void)os_amx;
+#endif
 #endif
   return f;
 }
@@ -92,6 +114,9 @@ const KernelTable* table_for(const std::string& name) {
   }
   if (name == "avx512" && cpu().avx512) return &avx512_kernels();
   if (name == "avx512_bf16" && cpu().avx512_bf16) return &avx512_bf16_kernels();
+#if defined(GLM4RT_AMX)
+  if (name == "amx" && cpu().amx) return &amx_kernels();
+#endif
 #endif
   return nullptr;
 }
@@ -140,6 +165,7 @@ std::vector<std::string> supported_isas() {
   if (vex_vnni || cpu().avx512) out.push_back("avx_vnni");
   if (cpu().avx512) out.push_back("avx512");
   if (cpu().avx512_bf16) out.push_back("avx512_bf16");
+  if (cpu().amx) out.push_back("amx");
   return out;
 }
 

@@ -1,5 +1,6 @@
 // Runtime CPU dispatch: detect the ISA once (CPUID + XGETBV), allow an override
-// (GLM4RT_ISA=generic|avx2|avx512|avx512_bf16 or set_isa()), and hand out the chosen kernel table.
+// (GLM4RT_ISA=generic|avx2|avx_vnni|avx512|avx512_bf16|amx or set_isa()), and hand out the chosen
+// kernel table.
 #pragma once
 #include <string>
 #include <vector>

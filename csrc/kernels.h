@@ -1,6 +1,6 @@
-// The table of ISA-specific primitives. Every ISA (generic, avx2, avx_vnni, avx512, avx512_bf16) fills one table;
-// dispatch.cpp picks one at import time. The drivers in ops.cpp (threads, tiling, attention,
-// norms) are ISA-neutral and call through this table.
+// The table of ISA-specific primitives. Every ISA (generic, avx2, avx_vnni, avx512, avx512_bf16,
+// amx) fills one table; dispatch.cpp picks one at import time. The drivers in ops.cpp (threads,
+// tiling, attention, norms) are ISA-neutral and call through this table.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -66,6 +66,30 @@ using F32Panel = void (*)(const float* x, size_t ldx, const float* wp, int kc, f
 using F32PackF32 = void (*)(const float* w, size_t ldw, int n, int kc, float* wp);
 using F32PackBF16 = void (*)(const uint16_t* w, size_t ldw, int n, int kc, float* wp);
 
+// AMX tiles (many tokens on CPUs with AMX-BF16; null elsewhere). Activations and weights are cut
+// into k blocks of 32; a block of 32 tokens or 32 weight rows is two 1 KiB tiles of 16 x 32 bf16,
+//   x tiles [k block][half][16 tokens][32 k]            (token = 16 half + row)
+//   w tiles [k block][half][16 pairs][16 rows][2 of k]  (weight row = 16 half + column)
+// amx_gemm: C [32, 32] (+)= x tiles . w tiles^T over kb blocks; C rows ldc floats apart; m <= 16
+// computes (and writes) only C rows 0-15. Products of bf16 values are exact, sums fp32 (the tile
+// unit treats denormal inputs as zeros). Runs between amx_begin and amx_end on the calling thread
+// (tile configuration / release).
+// amx_pack_x: the x tiles of m <= 32 token rows (ldx apart) over all of K (zeros past m and K),
+//   rounded to bf16, nearest even.
+// amx_pack_bf16: the w tiles of n <= 32 bf16 rows (ldw apart), blocks b0 .. b0 + kb (zeros past n, K).
+// amx_pack_int8 / amx_pack_int4: the w tiles of n_groups (1 or 2) packed groups (quant.h),
+//   group_bytes apart, blocks b0 .. b0 + kb; each weight dequantized to bf16(d * q), nearest even
+//   (exact: the only rounding is the one to bf16). A missing second group gives zero rows.
+constexpr int kAmxTileElems = 16 * 32;
+constexpr int kAmxBlock = 32;  // tokens, weight rows and k per block
+using AmxThread = void (*)();
+using AmxGemm = void (*)(const uint16_t* xa, const uint16_t* wa, int kb, float* c, size_t ldc, int m,
+                         bool accumulate);
+using AmxPackX = void (*)(const float* x, size_t ldx, int m, int K, uint16_t* xa);
+using AmxPackBF16 = void (*)(const uint16_t* w, size_t ldw, int n, int K, int b0, int kb, uint16_t* wa);
+using AmxPackQ = void (*)(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int kb,
+                          uint16_t* wa);
+
 // Largest head_dim the attention kernels take (they keep a block of transposed keys or the
 // transposed queries on the stack); the bindings reject larger ones. GLM-4 models use 128.
 constexpr int kMaxHeadDim = 256;
@@ -107,7 +131,7 @@ using QuantizeInt4 = void (*)(const float* wt, uint8_t* blk);
 using ReadXor = uint64_t (*)(const uint8_t* data, size_t n_bytes);
 
 struct KernelTable {
-  const char* name;  // "generic", "avx2", "avx_vnni", "avx512", "avx512_bf16"
+  const char* name;  // "generic", "avx2", "avx_vnni", "avx512", "avx512_bf16", "amx"
   int mr;            // tokens per gemm tile
   int nr;            // weight rows per gemm tile
   GemmTileF32 gemm_tile_f32;
@@ -128,9 +152,16 @@ struct KernelTable {
   Bf16PackX bf16_pack_x;          // with bf16_panel
   QuantizeInt4 quantize_int4;
   AttnDecode attn_decode;
-  F32Panel f32_panel;           // avx2 (and avx512, avx_vnni, which take avx2's); null in generic
-  F32PackF32 f32_pack;          // with f32_panel
-  F32PackBF16 f32_pack_bf16;    // with f32_panel
+  F32Panel f32_panel = nullptr;         // avx2 (and avx512, avx_vnni, which take avx2's); null in generic
+  F32PackF32 f32_pack = nullptr;        // with f32_panel
+  F32PackBF16 f32_pack_bf16 = nullptr;  // with f32_panel
+  AmxThread amx_begin = nullptr;        // amx only; all null elsewhere
+  AmxThread amx_end = nullptr;
+  AmxGemm amx_gemm = nullptr;
+  AmxPackX amx_pack_x = nullptr;
+  AmxPackBF16 amx_pack_bf16 = nullptr;
+  AmxPackQ amx_pack_int8 = nullptr;
+  AmxPackQ amx_pack_int4 = nullptr;
 };
 
 // CPU tuning that never changes results, from CPUID (dispatch.cpp): whether the AVX-512 decode
@@ -150,6 +181,7 @@ const KernelTable& avx_vnni_kernels();       // the avx2 table + 256-bit VNNI qu
 const KernelTable& avx_vnni_evex_kernels();  // the same tiles in EVEX encoding (AVX512-VNNI CPUs)
 const KernelTable& avx512_kernels();
 const KernelTable& avx512_bf16_kernels();  // the avx512 table + the bf16 dot products
+const KernelTable& amx_kernels();          // the avx512_bf16 table + the AMX prefill tiles
 #endif
 
 }  // namespace glm4rt

@@ -195,6 +195,79 @@ void matmul_f32_panels(const KernelTable& kt, Pack pack, const float* x, int M, 
   }
 }
 
+// Many tokens on AMX (kernels.h): x is converted once into bf16 x tiles ([block of 32 tokens]
+// [k block][2][16][32]). Each thread takes chunks of up to kAmxChunkRows weight rows; per chunk,
+// per kAmxKBlocks blocks of k, it packs each 32-row panel's w tiles (16 KiB: they stay in L1
+// while every block of 32 of up to kAmxTokens tokens runs over them, whose x tiles stream from
+// L2) and accumulates into its [tokens, chunk] fp32 buffer (512 KiB, in L2), which goes to y
+// (+ bias) when the chunk is done. Weights are packed (quantized ones dequantized to bf16) once
+// per kAmxTokens tokens.
+constexpr int kAmxTokens = 512;
+constexpr int kAmxChunkRows = 256;
+constexpr int kAmxKBlocks = 8;
+
+// 64-byte aligned start inside a scratch buffer allocated 64 bytes longer: a tile row that
+// straddles two cache lines costs two loads.
+template <typename T>
+T* align64(T* p) {
+  const uintptr_t u = reinterpret_cast<uintptr_t>(p);
+  return reinterpret_cast<T*>((u + 63) & ~static_cast<uintptr_t>(63));
+}
+
+// pack_w(row0, n, b0, kb, wa): the w tiles of rows row0 .. row0 + n (n <= 32), k blocks b0 .. b0 + kb.
+template <typename PackW>
+void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, PackW pack_w,
+                const float* bias, float* y) {
+  constexpr int B = kAmxBlock;
+  constexpr size_t kBlockElems = 2 * kAmxTileElems;  // one k block of 32 tokens or 32 rows
+  const int KB = (K + B - 1) / B, n_tb = (M + B - 1) / B;
+  const int threads = get_num_threads();
+  // Chunks of a multiple of 32 rows, small enough for every thread to get one.
+  const int per_thread = (N + threads - 1) / threads;
+  const int chunk = std::min(kAmxChunkRows, std::max(B, (per_thread + B - 1) / B * B));
+  const int n_chunks = (N + chunk - 1) / chunk;
+  const size_t wa_elems = kAmxKBlocks * kBlockElems, c_elems = static_cast<size_t>(kAmxTokens) * chunk;
+  uint16_t* xa = align64(reused_scratch<uint16_t, 0>(static_cast<size_t>(n_tb) * KB * kBlockElems + 32));
+  uint16_t* wbuf = align64(reused_scratch<uint16_t, 1>(threads * wa_elems + 32));
+  float* cbuf = align64(reused_scratch<float, 2>(threads * c_elems + 16));
+  const bool parallel = static_cast<long long>(M) * N * K >= kParallelWork;
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    uint16_t* wa = wbuf + thread_index() * wa_elems;
+    float* c = cbuf + thread_index() * c_elems;
+#pragma omp for schedule(static)
+    for (int tb = 0; tb < n_tb; ++tb)
+      kt.amx_pack_x(x + static_cast<size_t>(tb) * B * K, K, std::min(B, M - tb * B), K,
+                    xa + static_cast<size_t>(tb) * KB * kBlockElems);
+    kt.amx_begin();
+    for (int t0 = 0; t0 < n_tb; t0 += kAmxTokens / B) {  // blocks of up to kAmxTokens tokens
+      const int t1 = std::min(n_tb, t0 + kAmxTokens / B);
+#pragma omp for schedule(static)
+      for (int ch = 0; ch < n_chunks; ++ch) {
+        const int n0 = ch * chunk, nn = std::min(chunk, N - n0);
+        for (int b0 = 0; b0 < KB; b0 += kAmxKBlocks) {
+          const int kb = std::min(kAmxKBlocks, KB - b0);
+          for (int p = 0; p < nn; p += B) {
+            pack_w(n0 + p, std::min(B, nn - p), b0, kb, wa);
+            for (int tb = t0; tb < t1; ++tb)
+              kt.amx_gemm(xa + (static_cast<size_t>(tb) * KB + b0) * kBlockElems, wa, kb,
+                          c + static_cast<size_t>(tb - t0) * B * chunk + p, chunk, std::min(B, M - tb * B), b0 > 0);
+          }
+        }
+        for (int i = t0 * B; i < std::min(M, t1 * B); ++i) {
+          const float* src = c + static_cast<size_t>(i - t0 * B) * chunk;
+          float* dst = y + static_cast<size_t>(i) * N + n0;
+          if (bias != nullptr)
+            for (int j = 0; j < nn; ++j) dst[j] = src[j] + bias[n0 + j];
+          else
+            std::copy(src, src + nn, dst);
+        }
+      }
+    }
+    kt.amx_end();
+  }
+}
+
 // Below this many tokens the dot form wins: packing the weight panels costs about as much as a
 // few tokens' products.
 constexpr int kPanelMinTokens = 16;
@@ -212,7 +285,11 @@ void matmul_f32(const float* x, int M, int K, const float* w, int N, const float
 void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const float* bias,
                  float* y) {
   const KernelTable& kt = kernels();
-  if (kt.bf16_panel != nullptr && M >= kPanelMinTokens) {
+  if (kt.amx_gemm != nullptr && M >= kAmxMinTokens) {
+    matmul_amx(kt, x, M, K, N, [&](int row0, int n, int b0, int kb, uint16_t* wa) {
+      kt.amx_pack_bf16(w + static_cast<size_t>(row0) * K, K, n, K, b0, kb, wa);
+    }, bias, y);
+  } else if (kt.bf16_panel != nullptr && M >= kPanelMinTokens) {
     matmul_bf16_panels(kt, x, M, K, w, N, bias, y);
   } else if (kt.f32_panel != nullptr && M >= kPanelMinTokens) {
     matmul_f32_panels(kt, kt.f32_pack_bf16, bf16_rounded(x, M, K), M, K, w, N, bias, y);
@@ -230,6 +307,15 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
              const float* bias, float* y) {
   const KernelTable& kt = kernels();
   const int nb = q_blocks(K), Kp = nb * kQBlock, n_groups = q_groups(N);
+  if (kt.amx_gemm != nullptr && M >= kAmxMinTokens) {  // bf16 activations x weights dequantized to bf16
+    const AmxPackQ pack = f == QFormat::Int8 ? kt.amx_pack_int8 : kt.amx_pack_int4;
+    const size_t group_bytes = static_cast<size_t>(nb) * q_block_bytes(f);
+    matmul_amx(kt, x, M, K, N, [&](int row0, int, int b0, int kb, uint16_t* wa) {
+      const int g = row0 / kQGroupRows;
+      pack(packed + g * group_bytes, group_bytes, std::min(2, n_groups - g), b0, kb, wa);
+    }, bias, y);
+    return;
+  }
   int8_t* xq = reused_scratch<int8_t, 0>(static_cast<size_t>(M) * Kp);    // [M, Kp]
   float* xs = reused_scratch<float, 0>(static_cast<size_t>(M) * nb);       // [M, nb]
   int32_t* xsum = reused_scratch<int32_t, 0>(static_cast<size_t>(M) * nb); // [M, nb]

@@ -9,6 +9,9 @@
 
 namespace glm4rt {
 
+// From this many tokens on, matmul_bf16 and qmatmul run on the AMX tiles where the ISA has them.
+constexpr int kAmxMinTokens = 16;
+
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]). fp32 accumulation.
 void matmul_f32(const float* x, int M, int K, const float* w, int N, const float* bias, float* y);
 // bf16 weights (raw uint16 bit patterns) with bf16 activations: y = sum_k bf16(x[m, k]) * w[n, k]
@@ -19,6 +22,10 @@ void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const f
 
 // y[M, N] = x[M, K] @ W^T (+ bias) for a packed quantized W [N, K] (quant.h): the activations are
 // quantized to int8 per block of 32, then integer dot products, fp32 accumulation across blocks.
+// On AMX CPUs (the "amx" ISA), from kAmxMinTokens tokens on, it computes instead what
+// matmul_bf16 computes for the dequantized weights rounded to bf16 (bf16(d * q), nearest even):
+// the tile unit multiplies bf16 there without rescaling every block of 32, and it is the more
+// exact product (an activation rounded to bf16 errs far less than one quantized to int8 per block).
 void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int N,
              const float* bias, float* y);
 

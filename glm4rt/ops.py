@@ -136,7 +136,8 @@ def memory_read_bandwidth(size_mib: int = 1024, repeats: int = 7) -> float:
 
 
 def cpu_isa() -> str:
-    """Name of the active kernel set: ``"generic"``, ``"avx2"``, ``"avx_vnni"``, ``"avx512"`` or ``"avx512_bf16"``."""
+    """Name of the active kernel set: ``"generic"``, ``"avx2"``, ``"avx_vnni"``, ``"avx512"``,
+    ``"avx512_bf16"`` or ``"amx"``."""
     return _C.active_isa()
 
 
@@ -146,7 +147,8 @@ def supported_isas() -> list[str]:
 
 
 def set_isa(name: str) -> None:
-    """Force a kernel set (``"generic"``, ``"avx2"``, ``"avx_vnni"``, ``"avx512"``, ``"avx512_bf16"`` or ``"auto"``).
+    """Force a kernel set (``"generic"``, ``"avx2"``, ``"avx_vnni"``, ``"avx512"``, ``"avx512_bf16"``,
+    ``"amx"`` or ``"auto"``).
 
     Raises:
         ValueError: the name is unknown or the CPU cannot run it.

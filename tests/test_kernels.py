@@ -149,7 +149,7 @@ def on_isa(isa, fn):
 
 def test_supported_isas_and_set_isa():
     assert ISAS[0] == "generic"
-    assert set(ISAS) <= {"generic", "avx2", "avx_vnni", "avx512", "avx512_bf16"}
+    assert set(ISAS) <= {"generic", "avx2", "avx_vnni", "avx512", "avx512_bf16", "amx"}
     for isa in ISAS:
         ops.set_isa(isa)
         assert ops.cpu_isa() == isa
@@ -243,7 +243,7 @@ def test_linear_bf16_is_fp32_on_rounded_inputs(isa, M):
     ops.set_isa(isa)
     y_bf16 = ops.linear(x, bits)
     y_f32 = ops.linear(round_bf16(x).astype(np.float32), widen_bf16(bits).astype(np.float32))
-    if isa == "avx512_bf16":
+    if isa in ("avx512_bf16", "amx"):
         np.testing.assert_allclose(y_bf16, y_f32, rtol=1e-5, atol=1e-5 * np.sqrt(600))
     else:
         np.testing.assert_array_equal(y_bf16, y_f32)
@@ -253,19 +253,21 @@ def test_linear_bf16_is_fp32_on_rounded_inputs(isa, M):
 def test_bf16_rounding_of_activations_is_nearest_even_everywhere():
     # Halfway cases, a value near the fp32 maximum and a denormal in x; the weights are the
     # identity, so y shows each rounded activation.
-    x = np.array([[1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8), 3.0e38, 1e-40, 2.5]], np.float32)
-    K = x.shape[1]
+    # 1 row (dot forms) and 40 (panel forms, AMX tiles).
+    row = np.array([[1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8), 3.0e38, 1e-40, 2.5]], np.float32)
+    K = row.shape[1]
     w = ops.f32_to_bf16(np.eye(K, dtype=np.float32))
-    expected = round_bf16(x)
-    for isa in ISAS:
-        ops.set_isa(isa)
-        y = ops.linear(x, w)
-        if isa == "avx512_bf16":  # vdpbf16ps flushes denormal inputs to zero
-            expected_isa = expected.copy()
-            expected_isa[0, 4] = 0.0
-            np.testing.assert_array_equal(y, expected_isa, err_msg=isa)
-        else:
-            np.testing.assert_array_equal(y, expected, err_msg=isa)
+    for x in (row, np.repeat(row, 40, axis=0)):
+        expected = round_bf16(x)
+        for isa in ISAS:
+            ops.set_isa(isa)
+            y = ops.linear(x, w)
+            if isa in ("avx512_bf16", "amx"):  # vdpbf16ps and the tile unit flush denormal inputs to zero
+                expected_isa = expected.copy()
+                expected_isa[:, 4] = 0.0
+                np.testing.assert_array_equal(y, expected_isa, err_msg=isa)
+            else:
+                np.testing.assert_array_equal(y, expected, err_msg=isa)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -1,0 +1,209 @@
+// AMX kernels (Intel Sapphire Rapids and later): prefill matmuls on the tile unit with AMX-BF16
+// (tdpbf16ps: a 16 x 16 fp32 tile += 16 x 32 bf16 times 32 x 16 bf16, products exact, sums fp32).
+// The table is the avx512_bf16 one with the amx entries filled in; dispatch.cpp selects it only
+// when CPUID reports AMX-TILE and AMX-BF16, the OS saves the tile state (XCR0 bits 17, 18) and
+// Linux granted this process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM).
+//
+// Layouts (kernels.h): activations and weights are both cut into k blocks of 32; a block of 32
+// tokens (or weight rows) is two 16 x 32 bf16 tiles of 1 KiB, stored one after the other:
+//   x tiles  [k block][half][16 tokens][32 k]              (the A operand: row = token)
+//   w tiles  [k block][half][16 pairs][16 rows][2 of k]   (the B operand: VNNI pairs of k)
+// so every tile load is one contiguous KiB.
+#include <immintrin.h>
+
+#include "../kernels.h"
+#include "x86_avx512_transpose.h"
+
+namespace glm4rt {
+namespace amx {
+namespace {
+
+constexpr int kTile = kAmxTileElems;  // bf16 values per tile: 16 x 32
+
+// Tile registers: 0, 1 = x (tokens 0-15, 16-31); 2, 3 = w (rows 0-15, 16-31); 4..7 = C.
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void tile_begin() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // Not _tile_loadconfig: GCC 12's version tells the compiler it reads only the first 8 bytes,
+  // and the stores to the rest of cfg can then be dropped.
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+void tile_end() { _tile_release(); }
+
+// C [32 tokens, 32 rows] (+)= x tiles . w tiles over kb blocks of 32 k. C rows ldc floats apart.
+// m <= 16: only the first 16 tokens are computed (C rows 16-31 untouched).
+// The x tiles of the next block are prefetched into L1 (the w tiles of a panel are reused by every
+// token block and stay there); load order lets each tile product start as soon as its operands
+// are in.
+void gemm(const uint16_t* xa, const uint16_t* wa, int kb, float* c, size_t ldc, int m, bool accumulate) {
+  const size_t stride = ldc * sizeof(float);
+  const bool two = m > 16;
+  if (accumulate) {
+    _tile_loadd(4, c, stride);
+    _tile_loadd(5, c + 16, stride);
+    if (two) {
+      _tile_loadd(6, c + 16 * ldc, stride);
+      _tile_loadd(7, c + 16 * ldc + 16, stride);
+    }
+  } else {
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+  }
+  for (int b = 0; b < kb; ++b) {
+    const uint16_t* xb = xa + static_cast<size_t>(b) * 2 * kTile;
+    const uint16_t* wb = wa + static_cast<size_t>(b) * 2 * kTile;
+    const char* next = reinterpret_cast<const char*>(xb + 2 * kTile);
+    for (int line = 0; line < (two ? 2 : 1) * kTile * 2; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+    _tile_loadd(0, xb, 64);
+    _tile_loadd(2, wb, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_loadd(3, wb + kTile, 64);
+    _tile_dpbf16ps(5, 0, 3);
+    if (two) {
+      _tile_loadd(1, xb + kTile, 64);
+      _tile_dpbf16ps(6, 1, 2);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+  _tile_stored(4, c, stride);
+  _tile_stored(5, c + 16, stride);
+  if (two) {
+    _tile_stored(6, c + 16 * ldc, stride);
+    _tile_stored(7, c + 16 * ldc + 16, stride);
+  }
+}
+
+inline __mmask16 mask16(int left) {
+  return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1u) : (__mmask16)0;
+}
+
+// 32 fp32 values (lo = k 0..15, hi = k 16..31) -> 32 bf16 in k order, nearest even.
+inline __m512i to_bf16(__m512 lo, __m512 hi) {
+  const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
+  return reinterpret_cast<const __m512i&>(v);
+}
+
+// x tiles of m <= 32 tokens (rows of x, ldx apart) over all of K: tokens past m and k past K are
+// zeros.
+void pack_x(const float* x, size_t ldx, int m, int K, uint16_t* xa) {
+  const int kb = (K + 31) / 32;
+  for (int b = 0; b < kb; ++b) {
+    const __mmask16 lo = mask16(K - 32 * b), hi = mask16(K - 32 * b - 16);
+    for (int t = 0; t < 32; ++t) {
+      __m512i v = _mm512_setzero_si512();
+      if (t < m) {
+        const float* xt = x + t * ldx + 32 * b;
+        v = to_bf16(_mm512_maskz_loadu_ps(lo, xt), _mm512_maskz_loadu_ps(hi, xt + 16));
+      }
+      _mm512_storeu_si512(xa + static_cast<size_t>(b) * 2 * kTile + t * 32, v);
+    }
+  }
+}
+
+// w tiles of n <= 32 bf16 rows (ldw apart), blocks b0 .. b0 + kb of K: 16 rows x 16 pairs of
+// dwords transposed into 16 pairs x 16 rows. Rows past n and k past K are zeros.
+void pack_bf16(const uint16_t* w, size_t ldw, int n, int K, int b0, int kb, uint16_t* wa) {
+  for (int b = 0; b < kb; ++b) {
+    const int k0 = 32 * (b0 + b);
+    const __mmask32 mask = K - k0 >= 32 ? ~0u : (1u << (K - k0)) - 1u;
+    for (int h = 0; h < 2; ++h) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = 16 * h + i < n ? _mm512_maskz_loadu_epi16(mask, w + (16 * h + i) * ldw + k0) : _mm512_setzero_si512();
+      transpose16(r);  // r[p] = pair p of rows 16h .. 16h+15
+      uint16_t* dst = wa + (static_cast<size_t>(b) * 2 + h) * kTile;
+      for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + 32 * p, r[p]);
+    }
+  }
+}
+
+// Two fp32 vectors of the same 16 rows (a = k, b = k + 1; lanes = rows) -> one tile row of bf16
+// pairs: dword r = bf16(a[r]) | bf16(b[r]) << 16.
+inline __m512i pair_row(__m512 a, __m512 b) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, to_bf16(a, b));  // words: a0 b0 a1 b1 ...
+}
+
+// Quantized groups (quant.h) dequantized into w tiles: element = bf16(d * q), d the fp16 scale
+// widened, q the signed quant (int8: byte - 128, int4: nibble - 8); d * q is exact in fp32, so
+// the only rounding is the final one to bf16, nearest even: dequantize_packed (quant.cpp, the
+// specification) rounded to bf16.
+// group: the first of n_groups (1 or 2) groups of 16 rows, group_bytes apart; blocks b0 .. b0+kb.
+template <bool kInt4>
+void pack_q(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int kb, uint16_t* wa) {
+  constexpr size_t kQuant = kInt4 ? 256 : 512, kBlockBytes = kQuant + 32;
+  for (int b = 0; b < kb; ++b)
+    for (int h = 0; h < 2; ++h) {
+      uint16_t* dst = wa + (static_cast<size_t>(b) * 2 + h) * kTile;  // row p at dst + 32 p
+      if (h >= n_groups) {
+        for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + 32 * p, _mm512_setzero_si512());
+        continue;
+      }
+      const uint8_t* blk = group + h * group_bytes + static_cast<size_t>(b0 + b) * kBlockBytes;
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQuant)));
+      if (kInt4) {
+        // chunk c: byte j of lane r holds k = 4c + j (low nibble) and 16 + 4c + j (high nibble).
+        for (int c = 0; c < 4; ++c) {
+          const __m512i v = _mm512_loadu_si512(blk + 64 * c);
+          __m512 f[8];  // f[j] = k 4c + j (j < 4), f[4 + j] = k 16 + 4c + j
+          for (int j = 0; j < 4; ++j) {
+            const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), _mm512_set1_epi32(0xF));
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), _mm512_set1_epi32(0xF));
+            f[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, _mm512_set1_epi32(8))), d);
+            f[4 + j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, _mm512_set1_epi32(8))), d);
+          }
+          _mm512_storeu_si512(dst + 32 * (2 * c), pair_row(f[0], f[1]));
+          _mm512_storeu_si512(dst + 32 * (2 * c + 1), pair_row(f[2], f[3]));
+          _mm512_storeu_si512(dst + 32 * (8 + 2 * c), pair_row(f[4], f[5]));
+          _mm512_storeu_si512(dst + 32 * (8 + 2 * c + 1), pair_row(f[6], f[7]));
+        }
+      } else {
+        // chunk c: byte j of lane r holds k = 4c + j, stored as q + 128.
+        for (int c = 0; c < 8; ++c) {
+          const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(blk + 64 * c), _mm512_set1_epi8(static_cast<char>(0x80)));
+          __m512 f[4];
+          for (int j = 0; j < 4; ++j)  // sign-extend byte j of every lane
+            f[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24)), d);
+          _mm512_storeu_si512(dst + 32 * (2 * c), pair_row(f[0], f[1]));
+          _mm512_storeu_si512(dst + 32 * (2 * c + 1), pair_row(f[2], f[3]));
+        }
+      }
+    }
+}
+
+}  // namespace
+}  // namespace amx
+
+const KernelTable& amx_kernels() {
+  static const KernelTable table = [] {
+    KernelTable t = avx512_bf16_kernels();
+    t.name = "amx";
+    t.amx_begin = amx::tile_begin;
+    t.amx_end = amx::tile_end;
+    t.amx_gemm = amx::gemm;
+    t.amx_pack_x = amx::pack_x;
+    t.amx_pack_bf16 = amx::pack_bf16;
+    t.amx_pack_int8 = amx::pack_q<false>;
+    t.amx_pack_int4 = amx::pack_q<true>;
+    return t;
+  }();
+  return table;
+}
+
+}  // namespace glm4rt
