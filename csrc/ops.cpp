@@ -285,7 +285,7 @@ void matmul_f32(const float* x, int M, int K, const float* w, int N, const float
 void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const float* bias,
                  float* y) {
   const KernelTable& kt = kernels();
-  if (kt.amx_gemm != nullptr && M >= kAmxMinTokens) {
+  if (kt.amx_gemm != nullptr && M >= kAmxMinTokensBf16) {
     matmul_amx(kt, x, M, K, N, [&](int row0, int n, int b0, int kb, uint16_t* wa) {
       kt.amx_pack_bf16(w + static_cast<size_t>(row0) * K, K, n, K, b0, kb, wa);
     }, bias, y);
@@ -307,7 +307,7 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
              const float* bias, float* y) {
   const KernelTable& kt = kernels();
   const int nb = q_blocks(K), Kp = nb * kQBlock, n_groups = q_groups(N);
-  if (kt.amx_gemm != nullptr && M >= kAmxMinTokens) {  // bf16 activations x weights dequantized to bf16
+  if (kt.amx_gemm != nullptr && M >= kAmxMinTokensQuant) {  // bf16 activations x weights dequantized to bf16
     const AmxPackQ pack = f == QFormat::Int8 ? kt.amx_pack_int8 : kt.amx_pack_int4;
     const size_t group_bytes = static_cast<size_t>(nb) * q_block_bytes(f);
     matmul_amx(kt, x, M, K, N, [&](int row0, int, int b0, int kb, uint16_t* wa) {

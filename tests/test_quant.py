@@ -198,15 +198,16 @@ def _reference_qmatmul(x, packed, fmt, n, amx=False):
 
 
 def _takes_amx_tiles(isa, m):
-    return isa == "amx" and m >= _C.AMX_MIN_TOKENS
+    return isa == "amx" and m >= _C.AMX_MIN_TOKENS_QUANT
 
 
-# AMX shapes: one token block of 16 (half tiles) or 17; 3 blocks of 32 + 6 across 2 KiB chunks of
-# k (8 blocks each) with a k tail; over 512 tokens (2 token blocks); odd groups (N % 32 = 16, 1).
+# AMX shapes: a last block of 32 tokens with 16 (half tiles) or 17; 3 blocks of 32 + 6 across
+# chunks of k (8 blocks each) with a k tail; over 512 tokens (2 token blocks); odd groups (N % 32 =
+# 16, 1).
 @pytest.mark.parametrize("isa", glm4rt.supported_isas())
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m, k, n", [(1, 64, 16), (1, 100, 37), (2, 4096, 80), (7, 96, 40), (13, 320, 33),
-                                     (70, 544, 48), (16, 64, 32), (17, 96, 33), (102, 600, 80),
+                                     (70, 544, 48), (48, 64, 32), (49, 96, 33), (102, 600, 80),
                                      (530, 96, 16)])
 def test_kernels_match_reference(isa, fmt, m, k, n):
     rng = np.random.default_rng(m * 1000 + k + n)
