@@ -91,6 +91,12 @@ def machine_info() -> dict:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     info["versions"] = versions
+    # What the installed llama.cpp was compiled for (e.g. whether its AMX backend is in: README).
+    probe = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                           capture_output=True, text=True)
+    if probe.returncode == 0:
+        features = [f.split("=")[0].strip() for f in probe.stdout.split("|") if f.strip().endswith("= 1")]
+        info["llama_cpp_cpu_features"] = [f.removeprefix("CPU :").strip() for f in features]
     try:
         commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -318,7 +324,8 @@ def render_markdown(results: dict) -> str:
                f"({m.get('logical_cpus')} logical); {m.get('ram_total_gib')} GiB RAM; glm4rt ISA: {m.get('glm4rt_isa')}; "
                f"flags: {' '.join(m.get('cpu_flags_of_note', []))}")
     out.append("- Software: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
-               + (f"; glm4rt git {m['git']}" if m.get("git") else ""))
+               + (f"; glm4rt git {m['git']}" if m.get("git") else "")
+               + (f"; llama.cpp built for {' '.join(m['llama_cpp_cpu_features'])}" if m.get("llama_cpp_cpu_features") else ""))
     g = s["geometry"]
     out.append(f"- Model: random weights at the GLM-4-9B-0414 geometry with {g['num_hidden_layers']} of 40 layers "
                f"(hidden {g['hidden_size']}, intermediate {g['intermediate_size']}, {g['num_attention_heads']} heads / "

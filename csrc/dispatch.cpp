@@ -80,6 +80,16 @@ CpuFeatures detect() {
   return f;
 }
 
+bool detect_intel() {
+#if defined(GLM4RT_X86)
+  unsigned int eax, ebx, ecx, edx;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  return ebx == 0x756e6547u && edx == 0x49656e69u && ecx == 0x6c65746eu;  // "GenuineIntel"
+#else
+  return false;
+#endif
+}
+
 // AMD family 0x1A (Zen 5) and later.
 bool detect_zen5_or_later() {
 #if defined(GLM4RT_X86)
@@ -152,6 +162,16 @@ bool decode_prefetch_into_l1() {
     return v.empty() ? detect_zen5_or_later() : v == "l1";
   }();
   return l1;
+}
+
+bool bf16_gemv_four_rows() {
+  static const bool four = [] {
+    const char* env = std::getenv("GLM4RT_BF16_GEMV_ROWS");
+    const std::string v = env != nullptr ? env : "";
+    GLM4RT_CHECK(v.empty() || v == "1" || v == "4") << "GLM4RT_BF16_GEMV_ROWS must be 1 or 4, got '" << v << "'";
+    return v.empty() ? detect_intel() : v == "4";
+  }();
+  return four;
 }
 
 std::vector<std::string> supported_isas() {

@@ -169,6 +169,10 @@ struct KernelTable {
 // default tuned on Zen 4, the quantized ones into L2 (~2 KiB ahead) and bf16 not at all.
 // GLM4RT_DECODE_PREFETCH=l1|l2 overrides it.
 bool decode_prefetch_into_l1();
+// Whether the AVX512-BF16 decode GEMV streams rows of any length 4 at a time (Intel; a 2-core
+// Xeon with AMX, GLM-4-9B bf16 decode: +16% with 2 threads, +10% with 1) or only rows longer than
+// 8192 (the default, tuned on AMD Zen 4). GLM4RT_BF16_GEMV_ROWS=1|4 overrides it.
+bool bf16_gemv_four_rows();
 
 // One function per ISA file; each returns its static table.
 const KernelTable& generic_kernels();

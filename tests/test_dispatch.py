@@ -53,7 +53,7 @@ for fmt in ("int8", "int4"):
     for n in (1, 2):
         glm4rt.set_num_threads(n)
         h.update(QuantLinear(quantize_weight(w, fmt), fmt, 80, 4096)(x).tobytes())
-for k in (4096, 9000):  # bf16 GEMV: one row at a time, and 4 rows at a time for K > 8192
+for k in (4096, 9000):  # bf16 GEMV: 1 or 4 rows at a time (CPU tuning), and 4 for K > 8192
     wb = glm4rt.ops.f32_to_bf16(rng.standard_normal((40, k)).astype(np.float32))
     h.update(glm4rt.ops.linear(rng.standard_normal((1, k)).astype(np.float32), wb).tobytes())
 print(h.hexdigest())
@@ -69,6 +69,18 @@ def test_decode_prefetch_setting_changes_no_bits():
     assert len({r.stdout for r in runs.values()}) == 1
     bad = _run("import glm4rt", GLM4RT_DECODE_PREFETCH="l3")
     assert bad.returncode != 0 and "GLM4RT_DECODE_PREFETCH must be l1 or l2" in bad.stderr
+    assert "Traceback" in bad.stderr
+
+
+def test_bf16_gemv_rows_setting_changes_no_bits():
+    # GLM4RT_BF16_GEMV_ROWS picks whether the AVX512-BF16 decode GEMV streams 1 or 4 rows at a time
+    # for K <= 8192 (a CPU tuning): every row is summed in the same order either way.
+    runs = {v: _run(_DECODE_CODE, **({"GLM4RT_BF16_GEMV_ROWS": v} if v else {})) for v in ("", "1", "4")}
+    for v, r in runs.items():
+        assert r.returncode == 0, (v, r.stderr)
+    assert len({r.stdout for r in runs.values()}) == 1
+    bad = _run("import glm4rt", GLM4RT_BF16_GEMV_ROWS="2")
+    assert bad.returncode != 0 and "GLM4RT_BF16_GEMV_ROWS must be 1 or 4" in bad.stderr
     assert "Traceback" in bad.stderr
 
 

@@ -83,23 +83,23 @@ void gemv_rows(const uint16_t* x, const uint16_t* w, size_t ldw, float* c, int k
   }
 }
 
-// Rows up to 8192 weights long go one at a time; longer ones 4 at a time, each stream then long
-// enough by itself, and x (which no longer fits L1 next to the weight stream) is loaded once
-// for 4 rows. (Measured on Zen 4, GLM-4-9B matrices: K = 4096 one row 28 GB/s vs 4 rows 18;
-// K = 13696 one row 19 GB/s vs 4 rows 25, one thread.)
-template <bool kPrefetchL1>
+// Rows longer than 8192 weights go 4 at a time, each stream then long enough by itself, and x
+// (which no longer fits L1 next to the weight stream) is loaded once for 4 rows. Shorter rows go
+// one at a time on AMD (Zen 4, GLM-4-9B matrices: K = 4096 one row 28 GB/s vs 4 rows 18; K = 13696
+// one row 19 GB/s vs 4 rows 25, one thread) and 4 at a time on Intel (kFourRows, kernels.h).
+template <bool kPrefetchL1, bool kFourRows>
 void gemv(const uint16_t* x, const uint16_t* w, size_t ldw, float* c, int n, int k, bool accumulate) {
   int j = 0;
-  if (k > 8192)
+  if (kFourRows || k > 8192)
     for (; j + 4 <= n; j += 4) gemv_rows<4, kPrefetchL1>(x, w + j * ldw, ldw, c + j, k, accumulate);
   for (; j < n; ++j) gemv_rows<1, kPrefetchL1>(x, w + j * ldw, ldw, c + j, k, accumulate);
 }
 
-template <bool kPrefetchL1>
+template <bool kPrefetchL1, bool kFourRows>
 void gemm_tile_bf16x(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw, float* c,
                      size_t ldc, int m, int n, int k, bool acc) {
   switch (m) {
-    case 1: gemv<kPrefetchL1>(x, w, ldw, c, n, k, acc); break;
+    case 1: gemv<kPrefetchL1, kFourRows>(x, w, ldw, c, n, k, acc); break;
     case 2: dtile_m<2>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
     case 3: dtile_m<3>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
     default: dtile_m<4>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
@@ -211,7 +211,9 @@ const KernelTable& avx512_bf16_kernels() {
   static const KernelTable table = [] {
     KernelTable t = avx512_kernels();
     t.name = "avx512_bf16";
-    t.gemm_tile_bf16x = decode_prefetch_into_l1() ? avx512_bf16::gemm_tile_bf16x<true> : avx512_bf16::gemm_tile_bf16x<false>;
+    const bool l1 = decode_prefetch_into_l1(), four = bf16_gemv_four_rows();
+    t.gemm_tile_bf16x = l1 ? (four ? avx512_bf16::gemm_tile_bf16x<true, true> : avx512_bf16::gemm_tile_bf16x<true, false>)
+                           : (four ? avx512_bf16::gemm_tile_bf16x<false, true> : avx512_bf16::gemm_tile_bf16x<false, false>);
     t.bf16_panel = avx512_bf16::bf16_panel;
     t.bf16_pack = avx512_bf16::bf16_pack;
     t.bf16_pack_x = avx512_bf16::bf16_pack_x;
