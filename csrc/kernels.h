@@ -74,8 +74,8 @@ using F32PackBF16 = void (*)(const uint16_t* w, size_t ldw, int n, int kc, float
 // computes (and writes) only C rows 0-15. Products of bf16 values are exact, sums fp32 (the tile
 // unit treats denormal inputs as zeros). Runs between amx_begin and amx_end on the calling thread
 // (tile configuration / release).
-// amx_pack_x: the x tiles of m <= 32 token rows (ldx apart) over all of K (zeros past m and K),
-//   rounded to bf16, nearest even.
+// amx_pack_x: the x tiles of m <= 32 token rows (ldx apart), blocks b0 .. b0 + kb (zeros past m
+//   and K), rounded to bf16, nearest even.
 // amx_pack_bf16: the w tiles of n <= 32 bf16 rows (ldw apart), blocks b0 .. b0 + kb (zeros past n, K).
 // amx_pack_int8 / amx_pack_int4: the w tiles of n_groups (1 or 2) packed groups (quant.h),
 //   group_bytes apart, blocks b0 .. b0 + kb; each weight dequantized to bf16(d * q), nearest even
@@ -85,7 +85,7 @@ constexpr int kAmxBlock = 32;  // tokens, weight rows and k per block
 using AmxThread = void (*)();
 using AmxGemm = void (*)(const uint16_t* xa, const uint16_t* wa, int kb, float* c, size_t ldc, int m,
                          bool accumulate);
-using AmxPackX = void (*)(const float* x, size_t ldx, int m, int K, uint16_t* xa);
+using AmxPackX = void (*)(const float* x, size_t ldx, int m, int K, int b0, int kb, uint16_t* xa);
 using AmxPackBF16 = void (*)(const uint16_t* w, size_t ldw, int n, int K, int b0, int kb, uint16_t* wa);
 using AmxPackQ = void (*)(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int kb,
                           uint16_t* wa);

@@ -195,10 +195,12 @@ void matmul_f32_panels(const KernelTable& kt, Pack pack, const float* x, int M, 
   }
 }
 
-// Many tokens on AMX (kernels.h): x is converted once into bf16 x tiles ([block of 32 tokens]
-// [k block][2][16][32]). Each thread takes chunks of up to kAmxChunkRows weight rows; per chunk,
-// per kAmxKBlocks blocks of k, it packs each 32-row panel's w tiles (16 KiB: they stay in L1
-// while every block of 32 of up to kAmxTokens tokens runs over them, whose x tiles stream from
+// Many tokens on AMX (kernels.h): x is converted once into bf16 x tiles, [span of kAmxKBlocks k
+// blocks][block of 32 tokens][k block in the span][2][16][32], so that a span's tiles for up to
+// kAmxTokens tokens are one contiguous 256 KiB (spread over all of K, the token blocks would sit
+// a multiple of L2's set period apart and evict each other). Each thread takes chunks of up to
+// kAmxChunkRows weight rows; per chunk and span it packs each 32-row panel's w tiles (16 KiB:
+// they stay in L1 while every block of 32 tokens runs over them, their x tiles streaming from
 // L2) and accumulates into its [tokens, chunk] fp32 buffer (512 KiB, in L2), which goes to y
 // (+ bias) when the chunk is done. Weights are packed (quantized ones dequantized to bf16) once
 // per kAmxTokens tokens.
@@ -214,10 +216,11 @@ T* align64(T* p) {
   return reinterpret_cast<T*>((u + 63) & ~static_cast<uintptr_t>(63));
 }
 
-// pack_w(row0, n, b0, kb, wa): the w tiles of rows row0 .. row0 + n (n <= 32), k blocks b0 .. b0 + kb.
-template <typename PackW>
+// pack_w(row0, n, b0, kb, wa): the w tiles of rows row0 .. row0 + n (n <= 32), k blocks b0 .. b0 + kb;
+// prefetch_w(row0, n, b): prefetches the weights of k block b of those rows into L2.
+template <typename PackW, typename PrefetchW>
 void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, PackW pack_w,
-                const float* bias, float* y) {
+                PrefetchW prefetch_w, const float* bias, float* y) {
   constexpr int B = kAmxBlock;
   constexpr size_t kBlockElems = 2 * kAmxTileElems;  // one k block of 32 tokens or 32 rows
   const int KB = (K + B - 1) / B, n_tb = (M + B - 1) / B;
@@ -228,30 +231,53 @@ void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, Pack
   const int n_chunks = (N + chunk - 1) / chunk;
   const size_t wa_elems = kAmxKBlocks * kBlockElems, c_elems = static_cast<size_t>(kAmxTokens) * chunk;
   uint16_t* xa = align64(reused_scratch<uint16_t, 0>(static_cast<size_t>(n_tb) * KB * kBlockElems + 32));
-  uint16_t* wbuf = align64(reused_scratch<uint16_t, 1>(threads * wa_elems + 32));
+  uint16_t* wbuf = align64(reused_scratch<uint16_t, 1>(threads * 2 * wa_elems + 32));
   float* cbuf = align64(reused_scratch<float, 2>(threads * c_elems + 16));
   const bool parallel = static_cast<long long>(M) * N * K >= kParallelWork;
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-    uint16_t* wa = wbuf + thread_index() * wa_elems;
+    uint16_t* wa = wbuf + thread_index() * 2 * wa_elems;  // two halves: the unit computed, the next
     float* c = cbuf + thread_index() * c_elems;
+    // The x tiles of token block tb, span starting at block b0 (of kb blocks).
+    auto x_tiles = [&](int tb, int b0, int kb) { return xa + (static_cast<size_t>(b0) * n_tb + static_cast<size_t>(tb) * kb) * kBlockElems; };
 #pragma omp for schedule(static)
     for (int tb = 0; tb < n_tb; ++tb)
-      kt.amx_pack_x(x + static_cast<size_t>(tb) * B * K, K, std::min(B, M - tb * B), K,
-                    xa + static_cast<size_t>(tb) * KB * kBlockElems);
+      for (int b0 = 0; b0 < KB; b0 += kAmxKBlocks) {
+        const int kb = std::min(kAmxKBlocks, KB - b0);
+        kt.amx_pack_x(x + static_cast<size_t>(tb) * B * K, K, std::min(B, M - tb * B), K, b0, kb, x_tiles(tb, b0, kb));
+      }
     kt.amx_begin();
     for (int t0 = 0; t0 < n_tb; t0 += kAmxTokens / B) {  // blocks of up to kAmxTokens tokens
       const int t1 = std::min(n_tb, t0 + kAmxTokens / B);
 #pragma omp for schedule(static)
       for (int ch = 0; ch < n_chunks; ++ch) {
         const int n0 = ch * chunk, nn = std::min(chunk, N - n0);
-        for (int b0 = 0; b0 < KB; b0 += kAmxKBlocks) {
-          const int kb = std::min(kAmxKBlocks, KB - b0);
-          for (int p = 0; p < nn; p += B) {
-            pack_w(n0 + p, std::min(B, nn - p), b0, kb, wa);
-            for (int tb = t0; tb < t1; ++tb)
-              kt.amx_gemm(xa + (static_cast<size_t>(tb) * KB + b0) * kBlockElems, wa, kb,
-                          c + static_cast<size_t>(tb - t0) * B * chunk + p, chunk, std::min(B, M - tb * B), b0 > 0);
+        // Work units (span, panel) in order; each unit's w tiles are packed, one k block at a
+        // time, between the tile products of the unit before (into the other half of wa), so
+        // that the packing's loads and arithmetic overlap the tile unit's work.
+        const int n_panels = (nn + B - 1) / B, n_units = (KB + kAmxKBlocks - 1) / kAmxKBlocks * n_panels;
+        auto pack_unit = [&](int u, int first, int last) {  // k blocks first .. last of unit u
+          const int b0 = u / n_panels * kAmxKBlocks, p = u % n_panels * B;
+          for (int j = first; j < last; ++j)
+            pack_w(n0 + p, std::min(B, nn - p), b0 + j, 1, wa + (u % 2) * wa_elems + j * kBlockElems);
+        };
+        auto unit_blocks = [&](int u) { return std::min(kAmxKBlocks, KB - u / n_panels * kAmxKBlocks); };
+        pack_unit(0, 0, unit_blocks(0));
+        for (int u = 0; u < n_units; ++u) {
+          const int b0 = u / n_panels * kAmxKBlocks, kb = unit_blocks(u), p = u % n_panels * B;
+          const int next_kb = u + 1 < n_units ? unit_blocks(u + 1) : 0;
+          int packed = 0;
+          for (int tb = t0; tb < t1; ++tb) {
+            kt.amx_gemm(x_tiles(tb, b0, kb), wa + (u % 2) * wa_elems, kb,
+                        c + static_cast<size_t>(tb - t0) * B * chunk + p, chunk, std::min(B, M - tb * B), b0 > 0);
+            const int want = next_kb * (tb - t0 + 1) / (t1 - t0);
+            pack_unit(u + 1, packed, want);
+            packed = want;
+            // The weights of the unit after next, one k block per tile product, into L2.
+            if (u + 2 < n_units && tb - t0 < unit_blocks(u + 2)) {
+              const int u2 = u + 2, p2 = u2 % n_panels * B;
+              prefetch_w(n0 + p2, std::min(B, nn - p2), u2 / n_panels * kAmxKBlocks + (tb - t0));
+            }
           }
         }
         for (int i = t0 * B; i < std::min(M, t1 * B); ++i) {
@@ -288,6 +314,12 @@ void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const f
   if (kt.amx_gemm != nullptr && M >= kAmxMinTokensBf16) {
     matmul_amx(kt, x, M, K, N, [&](int row0, int n, int b0, int kb, uint16_t* wa) {
       kt.amx_pack_bf16(w + static_cast<size_t>(row0) * K, K, n, K, b0, kb, wa);
+    }, [&](int row0, int n, int b) {  // 64 bytes of each row (w rows are not 64-byte aligned: 2 lines)
+      for (int r = 0; r < n; ++r) {
+        const char* p = reinterpret_cast<const char*>(w + static_cast<size_t>(row0 + r) * K + 32 * b);
+        __builtin_prefetch(p, 0, 2);
+        __builtin_prefetch(p + 63, 0, 2);
+      }
     }, bias, y);
   } else if (kt.bf16_panel != nullptr && M >= kPanelMinTokens) {
     matmul_bf16_panels(kt, x, M, K, w, N, bias, y);
@@ -310,9 +342,14 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
   if (kt.amx_gemm != nullptr && M >= kAmxMinTokensQuant) {  // bf16 activations x weights dequantized to bf16
     const AmxPackQ pack = f == QFormat::Int8 ? kt.amx_pack_int8 : kt.amx_pack_int4;
     const size_t group_bytes = static_cast<size_t>(nb) * q_block_bytes(f);
+    const size_t block_bytes = q_block_bytes(f);
     matmul_amx(kt, x, M, K, N, [&](int row0, int, int b0, int kb, uint16_t* wa) {
       const int g = row0 / kQGroupRows;
       pack(packed + g * group_bytes, group_bytes, std::min(2, n_groups - g), b0, kb, wa);
+    }, [&](int row0, int n, int b) {
+      for (int g = row0 / kQGroupRows; g < (row0 + n + kQGroupRows - 1) / kQGroupRows; ++g)
+        for (size_t off = 0; off < block_bytes; off += 64)
+          __builtin_prefetch(packed + g * group_bytes + b * block_bytes + off, 0, 2);
     }, bias, y);
     return;
   }

@@ -60,28 +60,22 @@ print(h.hexdigest())
 """
 
 
-def test_decode_prefetch_setting_changes_no_bits():
-    # GLM4RT_DECODE_PREFETCH picks where the one-token GEMVs (int8, int4, bf16) prefetch their
-    # weights (a CPU tuning): both settings must give the same bits as the default.
-    runs = {v: _run(_DECODE_CODE, **({"GLM4RT_DECODE_PREFETCH": v} if v else {})) for v in ("", "l1", "l2")}
+# CPU tunings of the one-token GEMVs: both settings of each must give the bits of the default.
+#  GLM4RT_DECODE_PREFETCH: where the int8, int4 and bf16 GEMVs prefetch their weights;
+#  GLM4RT_BF16_GEMV_ROWS: whether the bf16 GEMV streams 1 or 4 rows at a time for K <= 8192
+#  (every row is summed in the same order either way).
+@pytest.mark.parametrize("var, values, bad, message", [
+    ("GLM4RT_DECODE_PREFETCH", ("l1", "l2"), "l3", "GLM4RT_DECODE_PREFETCH must be l1 or l2"),
+    ("GLM4RT_BF16_GEMV_ROWS", ("1", "4"), "2", "GLM4RT_BF16_GEMV_ROWS must be 1 or 4"),
+])
+def test_decode_tuning_changes_no_bits(var, values, bad, message):
+    runs = {v: _run(_DECODE_CODE, **({var: v} if v else {})) for v in ("",) + values}
     for v, r in runs.items():
         assert r.returncode == 0, (v, r.stderr)
     assert len({r.stdout for r in runs.values()}) == 1
-    bad = _run("import glm4rt", GLM4RT_DECODE_PREFETCH="l3")
-    assert bad.returncode != 0 and "GLM4RT_DECODE_PREFETCH must be l1 or l2" in bad.stderr
-    assert "Traceback" in bad.stderr
-
-
-def test_bf16_gemv_rows_setting_changes_no_bits():
-    # GLM4RT_BF16_GEMV_ROWS picks whether the AVX512-BF16 decode GEMV streams 1 or 4 rows at a time
-    # for K <= 8192 (a CPU tuning): every row is summed in the same order either way.
-    runs = {v: _run(_DECODE_CODE, **({"GLM4RT_BF16_GEMV_ROWS": v} if v else {})) for v in ("", "1", "4")}
-    for v, r in runs.items():
-        assert r.returncode == 0, (v, r.stderr)
-    assert len({r.stdout for r in runs.values()}) == 1
-    bad = _run("import glm4rt", GLM4RT_BF16_GEMV_ROWS="2")
-    assert bad.returncode != 0 and "GLM4RT_BF16_GEMV_ROWS must be 1 or 4" in bad.stderr
-    assert "Traceback" in bad.stderr
+    bad_run = _run("import glm4rt", **{var: bad})
+    assert bad_run.returncode != 0 and message in bad_run.stderr
+    assert "Traceback" in bad_run.stderr
 
 
 def test_env_sets_threads():

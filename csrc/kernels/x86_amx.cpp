@@ -98,16 +98,16 @@ inline __m512i to_bf16(__m512 lo, __m512 hi) {
   return reinterpret_cast<const __m512i&>(v);
 }
 
-// x tiles of m <= 32 tokens (rows of x, ldx apart) over all of K: tokens past m and k past K are
-// zeros.
-void pack_x(const float* x, size_t ldx, int m, int K, uint16_t* xa) {
-  const int kb = (K + 31) / 32;
+// x tiles of m <= 32 tokens (rows of x, ldx apart), k blocks b0 .. b0 + kb: tokens past m and k
+// past K are zeros.
+void pack_x(const float* x, size_t ldx, int m, int K, int b0, int kb, uint16_t* xa) {
   for (int b = 0; b < kb; ++b) {
-    const __mmask16 lo = mask16(K - 32 * b), hi = mask16(K - 32 * b - 16);
+    const int k0 = 32 * (b0 + b);
+    const __mmask16 lo = mask16(K - k0), hi = mask16(K - k0 - 16);
     for (int t = 0; t < 32; ++t) {
       __m512i v = _mm512_setzero_si512();
       if (t < m) {
-        const float* xt = x + t * ldx + 32 * b;
+        const float* xt = x + t * ldx + k0;
         v = to_bf16(_mm512_maskz_loadu_ps(lo, xt), _mm512_maskz_loadu_ps(hi, xt + 16));
       }
       _mm512_storeu_si512(xa + static_cast<size_t>(b) * 2 * kTile + t * 32, v);
