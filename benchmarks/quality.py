@@ -100,19 +100,26 @@ def main(argv=None) -> int:
 
     base = {"task": "logits", "checkpoint": ckpt, "threads": [args.threads], "n_positions": args.positions,
             "n_ctx": max(512, -(-args.positions // 256) * 256 + 256)}
-    candidates = [("glm4rt", "fp32", "glm4rt fp32 (reference)")]
-    candidates += [("glm4rt", "bf16", "glm4rt bf16")]
-    candidates += [("glm4rt", f, f"glm4rt {f}") for f in formats]
+    candidates = [("glm4rt", "fp32", "glm4rt fp32 (reference)", None)]
+    candidates += [("glm4rt", "bf16", "glm4rt bf16", None)]
+    # On AMX CPUs a whole-sequence forward multiplies quantized weights as bf16 (csrc/ops.h): the
+    # int8-activation kernels that decode uses are measured too, by forcing the avx512_bf16 set.
+    import glm4rt
+
+    amx = "amx" in glm4rt.supported_isas()
+    candidates += [("glm4rt", f, f"glm4rt {f}" + (" (AMX: bf16 activations)" if amx else ""), None) for f in formats]
+    if amx:
+        candidates += [("glm4rt", f, f"glm4rt {f} (VNNI: int8 activations)", "avx512_bf16") for f in formats]
     if "llama" in peers:
-        candidates += [("llama", f, f"llama.cpp {LLAMA_TYPES[f]}") for f in ["bf16"] + formats if f in built["gguf"]]
+        candidates += [("llama", f, f"llama.cpp {LLAMA_TYPES[f]}", None) for f in ["bf16"] + formats if f in built["gguf"]]
     if "transformers" in peers:
-        candidates += [("transformers", "fp32", "transformers fp32 (reference check)")]
+        candidates += [("transformers", "fp32", "transformers fp32 (reference check)", None)]
 
     runs = []
-    for engine, fmt, label in candidates:
+    for engine, fmt, label, isa in candidates:
         say(f"\n== {label}")
-        out = os.path.join(work, f"{engine}-{fmt}.npy")
-        spec = dict(base, engine=engine, format=fmt, out=out)
+        out = os.path.join(work, f"{engine}-{fmt}{'-' + isa if isa else ''}.npy")
+        spec = dict(base, engine=engine, format=fmt, out=out, isa=isa)
         if engine == "llama":
             spec.update(gguf=built["gguf"][fmt], flash_attn=True)
         r = run_child(spec, timeout)
@@ -165,7 +172,10 @@ def main(argv=None) -> int:
               "- KL is KL(P_ref || P_candidate) per position, in nats; top-1 = share of positions whose argmax matches.",
               "- Weights GB/token excludes the embedding table (as in bench.py); llama.cpp's from the GGUF tensor sizes.",
               "- glm4rt bf16 and llama.cpp BF16 both round the activations to bf16 inside the matmuls (bf16 x bf16 "
-              "products, fp32 sums); glm4rt int8/int4 and llama.cpp Q8_0/Q4_0 quantize them to 8 bits per block of 32.",
+              "products, fp32 sums); glm4rt int8/int4 and llama.cpp Q8_0/Q4_0 quantize them to 8 bits per block of 32"
+              + (", except glm4rt's AMX rows: on this CPU a forward of 40 tokens or more multiplies bf16 activations "
+                 "with the weights dequantized to bf16 (what its prompts compute); the VNNI rows force the int8-"
+                 "activation kernels (what its decode steps compute)." if amx else "."),
               "- llama.cpp rows: `Llama(logits_all=True, flash_attn=True)`, f16 KV cache. GGUF tensors are "
               "'pure' (token_embd and output in the named type as well).",
               "- With random weights the two best logits are close (gap above), so top-1 agreement understates what a "

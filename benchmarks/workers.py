@@ -69,6 +69,8 @@ class Glm4rtEngine:
         self.spec = spec
         self.fmt = spec["format"]
         self.cache = None
+        if spec.get("isa"):  # a kernel set other than the best (quality.py: the VNNI path on AMX CPUs)
+            glm4rt.set_isa(spec["isa"])
 
     def load(self) -> None:
         glm4rt = self.glm4rt

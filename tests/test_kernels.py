@@ -250,6 +250,21 @@ def test_linear_bf16_is_fp32_on_rounded_inputs(isa, M):
     assert np.abs(y_bf16 - ref_linear(x, widen_bf16(bits).astype(np.float32))).max() > 1e-3  # rounding shows
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M,K,N", [(16, 64, 96), (40, 64, 160), (64, 288, 256)])
+def test_amx_sees_freshly_packed_tiles(threads, M, K, N):
+    # AMX: panels of 32 weight rows are packed into two alternating buffers while the tile unit
+    # works on the other, so a slip in that bookkeeping hands a panel another panel's rows (3 or
+    # more panels per thread here, 1 or 2 spans of k). Runs on every ISA.
+    rng = np.random.default_rng(M + K + N)
+    x, w, _ = _linear_case(rng, M, K, N, "bf16", False)
+    with num_threads(threads):
+        for isa in ISAS:
+            ops.set_isa(isa)
+            np.testing.assert_allclose(ops.linear(x, w), ref_linear(x, w), rtol=1e-5, atol=1e-5 * np.sqrt(K),
+                                       err_msg=isa)
+
+
 def test_bf16_rounding_of_activations_is_nearest_even_everywhere():
     # Halfway cases, a value near the fp32 maximum and a denormal in x; the weights are the
     # identity, so y shows each rounded activation.
