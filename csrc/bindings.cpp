@@ -256,7 +256,6 @@ PYBIND11_MODULE(_C, m) {
     return glm4rt::stream_read(p, n);
   }, py::arg("data"), "Read every byte with the kernel threads (memory bandwidth probe); returns a checksum.");
   m.def("supported_isas", &glm4rt::supported_isas);
-  m.attr("AMX_MIN_TOKENS_BF16") = glm4rt::kAmxMinTokensBf16;
   m.attr("AMX_MIN_TOKENS_QUANT") = glm4rt::kAmxMinTokensQuant;
   m.def("set_isa", &glm4rt::set_isa, py::arg("name"));
   m.def("active_isa", &glm4rt::active_isa);

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 
 #include "check.h"
 
@@ -80,12 +81,16 @@ CpuFeatures detect() {
   return f;
 }
 
-bool detect_intel() {
+// CPUID leaf 0's vendor string (EBX, EDX, ECX), e.g. "GenuineIntel", "AuthenticAMD".
+bool vendor_is(const char (&name)[13]) {
 #if defined(GLM4RT_X86)
-  unsigned int eax, ebx, ecx, edx;
-  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
-  return ebx == 0x756e6547u && edx == 0x49656e69u && ecx == 0x6c65746eu;  // "GenuineIntel"
+  unsigned int eax, regs[3];
+  if (!__get_cpuid(0, &eax, &regs[0], &regs[2], &regs[1])) return false;
+  char vendor[12];
+  std::memcpy(vendor, regs, sizeof vendor);
+  return std::memcmp(vendor, name, sizeof vendor) == 0;
 #else
+  (void)name;
   return false;
 #endif
 }
@@ -94,9 +99,7 @@ bool detect_intel() {
 bool detect_zen5_or_later() {
 #if defined(GLM4RT_X86)
   unsigned int eax, ebx, ecx, edx;
-  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool amd = ebx == 0x68747541u && edx == 0x69746e65u && ecx == 0x444d4163u;  // "AuthenticAMD"
-  if (!amd || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  if (!vendor_is("AuthenticAMD") || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
   unsigned int family = (eax >> 8) & 0xF;
   if (family == 0xF) family += (eax >> 20) & 0xFF;
   return family >= 0x1A;
@@ -153,24 +156,22 @@ std::atomic<int> g_threads{0};
 
 }  // namespace
 
+// A CPU tuning read once from the environment variable `var`, one of the settings a and b: true
+// when it is `yes` (a or b), unset or empty -> cpu_default; anything else throws.
+bool tuning(const char* var, const char* a, const char* b, const char* yes, bool cpu_default) {
+  const char* env = std::getenv(var);
+  const std::string v = env != nullptr ? env : "";
+  GLM4RT_CHECK(v.empty() || v == a || v == b) << var << " must be " << a << " or " << b << ", got '" << v << "'";
+  return v.empty() ? cpu_default : v == yes;
+}
+
 bool decode_prefetch_into_l1() {
-  static const bool l1 = [] {
-    const char* env = std::getenv("GLM4RT_DECODE_PREFETCH");
-    const std::string v = env != nullptr ? env : "";
-    GLM4RT_CHECK(v.empty() || v == "l1" || v == "l2")
-        << "GLM4RT_DECODE_PREFETCH must be l1 or l2, got '" << v << "'";
-    return v.empty() ? detect_zen5_or_later() : v == "l1";
-  }();
+  static const bool l1 = tuning("GLM4RT_DECODE_PREFETCH", "l1", "l2", "l1", detect_zen5_or_later());
   return l1;
 }
 
 bool bf16_gemv_four_rows() {
-  static const bool four = [] {
-    const char* env = std::getenv("GLM4RT_BF16_GEMV_ROWS");
-    const std::string v = env != nullptr ? env : "";
-    GLM4RT_CHECK(v.empty() || v == "1" || v == "4") << "GLM4RT_BF16_GEMV_ROWS must be 1 or 4, got '" << v << "'";
-    return v.empty() ? detect_intel() : v == "4";
-  }();
+  static const bool four = tuning("GLM4RT_BF16_GEMV_ROWS", "1", "4", "4", vendor_is("GenuineIntel"));
   return four;
 }
 

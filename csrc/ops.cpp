@@ -149,6 +149,14 @@ void matmul_bf16_panels(const KernelTable& kt, const float* x, int M, int K, con
   }
 }
 
+// 64-byte aligned start inside a scratch buffer allocated 64 bytes longer (for aligned SIMD
+// loads, and AMX tile rows: one that straddles two cache lines costs two loads).
+template <typename T>
+T* align64(T* p) {
+  const uintptr_t u = reinterpret_cast<uintptr_t>(p);
+  return reinterpret_cast<T*>((u + 63) & ~static_cast<uintptr_t>(63));
+}
+
 // Many tokens with the fp32 panel form (kernels.h; AVX2): each thread takes panels of 16 weight
 // rows; per block of kF32PanelK columns it packs them once ([kc, 16] fp32, 24 KiB, in L1) and
 // runs every tile of 6 tokens of a block of kF32BlockTokens tokens over it (their [192, kc]
@@ -164,9 +172,8 @@ void matmul_f32_panels(const KernelTable& kt, Pack pack, const float* x, int M, 
   constexpr int T = kF32PanelTokens, R = kF32PanelRows, kPanelFloats = kF32PanelK * R;
   const int n_panels = (N + R - 1) / R;
   const int threads = get_num_threads();
-  // One packed panel per thread, 32-byte aligned for the kernels' aligned loads.
-  float* wbuf = reused_scratch<float, 1>(static_cast<size_t>(threads) * kPanelFloats + 8);
-  wbuf += (8 - (reinterpret_cast<uintptr_t>(wbuf) / sizeof(float)) % 8) % 8;
+  // One packed panel per thread, aligned for the kernels' aligned loads (kPanelFloats: 64-byte multiple).
+  float* wbuf = align64(reused_scratch<float, 1>(static_cast<size_t>(threads) * kPanelFloats + 16));
   const bool parallel = static_cast<long long>(M) * N * K >= kParallelWork;
 #pragma omp parallel num_threads(threads) if (parallel)
   {
@@ -207,14 +214,6 @@ void matmul_f32_panels(const KernelTable& kt, Pack pack, const float* x, int M, 
 constexpr int kAmxTokens = 512;
 constexpr int kAmxChunkRows = 256;
 constexpr int kAmxKBlocks = 8;
-
-// 64-byte aligned start inside a scratch buffer allocated 64 bytes longer: a tile row that
-// straddles two cache lines costs two loads.
-template <typename T>
-T* align64(T* p) {
-  const uintptr_t u = reinterpret_cast<uintptr_t>(p);
-  return reinterpret_cast<T*>((u + 63) & ~static_cast<uintptr_t>(63));
-}
 
 // pack_w(row0, n, b0, kb, wa): the w tiles of rows row0 .. row0 + n (n <= 32), k blocks b0 .. b0 + kb;
 // prefetch_w(row0, n, b): prefetches the weights of k block b of those rows into L2.
@@ -339,9 +338,9 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
              const float* bias, float* y) {
   const KernelTable& kt = kernels();
   const int nb = q_blocks(K), Kp = nb * kQBlock, n_groups = q_groups(N);
+  const size_t group_bytes = static_cast<size_t>(nb) * q_block_bytes(f);
   if (kt.amx_gemm != nullptr && M >= kAmxMinTokensQuant) {  // bf16 activations x weights dequantized to bf16
     const AmxPackQ pack = f == QFormat::Int8 ? kt.amx_pack_int8 : kt.amx_pack_int4;
-    const size_t group_bytes = static_cast<size_t>(nb) * q_block_bytes(f);
     const size_t block_bytes = q_block_bytes(f);
     matmul_amx(kt, x, M, K, N, [&](int row0, int, int b0, int kb, uint16_t* wa) {
       const int g = row0 / kQGroupRows;
@@ -358,7 +357,6 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
   int32_t* xsum = reused_scratch<int32_t, 0>(static_cast<size_t>(M) * nb); // [M, nb]
   quantize_acts(x, M, K, xq, xs, xsum);  // writes every element, the padding of K too
   const QGemmTile tile = f == QFormat::Int8 ? kt.qgemm_int8 : kt.qgemm_int4;
-  const size_t group_bytes = static_cast<size_t>(nb) * q_block_bytes(f);
   const int mt = kt.qmt;
   const bool parallel = static_cast<long long>(M) * N * K >= kParallelWork;
   // One token (decode): pairs of groups per tile share the activation broadcasts.
