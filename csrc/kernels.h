@@ -90,6 +90,44 @@ using AmxPackBF16 = void (*)(const uint16_t* w, size_t ldw, int n, int K, int b0
 using AmxPackQ = void (*)(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int kb,
                           uint16_t* wa);
 
+// AMX prefill attention (the amx ISA; null elsewhere), as exact as fp32: every fp32 operand is the
+// sum of three bf16 parts (hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid), nearest
+// even; the differences are exact, so hi + mid + lo == x for normal x), and a product a . b is
+// the sum of the six part products a_i . b_j with i + j <= 2 (the three left out are below
+// 2^-26 of it), each exact on the tile unit, summed in fp32. Keys are cut into blocks of 32;
+// a packed block of K or V holds kAmxAttnBlockElems bf16 values:
+//   K block [part][d block of 32][half][16 pairs of d][16 keys][2]   (w tiles, rows = keys)
+//   V block [part][panel of 32 dims][half][16 pairs of keys][16 dims][2]   (w tiles, rows = dims)
+// amx_attn_pack: the K and V blocks of n <= 32 keys (rows of k and v, d floats apart; d a
+//   multiple of 32 up to kMaxHeadDim); keys past n are zeros (their rows are not read).
+// amx_attn_rows: causal softmax attention of up to kAmxAttnRows query rows that share one kv head
+//   over packed K / V blocks (an online softmax per block of 32 keys; Q K^T and P V as split
+//   products). Row r sees key s iff s < n_vis[r] and (key_mask == null or key_mask[s] != 0);
+//   a row that sees no key gets zeros. Runs between amx_begin and amx_end.
+constexpr int kAmxAttnRows = 128;
+constexpr int kAmxAttnParts = 3;
+inline size_t amx_attn_block_elems(int d) { return static_cast<size_t>(kAmxAttnParts) * 32 * d; }
+struct AmxAttnRows {
+  const float* const* q;  // [rows] query rows (d floats each)
+  float* const* out;      // [rows] output rows
+  const int* n_vis;       // [rows] causal limit of each row
+  int rows;               // <= kAmxAttnRows
+  const uint16_t* ka;     // packed K blocks 0 .. (max n_vis + 31) / 32, amx_attn_block_elems(d) apart
+  const uint16_t* va;     // packed V blocks, the same
+  const uint8_t* key_mask;
+  int d;
+  float scale;
+  void* scratch;  // amx_attn_scratch_bytes(d), 64-byte aligned
+};
+inline size_t amx_attn_scratch_bytes(int d) {
+  return static_cast<size_t>(kAmxAttnRows) * kAmxAttnParts * d * 2  // Q parts (x tiles)
+         + kAmxAttnParts * 32 * 32 * 2                               // P parts of a row block
+         + static_cast<size_t>(kAmxAttnRows) * d * 4                 // O [rows, d]
+         + 32 * 32 * 4 + 2 * kAmxAttnRows * 4;                       // S [32, 32], m, l
+}
+using AmxAttnPack = void (*)(const float* k, const float* v, int n, int d, uint16_t* ka, uint16_t* va);
+using AmxAttnRowsFn = void (*)(const AmxAttnRows& a);
+
 // Largest head_dim the attention kernels take (they keep a block of transposed keys or the
 // transposed queries on the stack); the bindings reject larger ones. GLM-4 models use 128.
 constexpr int kMaxHeadDim = 256;
@@ -162,6 +200,8 @@ struct KernelTable {
   AmxPackBF16 amx_pack_bf16 = nullptr;
   AmxPackQ amx_pack_int8 = nullptr;
   AmxPackQ amx_pack_int4 = nullptr;
+  AmxAttnPack amx_attn_pack = nullptr;
+  AmxAttnRowsFn amx_attn_rows = nullptr;
 };
 
 // CPU tuning that never changes results, from CPUID (dispatch.cpp): whether the AVX-512 decode

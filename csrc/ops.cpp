@@ -492,10 +492,69 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
   }
 }
 
+// Prompts on AMX (kernels.h: the split products are as exact as fp32): K and V of every
+// (sequence, kv head) are packed once into blocks of 32 keys, then each work item -- up to
+// kAmxAttnRows query rows (token, head) of one kv head, the group's heads of consecutive tokens --
+// runs an online softmax over the key blocks its rows see. Items are taken longest first (the
+// last tokens see the most keys) by whichever thread is free; an item's result does not depend
+// on the thread that computes it.
+void attention_amx(const KernelTable& kt, const AttentionArgs& a) {
+  const int group = a.n_heads / a.n_kv_heads, d = a.head_dim, S = a.n_keys, T = a.n_queries;
+  int64_t last = -1;
+  for (int t = 0; t < T; ++t) last = std::max(last, a.q_pos[t]);
+  const int n_vis = static_cast<int>(std::clamp<int64_t>(last + 1, 0, S));
+  const int n_kb = (n_vis + 31) / 32, n_bg = a.batch * a.n_kv_heads;
+  const size_t block = amx_attn_block_elems(d);
+  const int rows = T * group, n_chunks = (rows + kAmxAttnRows - 1) / kAmxAttnRows;
+  const long long n_items = static_cast<long long>(n_bg) * n_chunks;
+  const int threads = get_num_threads();
+  const size_t scratch_bytes = (amx_attn_scratch_bytes(d) + 63) / 64 * 64;
+  uint16_t* kv = reused_scratch<uint16_t, 0>(2 * static_cast<size_t>(n_bg) * n_kb * block);  // [bg][K | V][block]
+  unsigned char* scratch = align64(reused_scratch<unsigned char, 0>(threads * scratch_bytes + 64));
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (long long i = 0; i < static_cast<long long>(n_bg) * n_kb; ++i) {
+      const int bg = static_cast<int>(i / n_kb), kb = static_cast<int>(i % n_kb);
+      const size_t off = (static_cast<size_t>(bg) * a.capacity + 32 * kb) * d;
+      uint16_t* dst = kv + (static_cast<size_t>(bg) * 2 * n_kb + kb) * block;
+      kt.amx_attn_pack(a.k + off, a.v + off, std::min(32, S - 32 * kb), d, dst, dst + n_kb * block);
+    }
+    const float* q_rows[kAmxAttnRows];
+    float* out_rows[kAmxAttnRows];
+    int row_vis[kAmxAttnRows];
+    kt.amx_begin();
+#pragma omp for schedule(dynamic, 1)
+    for (long long item = 0; item < n_items; ++item) {
+      const int bg = static_cast<int>(item % n_bg), chunk = n_chunks - 1 - static_cast<int>(item / n_bg);
+      const int b = bg / a.n_kv_heads, g = bg % a.n_kv_heads;
+      const int r0 = chunk * kAmxAttnRows, nr = std::min(kAmxAttnRows, rows - r0);
+      for (int i = 0; i < nr; ++i) {  // row r = (token r / group, head g * group + r % group)
+        const int t = (r0 + i) / group, h = g * group + (r0 + i) % group;
+        const size_t off = ((static_cast<size_t>(b) * T + t) * a.n_heads + h) * d;
+        q_rows[i] = a.q + off;
+        out_rows[i] = a.out + off;
+        row_vis[i] = static_cast<int>(std::clamp<int64_t>(a.q_pos[t] + 1, 0, S));
+      }
+      const uint16_t* ka = kv + static_cast<size_t>(bg) * 2 * n_kb * block;
+      AmxAttnRows args{q_rows, out_rows, row_vis, nr, ka, ka + n_kb * block,
+                       a.key_mask ? a.key_mask + static_cast<size_t>(b) * S : nullptr, d, a.scale,
+                       scratch + thread_index() * scratch_bytes};
+      kt.amx_attn_rows(args);
+    }
+    kt.amx_end();
+  }
+}
+
 void attention(const AttentionArgs& a) {
   const KernelTable& kt = kernels();
   if (a.n_queries == 1 && a.probs == nullptr) {
     attention_decode(kt, a);
+    return;
+  }
+  if (kt.amx_attn_rows != nullptr && a.probs == nullptr && a.n_queries >= kAmxMinQueriesAttn &&
+      a.head_dim % 32 == 0) {
+    attention_amx(kt, a);
     return;
   }
   const int group = a.n_heads / a.n_kv_heads;  // query heads sharing one kv head

@@ -15,6 +15,9 @@ namespace glm4rt {
 // AMX's: 16 tokens 1.3-1.8, 32 tokens 0.9-1.4, 40 tokens 0.9-1.0, 48 tokens 0.65-0.85.
 constexpr int kAmxMinTokensBf16 = 16;
 constexpr int kAmxMinTokensQuant = 40;
+// From this many query tokens on (and without probabilities asked for), attention runs on the
+// AMX tiles as split products, as exact as fp32 (kernels.h), where the ISA has them.
+constexpr int kAmxMinQueriesAttn = 16;
 
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]). fp32 accumulation.
 void matmul_f32(const float* x, int M, int K, const float* w, int N, const float* bias, float* y);
@@ -49,7 +52,8 @@ void silu_mul(const float* gate_up, float* out, int M, int I);
 //   q_pos [T] cache position of each query: key s is visible iff s <= q_pos[t]
 //   key_mask [B, n_keys] 1 = attend, 0 = padding (nullptr: all keys)
 //   out   [B, T, n_heads, d]          probs [B, n_heads, T, n_keys] or nullptr
-// A query with no visible key gets zeros. Scores, softmax and sums in fp32.
+// A query with no visible key gets zeros. Scores, softmax and sums in fp32 (on AMX, prompts of
+// kAmxMinQueriesAttn tokens on: products of bf16 parts that add up to the fp32 values, kernels.h).
 struct AttentionArgs {
   const float* q;
   const float* k;

@@ -544,6 +544,48 @@ def test_decode_attention_matches_reference(isa, case):
     np.testing.assert_allclose(outs[0], out_g, rtol=2e-5, atol=2e-5)
 
 
+PROMPT_ATTN_CASES = {
+    # name: (B, T, n_heads, n_kv_heads, head_dim, capacity, n_keys, q_pos, mask zeros per batch)
+    # Prompts of >= 16 tokens without probabilities: on AMX CPUs the split-product tile kernel.
+    "glm4_9b_heads": (1, 40, 32, 2, 128, 80, 70, range(30, 70), None),  # 2 tokens per block of 32 rows
+    "padding_blind_rows": (2, 20, 16, 1, 64, 60, 50, range(30, 50), {0: [0, 1, 33, 40], 1: slice(0, 45)}),
+    "group6_straddles": (1, 37, 12, 2, 64, 40, 37, range(37), {0: [5, 6]}),  # GLM-4-32B's group of 6
+    "mha_dim32": (2, 50, 2, 2, 32, 64, 61, range(11, 61), {1: slice(0, 20)}),
+    "dim256": (1, 17, 4, 1, 256, 40, 33, range(16, 33), None),
+    "odd_dim_fallback": (1, 20, 8, 2, 40, 30, 25, range(5, 25), None),  # head_dim 40: the fp32 path
+    "three_items": (1, 300, 16, 1, 128, 330, 320, range(20, 320), None),  # 4800 rows: items of 128
+}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", sorted(PROMPT_ATTN_CASES))
+def test_prompt_attention_matches_reference(isa, case):
+    # Peaked softmaxes (q x 3): the running maximum changes between blocks of keys. Every ISA
+    # against the float64 reference at fp32's tolerance, 1 and 2 threads bit-identical.
+    B, T, n_h, n_kv, d, cap, n_keys, q_pos, zeros = PROMPT_ATTN_CASES[case]
+    rng = np.random.default_rng(sum(map(ord, case)))
+    q, k, v, q_pos, key_mask = _attention_case(rng, B, T, n_h, n_kv, d, cap, n_keys, list(q_pos), zeros)
+    q *= 3.0
+    scale = d ** -0.5
+    ref_out, _ = ref_attention(q, k, v, n_keys, q_pos, key_mask, scale)
+    ops.set_isa(isa)
+    outs = []
+    for n in (1, 2):
+        with num_threads(n):
+            outs.append(ops.attention(q, k, v, n_keys, q_pos, key_mask, scale))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_allclose(outs[0], ref_out, rtol=1e-5, atol=1e-5)
+    vis = (np.arange(n_keys)[None, :] <= q_pos[:, None])[None] & (
+        key_mask[:, None, :] != 0 if key_mask is not None else True)  # [B, T, S]
+    blind = ~vis.any(-1)
+    assert np.all(outs[0][blind] == 0.0)
+    if case == "padding_blind_rows":
+        assert blind[1].sum() == 15 and not blind[0].any()
+    if isa == "amx":  # the tile kernel ran (the fp32 path's sums give other bits), or was bypassed
+        fp32 = on_isa("avx512_bf16", lambda: ops.attention(q, k, v, n_keys, q_pos, key_mask, scale))
+        assert np.array_equal(outs[0], fp32) == (d % 32 != 0)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_attention_gqa_shares_kv_heads(isa):
     # With group size 2, query heads 2g and 2g+1 read kv head g: giving both the same query

@@ -12,6 +12,10 @@
 #include <immintrin.h>
 
 #include "../kernels.h"
+#include <algorithm>
+#include <cmath>
+
+#include "x86_avx512_exp.h"
 #include "x86_avx512_transpose.h"
 
 namespace glm4rt {
@@ -187,6 +191,179 @@ void pack_q(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int 
     }
 }
 
+// ---- prefill attention: split products (kernels.h) -------------------------------------------
+
+// x rounded to bf16 (nearest even) and widened back: exact fp32 values.
+inline __m512 bf16_round(__m512 x) {
+  const __m256bh h = _mm512_cvtneps_pbh(x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(h)), 16));
+}
+
+// x = part[0] + part[1] + part[2], each a bf16 value (kernels.h).
+inline void split3(__m512 x, __m512 part[kAmxAttnParts]) {
+  part[0] = bf16_round(x);
+  const __m512 r = _mm512_sub_ps(x, part[0]);
+  part[1] = bf16_round(r);
+  part[2] = bf16_round(_mm512_sub_ps(r, part[1]));
+}
+
+// C [32, 32] (+)= sum over the part pairs i + j <= 2 of x part i . w part j, over kb blocks of 32
+// (each part's blocks consecutive, parts x_part / w_part elements apart). m <= 16: C rows 0-15.
+void gemm_split(const uint16_t* xa, size_t x_part, const uint16_t* wa, size_t w_part, int kb,
+                float* c, size_t ldc, int m, bool accumulate) {
+  const size_t stride = ldc * sizeof(float);
+  const bool two = m > 16;
+  if (accumulate) {
+    _tile_loadd(4, c, stride);
+    _tile_loadd(5, c + 16, stride);
+    if (two) {
+      _tile_loadd(6, c + 16 * ldc, stride);
+      _tile_loadd(7, c + 16 * ldc + 16, stride);
+    }
+  } else {
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+  }
+  for (int b = 0; b < kb; ++b)
+    for (int i = 0; i < kAmxAttnParts; ++i) {
+      const uint16_t* xb = xa + i * x_part + static_cast<size_t>(b) * 2 * kTile;
+      _tile_loadd(0, xb, 64);
+      if (two) _tile_loadd(1, xb + kTile, 64);
+      for (int j = 0; i + j < kAmxAttnParts; ++j) {
+        const uint16_t* wb = wa + j * w_part + static_cast<size_t>(b) * 2 * kTile;
+        _tile_loadd(2, wb, 64);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_loadd(3, wb + kTile, 64);
+        _tile_dpbf16ps(5, 0, 3);
+        if (two) {
+          _tile_dpbf16ps(6, 1, 2);
+          _tile_dpbf16ps(7, 1, 3);
+        }
+      }
+    }
+  _tile_stored(4, c, stride);
+  _tile_stored(5, c + 16, stride);
+  if (two) {
+    _tile_stored(6, c + 16 * ldc, stride);
+    _tile_stored(7, c + 16 * ldc + 16, stride);
+  }
+}
+
+void attn_pack(const float* k, const float* v, int n, int d, uint16_t* ka, uint16_t* va) {
+  const int nb = d / 32;
+  const size_t part = static_cast<size_t>(nb) * 2 * kTile;
+  for (int b = 0; b < nb; ++b)  // K: 16 keys x 16 pairs of d transposed, per part
+    for (int h = 0; h < 2; ++h) {
+      __m512i r[kAmxAttnParts][16];
+      for (int i = 0; i < 16; ++i) {
+        __m512 lo[kAmxAttnParts], hi[kAmxAttnParts];
+        const int key = 16 * h + i;
+        const float* row = k + static_cast<size_t>(key) * d + 32 * b;
+        split3(key < n ? _mm512_loadu_ps(row) : _mm512_setzero_ps(), lo);
+        split3(key < n ? _mm512_loadu_ps(row + 16) : _mm512_setzero_ps(), hi);
+        for (int p = 0; p < kAmxAttnParts; ++p) r[p][i] = to_bf16(lo[p], hi[p]);
+      }
+      for (int p = 0; p < kAmxAttnParts; ++p) {
+        transpose16(r[p]);
+        uint16_t* dst = ka + p * part + (static_cast<size_t>(b) * 2 + h) * kTile;
+        for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + 32 * c, r[p][c]);
+      }
+    }
+  for (int j = 0; j < nb; ++j)  // V: rows of the tiles are pairs of keys, lanes dims
+    for (int h = 0; h < 2; ++h)
+      for (int q = 0; q < 16; ++q) {
+        __m512 a[kAmxAttnParts], b[kAmxAttnParts];
+        const float* row = v + static_cast<size_t>(2 * q) * d + 32 * j + 16 * h;
+        split3(2 * q < n ? _mm512_loadu_ps(row) : _mm512_setzero_ps(), a);
+        split3(2 * q + 1 < n ? _mm512_loadu_ps(row + d) : _mm512_setzero_ps(), b);
+        for (int p = 0; p < kAmxAttnParts; ++p)
+          _mm512_storeu_si512(va + p * part + (static_cast<size_t>(j) * 2 + h) * kTile + 32 * q, pair_row(a[p], b[p]));
+      }
+}
+
+inline __mmask32 first_bits(int n) { return n >= 32 ? ~0u : n > 0 ? (1u << n) - 1u : 0u; }
+
+void attn_rows(const AmxAttnRows& a) {
+  const int d = a.d, nb = d / 32, n_rb = (a.rows + 31) / 32;
+  const size_t q_part = static_cast<size_t>(nb) * 2 * kTile, q_block = kAmxAttnParts * q_part;
+  const size_t kv_part = q_part, kv_block = amx_attn_block_elems(d);
+  uint16_t* qa = static_cast<uint16_t*>(a.scratch);          // [row block][part][d block][half][16][32]
+  uint16_t* pa = qa + static_cast<size_t>(kAmxAttnRows / 32) * q_block;  // [part][half][16][32]
+  float* o = reinterpret_cast<float*>(pa + kAmxAttnParts * 2 * kTile);  // [rows, d]
+  float* s = o + static_cast<size_t>(kAmxAttnRows) * d;                 // [32, 32]
+  float* mx = s + 32 * 32;                                              // [rows] running maxima
+  float* l = mx + kAmxAttnRows;                                         // [rows] running sums
+  const float neg_inf = -__builtin_inff();
+  int rb_vis[kAmxAttnRows / 32] = {};  // per row block: keys visible to any of its rows
+  for (int r = 0; r < n_rb * 32; ++r) {
+    uint16_t* dst = qa + r / 32 * q_block + (r % 32) / 16 * kTile + 32 * (r % 16);
+    for (int b = 0; b < nb; ++b) {
+      __m512 lo[kAmxAttnParts], hi[kAmxAttnParts];
+      split3(r < a.rows ? _mm512_loadu_ps(a.q[r] + 32 * b) : _mm512_setzero_ps(), lo);
+      split3(r < a.rows ? _mm512_loadu_ps(a.q[r] + 32 * b + 16) : _mm512_setzero_ps(), hi);
+      for (int p = 0; p < kAmxAttnParts; ++p)
+        _mm512_storeu_si512(dst + p * q_part + static_cast<size_t>(b) * 2 * kTile, to_bf16(lo[p], hi[p]));
+    }
+    if (r < a.rows) rb_vis[r / 32] = std::max(rb_vis[r / 32], a.n_vis[r]);
+    std::fill(o + static_cast<size_t>(r) * d, o + static_cast<size_t>(r + 1) * d, 0.0f);
+    mx[r] = neg_inf;
+    l[r] = 0.0f;
+  }
+  const int n_vis = *std::max_element(rb_vis, rb_vis + n_rb);
+  const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(neg_inf);
+  for (int s0 = 0; s0 < n_vis; s0 += 32) {
+    const uint16_t* kb = a.ka + static_cast<size_t>(s0 / 32) * kv_block;
+    const uint16_t* vb = a.va + static_cast<size_t>(s0 / 32) * kv_block;
+    __mmask32 keys = first_bits(n_vis - s0);
+    if (a.key_mask != nullptr)
+      for (int i = 0; i < 32 && s0 + i < n_vis; ++i)
+        if (a.key_mask[s0 + i] == 0) keys &= ~(1u << i);
+    for (int rb = 0; rb < n_rb; ++rb) {
+      if (rb_vis[rb] <= s0) continue;  // no row of the block sees these keys (nor later ones)
+      const int m = std::min(32, a.rows - 32 * rb);
+      gemm_split(qa + rb * q_block, q_part, kb, kv_part, nb, s, 32, m, false);  // S = Q K^T
+      for (int i = 0; i < 32; ++i) {
+        const int r = 32 * rb + i;
+        __m512 p0 = _mm512_setzero_ps(), p1 = p0;
+        if (i < m) {
+          const __mmask32 vis = keys & first_bits(a.n_vis[r] - s0);
+          const __m512 x0 = _mm512_mask_mov_ps(ninf, static_cast<__mmask16>(vis), _mm512_mul_ps(_mm512_loadu_ps(s + 32 * i), scale));
+          const __m512 x1 = _mm512_mask_mov_ps(ninf, static_cast<__mmask16>(vis >> 16), _mm512_mul_ps(_mm512_loadu_ps(s + 32 * i + 16), scale));
+          const float m_new = std::max(mx[r], _mm512_reduce_max_ps(_mm512_max_ps(x0, x1)));
+          if (m_new != neg_inf) {
+            const __m512 mv = _mm512_set1_ps(m_new);
+            p0 = _mm512_maskz_mov_ps(static_cast<__mmask16>(vis), exp16(_mm512_sub_ps(x0, mv)));
+            p1 = _mm512_maskz_mov_ps(static_cast<__mmask16>(vis >> 16), exp16(_mm512_sub_ps(x1, mv)));
+            const float alpha = m_new == mx[r] ? 1.0f : std::exp(mx[r] - m_new);  // 0 after -inf
+            l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+            if (alpha != 1.0f) {
+              float* orow = o + static_cast<size_t>(r) * d;
+              for (int c = 0; c < d; c += 16)
+                _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_loadu_ps(orow + c), _mm512_set1_ps(alpha)));
+            }
+            mx[r] = m_new;
+          }
+        }
+        __m512 lo[kAmxAttnParts], hi[kAmxAttnParts];
+        split3(p0, lo);
+        split3(p1, hi);
+        for (int p = 0; p < kAmxAttnParts; ++p)
+          _mm512_storeu_si512(pa + (static_cast<size_t>(p) * 2 + i / 16) * kTile + 32 * (i % 16), to_bf16(lo[p], hi[p]));
+      }
+      for (int j = 0; j < nb; ++j)  // O += P V
+        gemm_split(pa, 2 * kTile, vb + static_cast<size_t>(j) * 2 * kTile, kv_part, 1,
+                   o + static_cast<size_t>(32 * rb) * d + 32 * j, d, m, true);
+    }
+  }
+  for (int r = 0; r < a.rows; ++r) {
+    const float* orow = o + static_cast<size_t>(r) * d;
+    const __m512 inv = _mm512_set1_ps(l[r] > 0.0f ? 1.0f / l[r] : 0.0f);
+    for (int c = 0; c < d; c += 16) _mm512_storeu_ps(a.out[r] + c, _mm512_mul_ps(_mm512_loadu_ps(orow + c), inv));
+  }
+}
+
 }  // namespace
 }  // namespace amx
 
@@ -201,6 +378,8 @@ const KernelTable& amx_kernels() {
     t.amx_pack_bf16 = amx::pack_bf16;
     t.amx_pack_int8 = amx::pack_q<false>;
     t.amx_pack_int4 = amx::pack_q<true>;
+    t.amx_attn_pack = amx::attn_pack;
+    t.amx_attn_rows = amx::attn_rows;
     return t;
   }();
   return table;
