@@ -257,6 +257,8 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("data"), "Read every byte with the kernel threads (memory bandwidth probe); returns a checksum.");
   m.def("supported_isas", &glm4rt::supported_isas);
   m.attr("AMX_MIN_TOKENS_QUANT") = glm4rt::kAmxMinTokensQuant;
+  m.attr("AMX_MIN_QUERIES_ATTN") = glm4rt::kAmxMinQueriesAttn;
+  m.attr("AMX_MIN_KEYS_ATTN") = glm4rt::kAmxMinKeysAttn;
   m.def("set_isa", &glm4rt::set_isa, py::arg("name"));
   m.def("active_isa", &glm4rt::active_isa);
   m.def("set_num_threads", &glm4rt::set_num_threads, py::arg("n"));

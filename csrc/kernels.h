@@ -95,9 +95,9 @@ using AmxPackQ = void (*)(const uint8_t* group, size_t group_bytes, int n_groups
 // even; the differences are exact, so hi + mid + lo == x for normal x), and a product a . b is
 // the sum of the six part products a_i . b_j with i + j <= 2 (the three left out are below
 // 2^-26 of it), each exact on the tile unit, summed in fp32. Keys are cut into blocks of 32;
-// a packed block of K or V holds kAmxAttnBlockElems bf16 values:
-//   K block [part][d block of 32][half][16 pairs of d][16 keys][2]   (w tiles, rows = keys)
-//   V block [part][panel of 32 dims][half][16 pairs of keys][16 dims][2]   (w tiles, rows = dims)
+// a packed block of K or V holds amx_attn_block_elems(d) bf16 values, x tiles (kernels.h):
+//   K block [part][d block of 32][half][16 keys][32 d]     (S^T = K Q^T: rows = keys)
+//   V block [part][block of 32 dims][half][16 dims][32 keys]   (O^T += V^T P^T: rows = dims)
 // amx_attn_pack: the K and V blocks of n <= 32 keys (rows of k and v, d floats apart; d a
 //   multiple of 32 up to kMaxHeadDim); keys past n are zeros (their rows are not read).
 // amx_attn_rows: causal softmax attention of up to kAmxAttnRows query rows that share one kv head

@@ -498,11 +498,16 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
 // runs an online softmax over the key blocks its rows see. Items are taken longest first (the
 // last tokens see the most keys) by whichever thread is free; an item's result does not depend
 // on the thread that computes it.
+// Keys 0 .. visible_keys(a) - 1 are visible (by causality) to at least one query.
+int visible_keys(const AttentionArgs& a) {
+  int64_t last = -1;
+  for (int t = 0; t < a.n_queries; ++t) last = std::max(last, a.q_pos[t]);
+  return static_cast<int>(std::clamp<int64_t>(last + 1, 0, a.n_keys));
+}
+
 void attention_amx(const KernelTable& kt, const AttentionArgs& a) {
   const int group = a.n_heads / a.n_kv_heads, d = a.head_dim, S = a.n_keys, T = a.n_queries;
-  int64_t last = -1;
-  for (int t = 0; t < T; ++t) last = std::max(last, a.q_pos[t]);
-  const int n_vis = static_cast<int>(std::clamp<int64_t>(last + 1, 0, S));
+  const int n_vis = visible_keys(a);
   const int n_kb = (n_vis + 31) / 32, n_bg = a.batch * a.n_kv_heads;
   const size_t block = amx_attn_block_elems(d);
   const int rows = T * group, n_chunks = (rows + kAmxAttnRows - 1) / kAmxAttnRows;
@@ -553,7 +558,7 @@ void attention(const AttentionArgs& a) {
     return;
   }
   if (kt.amx_attn_rows != nullptr && a.probs == nullptr && a.n_queries >= kAmxMinQueriesAttn &&
-      a.head_dim % 32 == 0) {
+      a.head_dim % 32 == 0 && visible_keys(a) >= kAmxMinKeysAttn) {
     attention_amx(kt, a);
     return;
   }

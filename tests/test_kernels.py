@@ -546,14 +546,17 @@ def test_decode_attention_matches_reference(isa, case):
 
 PROMPT_ATTN_CASES = {
     # name: (B, T, n_heads, n_kv_heads, head_dim, capacity, n_keys, q_pos, mask zeros per batch)
-    # Prompts of >= 16 tokens without probabilities: on AMX CPUs the split-product tile kernel.
-    "glm4_9b_heads": (1, 40, 32, 2, 128, 80, 70, range(30, 70), None),  # 2 tokens per block of 32 rows
-    "padding_blind_rows": (2, 20, 16, 1, 64, 60, 50, range(30, 50), {0: [0, 1, 33, 40], 1: slice(0, 45)}),
-    "group6_straddles": (1, 37, 12, 2, 64, 40, 37, range(37), {0: [5, 6]}),  # GLM-4-32B's group of 6
-    "mha_dim32": (2, 50, 2, 2, 32, 64, 61, range(11, 61), {1: slice(0, 20)}),
-    "dim256": (1, 17, 4, 1, 256, 40, 33, range(16, 33), None),
-    "odd_dim_fallback": (1, 20, 8, 2, 40, 30, 25, range(5, 25), None),  # head_dim 40: the fp32 path
+    # Prompts without probabilities: on AMX CPUs from AMX_MIN_QUERIES_ATTN tokens and
+    # AMX_MIN_KEYS_ATTN visible keys on, the split-product tile kernel.
+    "glm4_9b_heads": (1, 40, 32, 2, 128, 200, 170, range(130, 170), None),  # 2 tokens per 32 rows
+    "padding_blind_rows": (2, 20, 16, 1, 64, 160, 150, range(130, 150),
+                           {0: [0, 1, 133, 140], 1: slice(0, 145)}),
+    "group6_straddles": (1, 37, 12, 2, 64, 140, 137, range(100, 137), {0: [5, 6]}),  # GLM-4-32B's group of 6
+    "mha_dim32": (2, 50, 2, 2, 32, 200, 161, range(111, 161), {1: slice(0, 120)}),
+    "dim256": (1, 17, 4, 1, 256, 140, 133, range(116, 133), None),
     "three_items": (1, 300, 16, 1, 128, 330, 320, range(20, 320), None),  # 4800 rows: items of 128
+    "odd_dim_fallback": (1, 20, 8, 2, 40, 150, 145, range(125, 145), None),  # head_dim 40: fp32
+    "few_keys_fallback": (1, 20, 16, 1, 64, 40, 30, range(10, 30), None),  # 30 keys: fp32
 }
 
 
@@ -582,8 +585,11 @@ def test_prompt_attention_matches_reference(isa, case):
     if case == "padding_blind_rows":
         assert blind[1].sum() == 15 and not blind[0].any()
     if isa == "amx":  # the tile kernel ran (the fp32 path's sums give other bits), or was bypassed
+        from glm4rt import _C
+        tiles = d % 32 == 0 and T >= _C.AMX_MIN_QUERIES_ATTN and q_pos.max() + 1 >= _C.AMX_MIN_KEYS_ATTN
+        assert tiles == ("fallback" not in case)
         fp32 = on_isa("avx512_bf16", lambda: ops.attention(q, k, v, n_keys, q_pos, key_mask, scale))
-        assert np.array_equal(outs[0], fp32) == (d % 32 != 0)
+        assert np.array_equal(outs[0], fp32) != tiles
 
 
 @pytest.mark.parametrize("isa", ISAS)

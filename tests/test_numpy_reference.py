@@ -82,3 +82,56 @@ def test_wrong_rotary_layouts_would_be_caught():
             assert np.abs(forward_logits(w, cfg, g["ids"][0]) - g["logits"][0]).max() > 1e-2
     finally:
         ref.rotary_interleaved = good
+
+
+def _long_context_checkpoint(directory) -> None:
+    """A random GLM-4 (every parameter random, norms and biases too) whose heads are long enough
+    for the AMX attention tiles (head_dim 64, 4 query heads per kv head), written with NumPy."""
+    import json
+    import os
+
+    from safetensors.numpy import save_file
+
+    with open(os.path.join(fixture_dir("gqa1_official"), "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(head_dim=64, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+               num_key_value_heads=1, max_position_embeddings=256, num_hidden_layers=2)
+    H, I, V, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
+    rng = np.random.default_rng(21)
+
+    def rand(*shape, scale=0.1):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": rand(V, H, scale=1.0), "model.norm.weight": 1 + rand(H),
+         "lm_head.weight": rand(V, H)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for name, rows in (("q_proj", 4 * d), ("k_proj", d), ("v_proj", d)):
+            t[p + f"self_attn.{name}.weight"] = rand(rows, H, scale=0.3)  # peaked softmaxes
+            t[p + f"self_attn.{name}.bias"] = rand(rows)
+        t[p + "self_attn.o_proj.weight"] = rand(H, 4 * d)
+        t[p + "mlp.gate_up_proj.weight"] = rand(2 * I, H)
+        t[p + "mlp.down_proj.weight"] = rand(H, I)
+        for norm in ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
+                     "post_mlp_layernorm"):
+            t[p + norm + ".weight"] = 1 + rand(H)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file(t, os.path.join(directory, "model.safetensors"))
+
+
+@pytest.mark.parametrize("isa", glm4rt.supported_isas())
+def test_long_prompts_and_chunked_prefill_agree_with_reference(isa, tmp_path):
+    """200-token prompts, whole and in chunks over a cache (150 + 50 tokens): on AMX CPUs both
+    run the split-product attention tiles (>= 16 queries, >= 128 keys, head_dim 64)."""
+    _long_context_checkpoint(tmp_path)
+    glm4rt.set_isa(isa)
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(str(tmp_path), dtype="float32")
+    ids = np.random.default_rng(6).integers(0, model.config.vocab_size, size=200)
+    expected = forward_logits(load_float64(str(tmp_path)), model.config, ids)
+    np.testing.assert_allclose(model(ids[None]).logits[0], expected, atol=1e-4, rtol=1e-4)
+    cache = glm4rt.Glm4Cache.for_config(model.config, 1, 256)
+    first = model(ids[None, :150], past_key_values=cache, use_cache=True).logits[0]
+    rest = model(ids[None, 150:], past_key_values=cache, use_cache=True).logits[0]
+    np.testing.assert_allclose(np.concatenate([first, rest]), expected, atol=1e-4, rtol=1e-4)

@@ -227,17 +227,17 @@ void gemm_split(const uint16_t* xa, size_t x_part, const uint16_t* wa, size_t w_
     _tile_zero(7);
   }
   for (int b = 0; b < kb; ++b)
-    for (int i = 0; i < kAmxAttnParts; ++i) {
-      const uint16_t* xb = xa + i * x_part + static_cast<size_t>(b) * 2 * kTile;
-      _tile_loadd(0, xb, 64);
-      if (two) _tile_loadd(1, xb + kTile, 64);
-      for (int j = 0; i + j < kAmxAttnParts; ++j) {
-        const uint16_t* wb = wa + j * w_part + static_cast<size_t>(b) * 2 * kTile;
-        _tile_loadd(2, wb, 64);
+    for (int j = 0; j < kAmxAttnParts; ++j) {  // each w part loaded once, the x parts (in L1) again
+      const uint16_t* wb = wa + j * w_part + static_cast<size_t>(b) * 2 * kTile;
+      _tile_loadd(2, wb, 64);
+      _tile_loadd(3, wb + kTile, 64);
+      for (int i = 0; i + j < kAmxAttnParts; ++i) {
+        const uint16_t* xb = xa + i * x_part + static_cast<size_t>(b) * 2 * kTile;
+        _tile_loadd(0, xb, 64);
         _tile_dpbf16ps(4, 0, 2);
-        _tile_loadd(3, wb + kTile, 64);
         _tile_dpbf16ps(5, 0, 3);
         if (two) {
+          _tile_loadd(1, xb + kTile, 64);
           _tile_dpbf16ps(6, 1, 2);
           _tile_dpbf16ps(7, 1, 3);
         }
@@ -251,116 +251,133 @@ void gemm_split(const uint16_t* xa, size_t x_part, const uint16_t* wa, size_t w_
   }
 }
 
+// x tile rows from fp32: 32 values (lo = 0..15, hi = 16..31) split into parts, part p's bf16 row
+// stored at dst + p * part.
+inline void store_split_row(__m512 lo, __m512 hi, uint16_t* dst, size_t part) {
+  __m512 a[kAmxAttnParts], b[kAmxAttnParts];
+  split3(lo, a);
+  split3(hi, b);
+  for (int p = 0; p < kAmxAttnParts; ++p) _mm512_storeu_si512(dst + p * part, to_bf16(a[p], b[p]));
+}
+
+// The attention runs transposed, S^T = K Q^T and O^T += V^T P^T, so that the softmax over keys
+// is a column operation: lanes are query rows, and the maxima and sums are vertical.
 void attn_pack(const float* k, const float* v, int n, int d, uint16_t* ka, uint16_t* va) {
   const int nb = d / 32;
   const size_t part = static_cast<size_t>(nb) * 2 * kTile;
-  for (int b = 0; b < nb; ++b)  // K: 16 keys x 16 pairs of d transposed, per part
-    for (int h = 0; h < 2; ++h) {
-      __m512i r[kAmxAttnParts][16];
-      for (int i = 0; i < 16; ++i) {
-        __m512 lo[kAmxAttnParts], hi[kAmxAttnParts];
-        const int key = 16 * h + i;
-        const float* row = k + static_cast<size_t>(key) * d + 32 * b;
-        split3(key < n ? _mm512_loadu_ps(row) : _mm512_setzero_ps(), lo);
-        split3(key < n ? _mm512_loadu_ps(row + 16) : _mm512_setzero_ps(), hi);
-        for (int p = 0; p < kAmxAttnParts; ++p) r[p][i] = to_bf16(lo[p], hi[p]);
-      }
-      for (int p = 0; p < kAmxAttnParts; ++p) {
-        transpose16(r[p]);
-        uint16_t* dst = ka + p * part + (static_cast<size_t>(b) * 2 + h) * kTile;
-        for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + 32 * c, r[p][c]);
-      }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int key = 0; key < 32; ++key)  // K: x tiles, a row per key
+    for (int b = 0; b < nb; ++b) {
+      const float* row = k + static_cast<size_t>(key) * d + 32 * b;
+      store_split_row(key < n ? _mm512_loadu_ps(row) : zero, key < n ? _mm512_loadu_ps(row + 16) : zero,
+                      ka + (static_cast<size_t>(b) * 2 + key / 16) * kTile + 32 * (key % 16), part);
     }
-  for (int j = 0; j < nb; ++j)  // V: rows of the tiles are pairs of keys, lanes dims
+  for (int c0 = 0; c0 < d; c0 += 16) {  // V: x tiles, a row per dim (16 dims x 32 keys transposed)
+    __m512i r[2][16];
     for (int h = 0; h < 2; ++h)
-      for (int q = 0; q < 16; ++q) {
-        __m512 a[kAmxAttnParts], b[kAmxAttnParts];
-        const float* row = v + static_cast<size_t>(2 * q) * d + 32 * j + 16 * h;
-        split3(2 * q < n ? _mm512_loadu_ps(row) : _mm512_setzero_ps(), a);
-        split3(2 * q + 1 < n ? _mm512_loadu_ps(row + d) : _mm512_setzero_ps(), b);
-        for (int p = 0; p < kAmxAttnParts; ++p)
-          _mm512_storeu_si512(va + p * part + (static_cast<size_t>(j) * 2 + h) * kTile + 32 * q, pair_row(a[p], b[p]));
-      }
+      for (int i = 0; i < 16; ++i)
+        r[h][i] = 16 * h + i < n ? _mm512_loadu_si512(v + static_cast<size_t>(16 * h + i) * d + c0) : _mm512_setzero_si512();
+    transpose16(r[0]);  // r[h][c] = dim c0 + c of keys 16h .. 16h+15
+    transpose16(r[1]);
+    for (int c = 0; c < 16; ++c)
+      store_split_row(_mm512_castsi512_ps(r[0][c]), _mm512_castsi512_ps(r[1][c]),
+                      va + (static_cast<size_t>(c0 / 16)) * kTile + 32 * c, part);
+  }
 }
-
-inline __mmask32 first_bits(int n) { return n >= 32 ? ~0u : n > 0 ? (1u << n) - 1u : 0u; }
 
 void attn_rows(const AmxAttnRows& a) {
   const int d = a.d, nb = d / 32, n_rb = (a.rows + 31) / 32;
-  const size_t q_part = static_cast<size_t>(nb) * 2 * kTile, q_block = kAmxAttnParts * q_part;
-  const size_t kv_part = q_part, kv_block = amx_attn_block_elems(d);
-  uint16_t* qa = static_cast<uint16_t*>(a.scratch);          // [row block][part][d block][half][16][32]
-  uint16_t* pa = qa + static_cast<size_t>(kAmxAttnRows / 32) * q_block;  // [part][half][16][32]
-  float* o = reinterpret_cast<float*>(pa + kAmxAttnParts * 2 * kTile);  // [rows, d]
-  float* s = o + static_cast<size_t>(kAmxAttnRows) * d;                 // [32, 32]
-  float* mx = s + 32 * 32;                                              // [rows] running maxima
-  float* l = mx + kAmxAttnRows;                                         // [rows] running sums
+  const size_t part = static_cast<size_t>(nb) * 2 * kTile, q_block = kAmxAttnParts * part;
+  const size_t kv_block = amx_attn_block_elems(d);
+  uint16_t* qa = static_cast<uint16_t*>(a.scratch);  // Q^T [row block][part][d block][half][16 pairs][16 rows][2]
+  uint16_t* pa = qa + static_cast<size_t>(kAmxAttnRows / 32) * q_block;  // P^T [part][half][16 pairs of keys][16 rows][2]
+  float* ot = reinterpret_cast<float*>(pa + kAmxAttnParts * 2 * kTile);  // O^T [row block][d][32 rows]
+  float* st = ot + static_cast<size_t>(kAmxAttnRows) * d;                // S^T [32 keys][32 rows]
+  float* mx = st + 32 * 32;                                              // [rows] running maxima
+  float* l = mx + kAmxAttnRows;                                          // [rows] running sums
   const float neg_inf = -__builtin_inff();
-  int rb_vis[kAmxAttnRows / 32] = {};  // per row block: keys visible to any of its rows
+  int vis[kAmxAttnRows];  // causal limits, 0 for the padding rows of the last block
+  int rb_vis[kAmxAttnRows / 32] = {};
   for (int r = 0; r < n_rb * 32; ++r) {
-    uint16_t* dst = qa + r / 32 * q_block + (r % 32) / 16 * kTile + 32 * (r % 16);
-    for (int b = 0; b < nb; ++b) {
-      __m512 lo[kAmxAttnParts], hi[kAmxAttnParts];
-      split3(r < a.rows ? _mm512_loadu_ps(a.q[r] + 32 * b) : _mm512_setzero_ps(), lo);
-      split3(r < a.rows ? _mm512_loadu_ps(a.q[r] + 32 * b + 16) : _mm512_setzero_ps(), hi);
-      for (int p = 0; p < kAmxAttnParts; ++p)
-        _mm512_storeu_si512(dst + p * q_part + static_cast<size_t>(b) * 2 * kTile, to_bf16(lo[p], hi[p]));
-    }
-    if (r < a.rows) rb_vis[r / 32] = std::max(rb_vis[r / 32], a.n_vis[r]);
-    std::fill(o + static_cast<size_t>(r) * d, o + static_cast<size_t>(r + 1) * d, 0.0f);
+    vis[r] = r < a.rows ? a.n_vis[r] : 0;
+    rb_vis[r / 32] = std::max(rb_vis[r / 32], vis[r]);
     mx[r] = neg_inf;
     l[r] = 0.0f;
   }
+  std::fill(ot, ot + static_cast<size_t>(n_rb) * d * 32, 0.0f);
+  for (int rb = 0; rb < n_rb; ++rb)  // Q^T: 16 rows x 16 pairs of d transposed, per part
+    for (int b = 0; b < nb; ++b)
+      for (int h = 0; h < 2; ++h) {
+        __m512i t[kAmxAttnParts][16];
+        for (int i = 0; i < 16; ++i) {
+          const int r = 32 * rb + 16 * h + i;
+          __m512 lo[kAmxAttnParts], hi[kAmxAttnParts];
+          split3(r < a.rows ? _mm512_loadu_ps(a.q[r] + 32 * b) : _mm512_setzero_ps(), lo);
+          split3(r < a.rows ? _mm512_loadu_ps(a.q[r] + 32 * b + 16) : _mm512_setzero_ps(), hi);
+          for (int p = 0; p < kAmxAttnParts; ++p) t[p][i] = to_bf16(lo[p], hi[p]);
+        }
+        for (int p = 0; p < kAmxAttnParts; ++p) {
+          transpose16(t[p]);
+          uint16_t* dst = qa + rb * q_block + p * part + (static_cast<size_t>(b) * 2 + h) * kTile;
+          for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + 32 * c, t[p][c]);
+        }
+      }
   const int n_vis = *std::max_element(rb_vis, rb_vis + n_rb);
-  const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(neg_inf);
+  const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(neg_inf), one = _mm512_set1_ps(1.0f);
   for (int s0 = 0; s0 < n_vis; s0 += 32) {
     const uint16_t* kb = a.ka + static_cast<size_t>(s0 / 32) * kv_block;
     const uint16_t* vb = a.va + static_cast<size_t>(s0 / 32) * kv_block;
-    __mmask32 keys = first_bits(n_vis - s0);
+    uint32_t keys = ~0u;  // key_mask bits of the block
     if (a.key_mask != nullptr)
       for (int i = 0; i < 32 && s0 + i < n_vis; ++i)
         if (a.key_mask[s0 + i] == 0) keys &= ~(1u << i);
     for (int rb = 0; rb < n_rb; ++rb) {
       if (rb_vis[rb] <= s0) continue;  // no row of the block sees these keys (nor later ones)
-      const int m = std::min(32, a.rows - 32 * rb);
-      gemm_split(qa + rb * q_block, q_part, kb, kv_part, nb, s, 32, m, false);  // S = Q K^T
-      for (int i = 0; i < 32; ++i) {
-        const int r = 32 * rb + i;
-        __m512 p0 = _mm512_setzero_ps(), p1 = p0;
-        if (i < m) {
-          const __mmask32 vis = keys & first_bits(a.n_vis[r] - s0);
-          const __m512 x0 = _mm512_mask_mov_ps(ninf, static_cast<__mmask16>(vis), _mm512_mul_ps(_mm512_loadu_ps(s + 32 * i), scale));
-          const __m512 x1 = _mm512_mask_mov_ps(ninf, static_cast<__mmask16>(vis >> 16), _mm512_mul_ps(_mm512_loadu_ps(s + 32 * i + 16), scale));
-          const float m_new = std::max(mx[r], _mm512_reduce_max_ps(_mm512_max_ps(x0, x1)));
-          if (m_new != neg_inf) {
-            const __m512 mv = _mm512_set1_ps(m_new);
-            p0 = _mm512_maskz_mov_ps(static_cast<__mmask16>(vis), exp16(_mm512_sub_ps(x0, mv)));
-            p1 = _mm512_maskz_mov_ps(static_cast<__mmask16>(vis >> 16), exp16(_mm512_sub_ps(x1, mv)));
-            const float alpha = m_new == mx[r] ? 1.0f : std::exp(mx[r] - m_new);  // 0 after -inf
-            l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-            if (alpha != 1.0f) {
-              float* orow = o + static_cast<size_t>(r) * d;
-              for (int c = 0; c < d; c += 16)
-                _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_loadu_ps(orow + c), _mm512_set1_ps(alpha)));
-            }
-            mx[r] = m_new;
-          }
+      gemm_split(kb, part, qa + rb * q_block, part, nb, st, 32, 32, false);  // S^T = K Q^T
+      float* o = ot + static_cast<size_t>(rb) * d * 32;
+      for (int h = 0; h < 2; ++h) {  // lanes: rows 32 rb + 16 h + lane
+        const int r0 = 32 * rb + 16 * h;
+        const __m512i lim = _mm512_sub_epi32(_mm512_loadu_si512(vis + r0), _mm512_set1_epi32(s0));
+        __mmask16 see[32];  // per key: the rows that see it
+        __m512 col_max = ninf;
+        for (int i = 0; i < 32; ++i) {
+          see[i] = (keys >> i & 1u) ? _mm512_cmpgt_epi32_mask(lim, _mm512_set1_epi32(i)) : (__mmask16)0;
+          col_max = _mm512_mask_max_ps(col_max, see[i], col_max, _mm512_mul_ps(_mm512_loadu_ps(st + 32 * i + 16 * h), scale));
         }
-        __m512 lo[kAmxAttnParts], hi[kAmxAttnParts];
-        split3(p0, lo);
-        split3(p1, hi);
-        for (int p = 0; p < kAmxAttnParts; ++p)
-          _mm512_storeu_si512(pa + (static_cast<size_t>(p) * 2 + i / 16) * kTile + 32 * (i % 16), to_bf16(lo[p], hi[p]));
+        const __m512 m_old = _mm512_loadu_ps(mx + r0), m_new = _mm512_max_ps(m_old, col_max);
+        const __mmask16 live = _mm512_cmp_ps_mask(m_new, ninf, _CMP_NEQ_OQ);  // rows that have seen a key
+        // e^(m_old - m_new): 1 where the maximum stays, 0 (or below 1e-37, times O = 0) after -inf.
+        const __m512 alpha = _mm512_mask_blend_ps(live, one, exp16(_mm512_sub_ps(m_old, m_new)));
+        const __m512 mz = _mm512_maskz_mov_ps(live, m_new);
+        __m512 sum = _mm512_setzero_ps();
+        for (int q = 0; q < 16; ++q) {  // P^T, a pair of keys per tile row
+          __m512 pk[2];
+          for (int j = 0; j < 2; ++j) {
+            const int i = 2 * q + j;
+            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(st + 32 * i + 16 * h), scale);
+            pk[j] = _mm512_maskz_mov_ps(see[i], exp16(_mm512_sub_ps(x, mz)));
+            sum = _mm512_add_ps(sum, pk[j]);
+          }
+          __m512 e[kAmxAttnParts], f[kAmxAttnParts];
+          split3(pk[0], e);
+          split3(pk[1], f);
+          for (int p = 0; p < kAmxAttnParts; ++p)
+            _mm512_storeu_si512(pa + (static_cast<size_t>(p) * 2 + h) * kTile + 32 * q, pair_row(e[p], f[p]));
+        }
+        _mm512_storeu_ps(mx + r0, m_new);
+        _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), alpha, sum));
+        if (_mm512_cmp_ps_mask(alpha, one, _CMP_NEQ_UQ) != 0)
+          for (int c = 0; c < d; ++c)
+            _mm512_storeu_ps(o + 32 * c + 16 * h, _mm512_mul_ps(_mm512_loadu_ps(o + 32 * c + 16 * h), alpha));
       }
-      for (int j = 0; j < nb; ++j)  // O += P V
-        gemm_split(pa, 2 * kTile, vb + static_cast<size_t>(j) * 2 * kTile, kv_part, 1,
-                   o + static_cast<size_t>(32 * rb) * d + 32 * j, d, m, true);
+      for (int j = 0; j < nb; ++j)  // O^T += V^T P^T, 32 dims at a time
+        gemm_split(vb + static_cast<size_t>(j) * 2 * kTile, part, pa, 2 * kTile, 1, o + static_cast<size_t>(32 * j) * 32, 32, 32, true);
     }
   }
   for (int r = 0; r < a.rows; ++r) {
-    const float* orow = o + static_cast<size_t>(r) * d;
-    const __m512 inv = _mm512_set1_ps(l[r] > 0.0f ? 1.0f / l[r] : 0.0f);
-    for (int c = 0; c < d; c += 16) _mm512_storeu_ps(a.out[r] + c, _mm512_mul_ps(_mm512_loadu_ps(orow + c), inv));
+    const float* o = ot + static_cast<size_t>(r / 32) * d * 32 + r % 32;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    for (int c = 0; c < d; ++c) a.out[r][c] = o[32 * c] * inv;
   }
 }
 
