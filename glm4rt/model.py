@@ -204,6 +204,12 @@ def _make_linear(tensors: dict[str, np.ndarray], name: str, config: Glm4Config,
 # Rows read per step when quantizing a checkpoint on load: about 64 MiB of source data.
 _QUANT_CHUNK_BYTES = 64 * 2**20
 
+# The MLP of a long prompt runs on balanced chunks of at most this many tokens, so that its
+# [tokens, 2 * intermediate] fp32 activations stay small (GLM-4-9B, 4096 tokens: 57 MiB instead of
+# 449 MiB). Weights are read no more often: every matmul path works through blocks of at most
+# 512 tokens anyway (ops.cpp).
+MLP_CHUNK_TOKENS = 512
+
 
 def _quantize_from_checkpoint(ckpt: Checkpoint, stored: dict[str, str], sources: list[tuple[str, int]],
                               fmt: str) -> np.ndarray:
@@ -585,9 +591,22 @@ class Glm4Model(Glm4PreTrainedModel):
             x = np.array(inputs_embeds, dtype=np.float32).reshape(N, H)
         all_hidden = [x.reshape(B, T, H).copy()] if output_hidden_states else None
         all_attn = [] if output_attentions else None
+        # Activations, allocated once and reused by every layer: a fresh array of hundreds of MB
+        # per layer would be fresh pages, and page faults, each time.
+        n_chunks = -(-N // MLP_CHUNK_TOKENS)
+        chunk = -(-N // n_chunks)  # balanced: no small last chunk on another matmul path
+        I, n_qkv = config.intermediate_size, (n_h + 2 * n_kv) * d
         h = np.empty((N, H), dtype=np.float32)                     # normed input of a block
         attn = np.empty((B, T, n_h, d), dtype=np.float32)          # attention output per head
-        ffn = np.empty((N, config.intermediate_size), dtype=np.float32)
+        q_buf = np.empty((N, n_h * d), dtype=np.float32)
+        k_buf = np.empty((N, n_kv * d), dtype=np.float32)
+        v_buf = np.empty((N, n_kv * d), dtype=np.float32)
+        fused = bool(self.layers) and self.layers[0].self_attn.qkv_proj is not None  # quantized
+        qkv_buf = np.empty((N, n_qkv), dtype=np.float32) if fused else None
+        a_buf = np.empty((N, H), dtype=np.float32)                 # attention block output
+        m_buf = np.empty((N, H), dtype=np.float32)                 # MLP block output
+        gate_up = np.empty((chunk, 2 * I), dtype=np.float32)       # per chunk of tokens
+        ffn = np.empty((chunk, I), dtype=np.float32)
         if keep_positions is not None:
             keep_positions = np.asarray(keep_positions, dtype=np.int64).reshape(-1)
             if keep_positions.size and (keep_positions.min() < 0 or keep_positions.max() >= T
@@ -606,14 +625,15 @@ class Glm4Model(Glm4PreTrainedModel):
             # Attention block: x = x + post_self_attn_layernorm(attn(input_layernorm(x)))
             ops.rms_norm(x, layer.input_layernorm, eps, out=h)
             if sa.qkv_proj is not None:  # quantized: q, k, v rows stacked in one matrix
-                qkv = sa.qkv_proj(h)                                              # [N, (n_h + 2 n_kv) d]
-                q = np.ascontiguousarray(qkv[:, :n_h * d]).reshape(N, n_h, d)     # [N, n_h, d]
-                k = np.ascontiguousarray(qkv[:, n_h * d:(n_h + n_kv) * d]).reshape(N, n_kv, d)
-                v = qkv[:, (n_h + n_kv) * d:]                                     # [N, n_kv * d]
+                qkv = sa.qkv_proj(h, out=qkv_buf)             # [N, (n_h + 2 n_kv) d]
+                np.copyto(q_buf, qkv[:, :n_h * d])
+                np.copyto(k_buf, qkv[:, n_h * d:(n_h + n_kv) * d])
+                q, k = q_buf.reshape(N, n_h, d), k_buf.reshape(N, n_kv, d)  # [N, n_h, d], [N, n_kv, d]
+                v = qkv[:, (n_h + n_kv) * d:]                 # [N, n_kv * d]
             else:
-                q = sa.q_proj(h).reshape(N, n_h, d)   # [N, n_h, d]
-                k = sa.k_proj(h).reshape(N, n_kv, d)  # [N, n_kv, d]
-                v = sa.v_proj(h)                      # [N, n_kv * d]
+                q = sa.q_proj(h, out=q_buf).reshape(N, n_h, d)   # [N, n_h, d]
+                k = sa.k_proj(h, out=k_buf).reshape(N, n_kv, d)  # [N, n_kv, d]
+                v = sa.v_proj(h, out=v_buf)                      # [N, n_kv * d]
             ops.rotary_(q, positions, self.inv_freq, R)  # first R dims, adjacent pairs
             ops.rotary_(k, positions, self.inv_freq, R)
             kv.write(i, k.reshape(B, T, n_kv, d), v.reshape(B, T, n_kv, d), past)
@@ -624,19 +644,21 @@ class Glm4Model(Glm4PreTrainedModel):
                 q = np.ascontiguousarray(q.reshape(B, -1, n_h, d)[:, keep_positions])    # [B, T, n_h, d]
                 x = np.ascontiguousarray(x.reshape(B, -1, H)[:, keep_positions]).reshape(N, H)  # [N, H]
                 q_rows = q_rows[keep_positions]
-                h, ffn = h[:N], ffn[:N]
+                h, a_buf, m_buf = h[:N], a_buf[:N], m_buf[:N]
                 attn = np.empty((B, T, n_h, d), dtype=np.float32)
             probs = np.empty((B, n_h, T, total), dtype=np.float32) if output_attentions else None
             ops.attention(q.reshape(B, T, n_h, d), kv.key_cache[i], kv.value_cache[i], total, q_rows,
                           key_mask, d ** -0.5, out=attn, probs=probs)
-            a = sa.o_proj(attn.reshape(N, n_h * d))  # [N, H]
+            a = sa.o_proj(attn.reshape(N, n_h * d), out=a_buf)  # [N, H]
             x += ops.rms_norm(a, layer.post_self_attn_layernorm, eps, out=a)
 
             # MLP block: x = x + post_mlp_layernorm(down(up * silu(gate)))
             ops.rms_norm(x, layer.post_attention_layernorm, eps, out=h)  # the pre-MLP norm
-            gate_up = layer.mlp.gate_up_proj(h)                         # [N, 2I]
-            m = layer.mlp.down_proj(ops.silu_mul(gate_up, out=ffn))     # [N, H]
-            x += ops.rms_norm(m, layer.post_mlp_layernorm, eps, out=m)
+            for r0 in range(0, N, chunk):                                # rows r0 .. r1
+                n = min(N, r0 + chunk) - r0
+                gu = layer.mlp.gate_up_proj(h[r0:r0 + n], out=gate_up[:n])             # [n, 2I]
+                layer.mlp.down_proj(ops.silu_mul(gu, out=ffn[:n]), out=m_buf[r0:r0 + n])  # [n, H]
+            x += ops.rms_norm(m_buf, layer.post_mlp_layernorm, eps, out=m_buf)
 
             if output_hidden_states:
                 all_hidden.append(x.reshape(B, T, H).copy())
