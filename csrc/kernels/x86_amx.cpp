@@ -199,6 +199,11 @@ inline __m512 bf16_round(__m512 x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(h)), 16));
 }
 
+// pair_row for a and b that are bf16 values already (their low 16 bits zero).
+inline __m512i pair_row_exact(__m512 a, __m512 b) {
+  return _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(a), 16), _mm512_castps_si512(b));
+}
+
 // x = part[0] + part[1] + part[2], each a bf16 value (kernels.h).
 inline void split3(__m512 x, __m512 part[kAmxAttnParts]) {
   part[0] = bf16_round(x);
@@ -362,7 +367,7 @@ void attn_rows(const AmxAttnRows& a) {
           split3(pk[0], e);
           split3(pk[1], f);
           for (int p = 0; p < kAmxAttnParts; ++p)
-            _mm512_storeu_si512(pa + (static_cast<size_t>(p) * 2 + h) * kTile + 32 * q, pair_row(e[p], f[p]));
+            _mm512_storeu_si512(pa + (static_cast<size_t>(p) * 2 + h) * kTile + 32 * q, pair_row_exact(e[p], f[p]));
         }
         _mm512_storeu_ps(mx + r0, m_new);
         _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), alpha, sum));
