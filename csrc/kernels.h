@@ -101,9 +101,10 @@ using AmxPackQ = void (*)(const uint8_t* group, size_t group_bytes, int n_groups
 // amx_attn_pack: the K and V blocks of n <= 32 keys (rows of k and v, d floats apart; d a
 //   multiple of 32 up to kMaxHeadDim); keys past n are zeros (their rows are not read).
 // amx_attn_rows: causal softmax attention of up to kAmxAttnRows query rows that share one kv head
-//   over packed K / V blocks (an online softmax per block of 32 keys; Q K^T and P V as split
-//   products). Row r sees key s iff s < n_vis[r] and (key_mask == null or key_mask[s] != 0);
-//   a row that sees no key gets zeros. Runs between amx_begin and amx_end.
+//   over packed K / V blocks, transposed (S^T = K Q^T, O^T += V^T P^T, so that the softmax over
+//   keys runs down columns: lanes are query rows), with an online softmax per block of 32 keys.
+//   Row r sees key s iff s < n_vis[r] and (key_mask == null or key_mask[s] != 0); a row that
+//   sees no key gets zeros. Runs between amx_begin and amx_end.
 constexpr int kAmxAttnRows = 128;
 constexpr int kAmxAttnParts = 3;
 inline size_t amx_attn_block_elems(int d) { return static_cast<size_t>(kAmxAttnParts) * 32 * d; }
@@ -120,10 +121,10 @@ struct AmxAttnRows {
   void* scratch;  // amx_attn_scratch_bytes(d), 64-byte aligned
 };
 inline size_t amx_attn_scratch_bytes(int d) {
-  return static_cast<size_t>(kAmxAttnRows) * kAmxAttnParts * d * 2  // Q parts (x tiles)
-         + kAmxAttnParts * 32 * 32 * 2                               // P parts of a row block
-         + static_cast<size_t>(kAmxAttnRows) * d * 4                 // O [rows, d]
-         + 32 * 32 * 4 + 2 * kAmxAttnRows * 4;                       // S [32, 32], m, l
+  return static_cast<size_t>(kAmxAttnRows) * kAmxAttnParts * d * 2  // Q^T parts (w tiles)
+         + kAmxAttnParts * 32 * 32 * 2                               // P^T parts of a row block
+         + static_cast<size_t>(kAmxAttnRows) * d * 4                 // O^T per block of 32 rows
+         + 32 * 32 * 4 + 2 * kAmxAttnRows * 4;                       // S^T [32, 32], m, l
 }
 using AmxAttnPack = void (*)(const float* k, const float* v, int n, int d, uint16_t* ka, uint16_t* va);
 using AmxAttnRowsFn = void (*)(const AmxAttnRows& a);

@@ -492,12 +492,6 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
   }
 }
 
-// Prompts on AMX (kernels.h: the split products are as exact as fp32): K and V of every
-// (sequence, kv head) are packed once into blocks of 32 keys, then each work item -- up to
-// kAmxAttnRows query rows (token, head) of one kv head, the group's heads of consecutive tokens --
-// runs an online softmax over the key blocks its rows see. Items are taken longest first (the
-// last tokens see the most keys) by whichever thread is free; an item's result does not depend
-// on the thread that computes it.
 // Keys 0 .. visible_keys(a) - 1 are visible (by causality) to at least one query.
 int visible_keys(const AttentionArgs& a) {
   int64_t last = -1;
@@ -505,6 +499,12 @@ int visible_keys(const AttentionArgs& a) {
   return static_cast<int>(std::clamp<int64_t>(last + 1, 0, a.n_keys));
 }
 
+// Prompts on AMX (kernels.h: the split products are as exact as fp32): K and V of every
+// (sequence, kv head) are packed once into blocks of 32 keys, then each work item -- up to
+// kAmxAttnRows query rows (token, head) of one kv head, the group's heads of consecutive tokens --
+// runs an online softmax over the key blocks its rows see. Items are taken longest first (the
+// last tokens see the most keys) by whichever thread is free; an item's result does not depend
+// on the thread that computes it.
 void attention_amx(const KernelTable& kt, const AttentionArgs& a) {
   const int group = a.n_heads / a.n_kv_heads, d = a.head_dim, S = a.n_keys, T = a.n_queries;
   const int n_vis = visible_keys(a);

@@ -206,8 +206,8 @@ _QUANT_CHUNK_BYTES = 64 * 2**20
 
 # The MLP of a long prompt runs on balanced chunks of at most this many tokens, so that its
 # [tokens, 2 * intermediate] fp32 activations stay small (GLM-4-9B, 4096 tokens: 57 MiB instead of
-# 449 MiB). Weights are read no more often: every matmul path works through blocks of at most
-# 512 tokens anyway (ops.cpp).
+# 449 MiB). Weights are read no more often: every matmul path of many tokens works through
+# blocks of about 512 tokens or fewer anyway (ops.cpp).
 MLP_CHUNK_TOKENS = 512
 
 
