@@ -504,6 +504,15 @@ def test_attention_matches_reference(isa, case):
         assert np.all(out2[~any_vis] == 0.0)
 
 
+def _attention_on_1_and_2_threads(q, k, v, n_keys, q_pos, key_mask, scale):
+    """ops.attention (no probabilities) with 1 and then 2 kernel threads: [out_1, out_2]."""
+    outs = []
+    for n in (1, 2):
+        with num_threads(n):
+            outs.append(ops.attention(q, k, v, n_keys, q_pos, key_mask, scale))
+    return outs
+
+
 DECODE_CASES = {
     # name: (B, n_heads, n_kv_heads, head_dim, n_keys, q_pos, mask zeros per batch)
     # 2500 keys: three ranges of 1024 keys (merged across threads), 64-key chunks, a partial last one
@@ -529,10 +538,7 @@ def test_decode_attention_matches_reference(isa, case):
     scale = d ** -0.5
     ref_out, _ = ref_attention(q, k, v, n_keys, q_pos, key_mask, scale)
     ops.set_isa(isa)
-    outs = []
-    for n in (1, 2):
-        with num_threads(n):
-            outs.append(ops.attention(q, k, v, n_keys, q_pos, key_mask, scale))
+    outs = _attention_on_1_and_2_threads(q, k, v, n_keys, q_pos, key_mask, scale)
     np.testing.assert_array_equal(outs[0], outs[1])  # the split into ranges is fixed
     np.testing.assert_allclose(outs[0], ref_out, rtol=2e-5, atol=2e-5)
     vis = (np.arange(n_keys) <= pos)[None, :] & (key_mask != 0 if key_mask is not None else True)
@@ -572,10 +578,7 @@ def test_prompt_attention_matches_reference(isa, case):
     scale = d ** -0.5
     ref_out, _ = ref_attention(q, k, v, n_keys, q_pos, key_mask, scale)
     ops.set_isa(isa)
-    outs = []
-    for n in (1, 2):
-        with num_threads(n):
-            outs.append(ops.attention(q, k, v, n_keys, q_pos, key_mask, scale))
+    outs = _attention_on_1_and_2_threads(q, k, v, n_keys, q_pos, key_mask, scale)
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_allclose(outs[0], ref_out, rtol=1e-5, atol=1e-5)
     vis = (np.arange(n_keys)[None, :] <= q_pos[:, None])[None] & (

@@ -47,14 +47,10 @@ void tile_begin() {
 
 void tile_end() { _tile_release(); }
 
-// C [32 tokens, 32 rows] (+)= x tiles . w tiles over kb blocks of 32 k. C rows ldc floats apart.
-// m <= 16: only the first 16 tokens are computed (C rows 16-31 untouched).
-// The x tiles of the next block are prefetched into L1 (the w tiles of a panel are reused by every
-// token block and stay there); load order lets each tile product start as soon as its operands
-// are in.
-void gemm(const uint16_t* xa, const uint16_t* wa, int kb, float* c, size_t ldc, int m, bool accumulate) {
+// The C tiles 4..7 of a [32, 32] fp32 block (rows ldc floats apart): loaded (accumulate) or
+// zeroed, and stored back; two == false: only rows 0-15 (tiles 4, 5) are loaded and stored.
+inline void c_tiles_begin(float* c, size_t ldc, bool two, bool accumulate) {
   const size_t stride = ldc * sizeof(float);
-  const bool two = m > 16;
   if (accumulate) {
     _tile_loadd(4, c, stride);
     _tile_loadd(5, c + 16, stride);
@@ -68,6 +64,26 @@ void gemm(const uint16_t* xa, const uint16_t* wa, int kb, float* c, size_t ldc, 
     _tile_zero(6);
     _tile_zero(7);
   }
+}
+
+inline void c_tiles_end(float* c, size_t ldc, bool two) {
+  const size_t stride = ldc * sizeof(float);
+  _tile_stored(4, c, stride);
+  _tile_stored(5, c + 16, stride);
+  if (two) {
+    _tile_stored(6, c + 16 * ldc, stride);
+    _tile_stored(7, c + 16 * ldc + 16, stride);
+  }
+}
+
+// C [32 tokens, 32 rows] (+)= x tiles . w tiles over kb blocks of 32 k. C rows ldc floats apart.
+// m <= 16: only the first 16 tokens are computed (C rows 16-31 untouched).
+// The x tiles of the next block are prefetched into L1 (the w tiles of a panel are reused by every
+// token block and stay there); load order lets each tile product start as soon as its operands
+// are in.
+void gemm(const uint16_t* xa, const uint16_t* wa, int kb, float* c, size_t ldc, int m, bool accumulate) {
+  const bool two = m > 16;
+  c_tiles_begin(c, ldc, two, accumulate);
   for (int b = 0; b < kb; ++b) {
     const uint16_t* xb = xa + static_cast<size_t>(b) * 2 * kTile;
     const uint16_t* wb = wa + static_cast<size_t>(b) * 2 * kTile;
@@ -84,12 +100,7 @@ void gemm(const uint16_t* xa, const uint16_t* wa, int kb, float* c, size_t ldc, 
       _tile_dpbf16ps(7, 1, 3);
     }
   }
-  _tile_stored(4, c, stride);
-  _tile_stored(5, c + 16, stride);
-  if (two) {
-    _tile_stored(6, c + 16 * ldc, stride);
-    _tile_stored(7, c + 16 * ldc + 16, stride);
-  }
+  c_tiles_end(c, ldc, two);
 }
 
 inline __mmask16 mask16(int left) {
@@ -216,21 +227,8 @@ inline void split3(__m512 x, __m512 part[kAmxAttnParts]) {
 // (each part's blocks consecutive, parts x_part / w_part elements apart). m <= 16: C rows 0-15.
 void gemm_split(const uint16_t* xa, size_t x_part, const uint16_t* wa, size_t w_part, int kb,
                 float* c, size_t ldc, int m, bool accumulate) {
-  const size_t stride = ldc * sizeof(float);
   const bool two = m > 16;
-  if (accumulate) {
-    _tile_loadd(4, c, stride);
-    _tile_loadd(5, c + 16, stride);
-    if (two) {
-      _tile_loadd(6, c + 16 * ldc, stride);
-      _tile_loadd(7, c + 16 * ldc + 16, stride);
-    }
-  } else {
-    _tile_zero(4);
-    _tile_zero(5);
-    _tile_zero(6);
-    _tile_zero(7);
-  }
+  c_tiles_begin(c, ldc, two, accumulate);
   for (int b = 0; b < kb; ++b)
     for (int j = 0; j < kAmxAttnParts; ++j) {  // each w part loaded once, the x parts (in L1) again
       const uint16_t* wb = wa + j * w_part + static_cast<size_t>(b) * 2 * kTile;
@@ -248,12 +246,7 @@ void gemm_split(const uint16_t* xa, size_t x_part, const uint16_t* wa, size_t w_
         }
       }
     }
-  _tile_stored(4, c, stride);
-  _tile_stored(5, c + 16, stride);
-  if (two) {
-    _tile_stored(6, c + 16 * ldc, stride);
-    _tile_stored(7, c + 16 * ldc + 16, stride);
-  }
+  c_tiles_end(c, ldc, two);
 }
 
 // x tile rows from fp32: 32 values (lo = 0..15, hi = 16..31) split into parts, part p's bf16 row
