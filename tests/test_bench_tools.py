@@ -150,3 +150,31 @@ def test_paired_ratios_and_bandwidth_share():
            "threads": {"2": {"decode_s": {"0": [1.0, 0.5]}, "probe_gb_s": {"decode 0": [40.0, 50.0]}}}}
     # 10 tok/s x 2 GB = 20 GB/s of 40 -> 0.5; 20 tok/s x 2 GB = 40 GB/s of 50 -> 0.8
     assert bench.bw_fraction(run, "2", 0, steps=10) == pytest.approx(0.65)
+
+
+def test_gemv_benchmark_engines_compute_the_same_products(monkeypatch):
+    """benchmarks/gemv.py times what it claims: every engine's one-token products of the same
+    matrices (small shapes here) agree with float64 on the bf16 values (int8/int4 to their
+    quantization error)."""
+    import gemv
+
+    monkeypatch.setattr(gemv, "SHAPES", [(48, 64), (40, 96)])
+    bf16 = gemv._bf16_matrices(2, seed=5)
+    try:
+        import torch  # noqa: F401
+        with_torch = True
+    except ImportError:
+        with_torch = False
+    engines = gemv._engines(bf16, with_torch)
+    assert set(engines) >= {"glm4rt bf16", "glm4rt int8", "glm4rt int4"}
+    assert engines["glm4rt bf16"][0] == sum(w.nbytes for w in bf16) == 2 * 2 * (48 * 64 + 40 * 96)
+    assert engines["glm4rt int4"][0] < engines["glm4rt int8"][0] < engines["glm4rt bf16"][0]
+    xs = {k: np.random.default_rng(1).standard_normal((1, k), dtype=np.float32) for k in (64, 96)}
+    refs = [glm4rt.ops.bf16_to_f32(w).astype(np.float64) @ xs[w.shape[1]][0].astype(np.float64) for w in bf16]
+    tol = {"glm4rt bf16": 0.006, "torch bf16": 0.006, "glm4rt int8": 0.02, "glm4rt int4": 0.15}
+    for name, (_, run) in engines.items():
+        outs = run()
+        for y, ref in zip(outs, refs):
+            y = np.asarray(y.float() if hasattr(y, "float") else y, dtype=np.float64).reshape(-1)
+            err = np.sqrt(np.mean((y - ref) ** 2) / np.mean(ref ** 2))
+            assert err < tol[name], (name, err)
