@@ -202,23 +202,32 @@ void matmul_f32_panels(const KernelTable& kt, Pack pack, const float* x, int M, 
   }
 }
 
-// Many tokens on AMX (kernels.h): x is converted once into bf16 x tiles, [span of kAmxKBlocks k
+// Many tokens on AMX (kernels.h): x is converted once into bf16 x tiles, [span of `span` k
 // blocks][block of 32 tokens][k block in the span][2][16][32], so that a span's tiles for up to
-// kAmxTokens tokens are one contiguous 256 KiB (spread over all of K, the token blocks would sit
+// kAmxTokens tokens are one contiguous block (spread over all of K, the token blocks would sit
 // a multiple of L2's set period apart and evict each other). Each thread takes chunks of up to
-// kAmxChunkRows weight rows; per chunk and span it packs each 32-row panel's w tiles (16 KiB:
-// they stay in L1 while every block of 32 tokens runs over them, their x tiles streaming from
-// L2) and accumulates into its [tokens, chunk] fp32 buffer (512 KiB, in L2), which goes to y
-// (+ bias) when the chunk is done. Weights are packed (quantized ones dequantized to bf16) once
-// per kAmxTokens tokens.
+// kAmxChunkRows weight rows; per chunk and span it packs each 32-row panel's w tiles (16 KiB for
+// a span of 8: they stay in L1 while every block of 32 tokens runs over them, their x tiles
+// streaming from L2) and accumulates into its [tokens, chunk] fp32 buffer (512 KiB, in L2),
+// which goes to y (+ bias) when the chunk is done. Weights are packed (quantized ones
+// dequantized to bf16) once per kAmxTokens tokens. The span changes no result (C tiles carry
+// fp32 sums from one span to the next unrounded): kAmxKBlocks (8), except for row-major bf16
+// weights and at most kAmxFewTokens tokens, which take kAmxKBlocksFewTokens (64): their rows
+// are then read 4 KiB at a time rather than 512 bytes (a 2-core Xeon with AMX, GLM-4-9B
+// matrices, 2 threads, GFLOP/s span 8 -> 64: 64 tokens 480 -> 723, 128 tokens 879 -> 1086,
+// 256 tokens 1207 -> 1446; 320 and more tokens and the quantized groups, which are contiguous,
+// lose with it: 512 tokens 1653 -> 1285, int8 128 tokens 1319 -> 1185).
 constexpr int kAmxTokens = 512;
 constexpr int kAmxChunkRows = 256;
 constexpr int kAmxKBlocks = 8;
+constexpr int kAmxKBlocksFewTokens = 64;
+constexpr int kAmxFewTokens = 256;
 
+// span: k blocks per span (see above);
 // pack_w(row0, n, b0, kb, wa): the w tiles of rows row0 .. row0 + n (n <= 32), k blocks b0 .. b0 + kb;
 // prefetch_w(row0, n, b): prefetches the weights of k block b of those rows into L2.
 template <typename PackW, typename PrefetchW>
-void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, PackW pack_w,
+void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, int span, PackW pack_w,
                 PrefetchW prefetch_w, const float* bias, float* y) {
   constexpr int B = kAmxBlock;
   constexpr size_t kBlockElems = 2 * kAmxTileElems;  // one k block of 32 tokens or 32 rows
@@ -228,7 +237,7 @@ void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, Pack
   const int per_thread = (N + threads - 1) / threads;
   const int chunk = std::min(kAmxChunkRows, std::max(B, (per_thread + B - 1) / B * B));
   const int n_chunks = (N + chunk - 1) / chunk;
-  const size_t wa_elems = kAmxKBlocks * kBlockElems, c_elems = static_cast<size_t>(kAmxTokens) * chunk;
+  const size_t wa_elems = span * kBlockElems, c_elems = static_cast<size_t>(kAmxTokens) * chunk;
   uint16_t* xa = align64(reused_scratch<uint16_t, 0>(static_cast<size_t>(n_tb) * KB * kBlockElems + 32));
   uint16_t* wbuf = align64(reused_scratch<uint16_t, 1>(threads * 2 * wa_elems + 32));
   float* cbuf = align64(reused_scratch<float, 2>(threads * c_elems + 16));
@@ -241,8 +250,8 @@ void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, Pack
     auto x_tiles = [&](int tb, int b0, int kb) { return xa + (static_cast<size_t>(b0) * n_tb + static_cast<size_t>(tb) * kb) * kBlockElems; };
 #pragma omp for schedule(static)
     for (int tb = 0; tb < n_tb; ++tb)
-      for (int b0 = 0; b0 < KB; b0 += kAmxKBlocks) {
-        const int kb = std::min(kAmxKBlocks, KB - b0);
+      for (int b0 = 0; b0 < KB; b0 += span) {
+        const int kb = std::min(span, KB - b0);
         kt.amx_pack_x(x + static_cast<size_t>(tb) * B * K, K, std::min(B, M - tb * B), K, b0, kb, x_tiles(tb, b0, kb));
       }
     kt.amx_begin();
@@ -254,16 +263,16 @@ void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, Pack
         // Work units (span, panel) in order; each unit's w tiles are packed, one k block at a
         // time, between the tile products of the unit before (into the other half of wa), so
         // that the packing's loads and arithmetic overlap the tile unit's work.
-        const int n_panels = (nn + B - 1) / B, n_units = (KB + kAmxKBlocks - 1) / kAmxKBlocks * n_panels;
+        const int n_panels = (nn + B - 1) / B, n_units = (KB + span - 1) / span * n_panels;
         auto pack_unit = [&](int u, int first, int last) {  // k blocks first .. last of unit u
-          const int b0 = u / n_panels * kAmxKBlocks, p = u % n_panels * B;
+          const int b0 = u / n_panels * span, p = u % n_panels * B;
           for (int j = first; j < last; ++j)
             pack_w(n0 + p, std::min(B, nn - p), b0 + j, 1, wa + (u % 2) * wa_elems + j * kBlockElems);
         };
-        auto unit_blocks = [&](int u) { return std::min(kAmxKBlocks, KB - u / n_panels * kAmxKBlocks); };
+        auto unit_blocks = [&](int u) { return std::min(span, KB - u / n_panels * span); };
         pack_unit(0, 0, unit_blocks(0));
         for (int u = 0; u < n_units; ++u) {
-          const int b0 = u / n_panels * kAmxKBlocks, kb = unit_blocks(u), p = u % n_panels * B;
+          const int b0 = u / n_panels * span, kb = unit_blocks(u), p = u % n_panels * B;
           const int next_kb = u + 1 < n_units ? unit_blocks(u + 1) : 0;
           int packed = 0;
           for (int tb = t0; tb < t1; ++tb) {
@@ -275,7 +284,7 @@ void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, Pack
             // The weights of the unit after next, one k block per tile product, into L2.
             if (u + 2 < n_units && tb - t0 < unit_blocks(u + 2)) {
               const int u2 = u + 2, p2 = u2 % n_panels * B;
-              prefetch_w(n0 + p2, std::min(B, nn - p2), u2 / n_panels * kAmxKBlocks + (tb - t0));
+              prefetch_w(n0 + p2, std::min(B, nn - p2), u2 / n_panels * span + (tb - t0));
             }
           }
         }
@@ -311,7 +320,8 @@ void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const f
                  float* y) {
   const KernelTable& kt = kernels();
   if (kt.amx_gemm != nullptr && M >= kAmxMinTokensBf16) {
-    matmul_amx(kt, x, M, K, N, [&](int row0, int n, int b0, int kb, uint16_t* wa) {
+    matmul_amx(kt, x, M, K, N, M <= kAmxFewTokens ? kAmxKBlocksFewTokens : kAmxKBlocks,
+               [&](int row0, int n, int b0, int kb, uint16_t* wa) {
       kt.amx_pack_bf16(w + static_cast<size_t>(row0) * K, K, n, K, b0, kb, wa);
     }, [&](int row0, int n, int b) {  // 64 bytes of each row (w rows are not 64-byte aligned: 2 lines)
       for (int r = 0; r < n; ++r) {
@@ -342,7 +352,7 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
   if (kt.amx_gemm != nullptr && M >= kAmxMinTokensQuant) {  // bf16 activations x weights dequantized to bf16
     const AmxPackQ pack = f == QFormat::Int8 ? kt.amx_pack_int8 : kt.amx_pack_int4;
     const size_t block_bytes = q_block_bytes(f);
-    matmul_amx(kt, x, M, K, N, [&](int row0, int, int b0, int kb, uint16_t* wa) {
+    matmul_amx(kt, x, M, K, N, kAmxKBlocks, [&](int row0, int, int b0, int kb, uint16_t* wa) {
       const int g = row0 / kQGroupRows;
       pack(packed + g * group_bytes, group_bytes, std::min(2, n_groups - g), b0, kb, wa);
     }, [&](int row0, int n, int b) {

@@ -251,11 +251,13 @@ def test_linear_bf16_is_fp32_on_rounded_inputs(isa, M):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("M,K,N", [(16, 64, 96), (40, 64, 160), (64, 288, 256)])
+@pytest.mark.parametrize("M,K,N", [(16, 64, 96), (40, 64, 160), (64, 288, 256), (48, 2080, 256),
+                                   (288, 288, 256)])
 def test_amx_sees_freshly_packed_tiles(threads, M, K, N):
     # AMX: panels of 32 weight rows are packed into two alternating buffers while the tile unit
     # works on the other, so a slip in that bookkeeping hands a panel another panel's rows (3 or
-    # more panels per thread here, 1 or 2 spans of k). Runs on every ISA.
+    # more panels per thread here; 1 or 2 spans of k: spans of 64 k blocks up to 256 tokens, of 8
+    # beyond). Runs on every ISA.
     rng = np.random.default_rng(M + K + N)
     x, w, _ = _linear_case(rng, M, K, N, "bf16", False)
     with num_threads(threads):
