@@ -29,26 +29,30 @@ import numpy as np
 from glm4rt import ops
 from glm4rt.quant import quantize_weight, QuantLinear
 
+import bench  # benchmarks/bench.py and synth.py, next to this file
+import synth
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # GLM-4-9B-0414 decoder layer, [out, in]
 SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696)]
 
 
 def _bf16_matrices(layers: int, seed: int) -> list[np.ndarray]:
-    """Random bf16 bit patterns of normal(0, 0.02) values: exponents like real weights'."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(layers):
-        for n, k in SHAPES:
-            w = rng.standard_normal((n, k), dtype=np.float32)
-            w *= np.float32(0.02)
-            out.append(ops.f32_to_bf16(w))
-    return out
+    """Random bf16 bit patterns of normal(0, 0.02) values (the benchmark checkpoint's generator):
+    exponents like real weights'."""
+    shapes = [shape for _ in range(layers) for shape in SHAPES]
+    return [np.concatenate(list(synth._generate_bf16(shape, 0.0, 0.02, seed, i))).reshape(shape)
+            for i, shape in enumerate(shapes)]
+
+
+def _inputs() -> dict[int, np.ndarray]:
+    """The one-token activation ``[1, k]`` for each input width k of SHAPES."""
+    return {k: np.random.default_rng(1).standard_normal((1, k), dtype=np.float32) for _, k in SHAPES}
 
 
 def _engines(bf16: list[np.ndarray], with_torch: bool) -> dict[str, tuple[int, callable]]:
     """name -> (weight bytes per pass, one pass over all matrices returning their outputs)."""
-    xs = {k: np.random.default_rng(1).standard_normal((1, k), dtype=np.float32) for _, k in SHAPES}
+    xs = _inputs()
     outs = [np.empty((1, w.shape[0]), dtype=np.float32) for w in bf16]
 
     def run_bf16():
@@ -114,7 +118,7 @@ def main() -> None:
             run()
         probes, speeds = [], {n: [] for n in names}
         for rep in range(args.reps):
-            probes.append(ops.memory_read_bandwidth(size_mib=256, repeats=3))
+            probes.append(bench.probe_bandwidth(threads, size_mib=256))
             for name in (names if rep % 2 == 0 else names[::-1]):
                 nbytes, run = engines[name]
                 t0 = time.perf_counter()
@@ -126,9 +130,7 @@ def main() -> None:
                                             "pct_of_probe": float(np.median(np.array(v) / np.array(probes))) * 100,
                                             "reps": v} for n, v in speeds.items()}}
 
-    from bench import machine_info  # benchmarks/bench.py, next to this file
-
-    info = machine_info()
+    info = bench.machine_info()
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v and k in ("glm4rt", "numpy", "torch"))
     lines = ["# Decode GEMVs alone: GB/s of weights streamed", "",
              f"- Machine: {info['cpu_model']}, {info['logical_cpus']} logical CPUs; glm4rt ISA {info['glm4rt_isa']}",

@@ -169,7 +169,7 @@ def test_gemv_benchmark_engines_compute_the_same_products(monkeypatch):
     assert set(engines) >= {"glm4rt bf16", "glm4rt int8", "glm4rt int4"}
     assert engines["glm4rt bf16"][0] == sum(w.nbytes for w in bf16) == 2 * 2 * (48 * 64 + 40 * 96)
     assert engines["glm4rt int4"][0] < engines["glm4rt int8"][0] < engines["glm4rt bf16"][0]
-    xs = {k: np.random.default_rng(1).standard_normal((1, k), dtype=np.float32) for k in (64, 96)}
+    xs = gemv._inputs()
     refs = [glm4rt.ops.bf16_to_f32(w).astype(np.float64) @ xs[w.shape[1]][0].astype(np.float64) for w in bf16]
     tol = {"glm4rt bf16": 0.006, "torch bf16": 0.006, "glm4rt int8": 0.02, "glm4rt int4": 0.15}
     for name, (_, run) in engines.items():
