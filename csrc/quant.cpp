@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "dispatch.h"
 #include "kernels.h"
@@ -197,16 +198,23 @@ void quantize_acts(const float* x, int M, int K, int8_t* q, float* scale, int32_
     for (int b = 0; b < nb; ++b) {
       const int k0 = b * kQBlock, n = std::min(kQBlock, K - k0);
       float amax = 0.0f;
-      for (int k = 0; k < n; ++k) amax = std::max(amax, std::fabs(xr[k0 + k]));
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      bool finite = true;
+      for (int k = 0; k < n; ++k) {
+        const float a = std::fabs(xr[k0 + k]);
+        finite = finite && a <= std::numeric_limits<float>::max();  // false for NaN and inf
+        amax = std::max(amax, a);
+      }
+      // A block with NaN or inf gets the scale NaN and codes 0: every product it enters is then
+      // NaN, as in fp32 (converting NaN or inf * 0 to int would be undefined behaviour).
+      const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
       int8_t* qb = q + static_cast<size_t>(m) * Kp + k0;
       int32_t s = 0;
       for (int k = 0; k < kQBlock; ++k) {
-        const int v = k < n ? static_cast<int>(round_even(xr[k0 + k] * inv)) : 0;
+        const int v = k < n && finite ? static_cast<int>(round_even(xr[k0 + k] * inv)) : 0;
         qb[k] = static_cast<int8_t>(v);
         s += v;
       }
-      scale[static_cast<size_t>(m) * nb + b] = amax / 127.0f;
+      scale[static_cast<size_t>(m) * nb + b] = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
       sum[static_cast<size_t>(m) * nb + b] = s;
     }
   }

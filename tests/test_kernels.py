@@ -13,6 +13,7 @@ import pytest
 
 import glm4rt
 from glm4rt import ops
+from kernel_reference import ref_linear, round_bf16, widen_bf16
 
 ISAS = glm4rt.supported_isas()
 
@@ -20,28 +21,6 @@ ISAS = glm4rt.supported_isas()
 # ---------------------------------------------------------------------------------------------
 # Independent references (float64)
 # ---------------------------------------------------------------------------------------------
-
-def widen_bf16(bits):
-    """bf16 bit patterns (uint16) -> float64, exactly: bf16 is the top half of an fp32."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
-def round_bf16(x):
-    """float32 -> the nearest bf16 value (ties to even), as float64."""
-    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return widen_bf16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16))
-
-
-def ref_linear(x, w, bias=None):
-    """fp32 weights: x @ w.T; bf16 weights: the activations are rounded to bf16 as well."""
-    if w.dtype == np.uint16:
-        y = round_bf16(x) @ widen_bf16(w).T
-    else:
-        y = x.astype(np.float64) @ w.astype(np.float64).T
-    if bias is not None:
-        y = y + bias.astype(np.float64)
-    return y
-
 
 def ref_rms_norm(x, w, eps):
     x64 = x.astype(np.float64)

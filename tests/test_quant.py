@@ -14,6 +14,7 @@ import glm4rt.model as model_mod
 from conftest import fixture_dir, golden
 from glm4rt import _C, ops
 from glm4rt.quant import QuantLinear, packed_bytes, quantize_weight
+from kernel_reference import ref_qmatmul, takes_amx_tiles
 
 FORMATS = ["int8", "int4"]
 
@@ -179,28 +180,6 @@ def test_activation_quantization_spec():
     np.testing.assert_array_equal(sums, q.reshape(3, -1, 32).astype(np.int32).sum(-1))
 
 
-def _round_bf16(a):
-    """float32 -> nearest bf16 (ties to even), as float64."""
-    u = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32).astype(np.float64)
-
-
-def _reference_qmatmul(x, packed, fmt, n, amx=False):
-    """float64 reading of the kernel contract: quantized activations x dequantized weights; on the
-    AMX tiles (csrc/ops.h) bf16 activations x dequantized weights rounded to bf16."""
-    k = x.shape[1]
-    wd = _C.dequantize(packed, 0 if fmt == "int8" else 1, n, k)
-    if amx:
-        return _round_bf16(x) @ _round_bf16(wd).T
-    q, s, _ = _C.quantize_acts(x)
-    xd = (q.reshape(x.shape[0], -1, 32) * s[..., None]).reshape(x.shape[0], -1)[:, :k]
-    return xd.astype(np.float64) @ wd.T.astype(np.float64)
-
-
-def _takes_amx_tiles(isa, m):
-    return isa == "amx" and m >= _C.AMX_MIN_TOKENS_QUANT
-
-
 # AMX shapes: a last block of 32 tokens with 16 (half tiles) or 17; 3 blocks of 32 + 6 across
 # chunks of k (8 blocks each) with a k tail; over 512 tokens (2 token blocks); odd groups (N % 32 =
 # 16, 1).
@@ -219,8 +198,8 @@ def test_kernels_match_reference(isa, fmt, m, k, n):
     generic = lin(x)
     glm4rt.set_isa(isa)
     out = lin(x)
-    amx = _takes_amx_tiles(isa, m)
-    ref = _reference_qmatmul(x, lin.packed, fmt, n, amx) + bias
+    amx = takes_amx_tiles(isa, m)
+    ref = ref_qmatmul(x, lin.packed, fmt, n, amx) + bias
     scale = np.abs(ref).max()
     np.testing.assert_allclose(out, ref, atol=2e-6 * scale, rtol=0)
     if amx:  # the int8 activations of the other ISAs differ by their quantization error
@@ -383,3 +362,26 @@ def test_cli_quantize(tmp_path):
     g = golden("gqa8_bf16_sharded")
     expected = glm4rt.Glm4ForCausalLM.from_pretrained(src, quantization="int4")(g["ids"]).logits
     np.testing.assert_array_equal(glm4rt.Glm4ForCausalLM.from_pretrained(str(dst))(g["ids"]).logits, expected)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_greedy_generation_for_every_prompt_length_on_every_isa(fmt):
+    # Prompts of 1 to 40 tokens cross every token remainder of the quantized tiles (1-8 tokens
+    # per tile) on the model's path: prefill, then decode through the cache. Each ISA's greedy
+    # continuation and prompt logits equal those of the portable scalar kernels ("generic").
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir("gqa1_official"), quantization=fmt)
+    ids = np.random.default_rng(4).integers(3, model.config.vocab_size, size=(1, 40))
+    results = {}
+    for isa in glm4rt.supported_isas():
+        glm4rt.set_isa(isa)
+        results[isa] = [(model.generate(ids[:, :n], max_new_tokens=4, do_sample=False, eos_token_id=[]),
+                         model(ids[:, :n]).logits[0]) for n in range(1, 41)]
+    for isa, runs in results.items():
+        for n, ((tokens, logits), (ref_tokens, ref_logits)) in enumerate(zip(runs, results["generic"]), 1):
+            assert tokens.shape == (1, n + 4)
+            np.testing.assert_array_equal(tokens[:, :n], ids[:, :n])
+            amx = takes_amx_tiles(isa, n)  # bf16 activations, not int8: other rounding
+            np.testing.assert_allclose(logits, ref_logits, atol=0.05 if amx else 1e-5, rtol=0,
+                                       err_msg=f"{isa}, {n} tokens")
+            if not amx:
+                np.testing.assert_array_equal(tokens, ref_tokens, err_msg=f"{isa}, {n} tokens")

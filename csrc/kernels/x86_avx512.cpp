@@ -234,8 +234,10 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
            const int32_t* xsum, size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
   constexpr size_t kQuant = kInt4 ? 256 : 512, kBlockBytes = kQuant + 32;
   constexpr int kOffset = kInt4 ? 8 : 128;  // stored q = true q + offset
-  // Few rows x tokens leave vpdpbusd's latency exposed: split each sum into independent chains.
-  constexpr int kChains = MT * G >= 4 ? 1 : (kInt4 ? 2 : 4) / (MT * G);
+  // Few rows x tokens leave vpdpbusd's latency exposed: split each sum into independent chains
+  // (at least one: int4 with MT * G = 3 would otherwise round 2 / 3 down to none).
+  constexpr int kChains = MT * G >= (kInt4 ? 2 : 4) ? 1 : (kInt4 ? 2 : 4) / (MT * G);
+  static_assert(kChains >= 1, "every sum needs a chain");
   const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8(static_cast<char>(0xf0));
   __m512 acc[G][MT];
   for (int g = 0; g < G; ++g)

@@ -1,0 +1,46 @@
+"""float64 readings of the matmul kernels' contracts (csrc/kernels.h, csrc/quant.h), shared by the
+kernel, quantization and sweep tests. Written from the documented formats, not from the kernels."""
+from __future__ import annotations
+
+import numpy as np
+
+from glm4rt import _C
+
+
+def widen_bf16(bits):
+    """bf16 bit patterns (uint16) -> float64, exactly: bf16 is the top half of an fp32."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def round_bf16(x):
+    """float32 -> the nearest bf16 value (ties to even), as float64."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return widen_bf16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16))
+
+
+def ref_linear(x, w, bias=None):
+    """fp32 weights: x @ w.T; bf16 weights: the activations are rounded to bf16 as well."""
+    if w.dtype == np.uint16:
+        y = round_bf16(x) @ widen_bf16(w).T
+    else:
+        y = x.astype(np.float64) @ w.astype(np.float64).T
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    return y
+
+
+def takes_amx_tiles(isa: str, m: int) -> bool:
+    """Whether a quantized matmul of m tokens runs on the AMX tiles (bf16 activations)."""
+    return isa == "amx" and m >= _C.AMX_MIN_TOKENS_QUANT
+
+
+def ref_qmatmul(x, packed, fmt, n, amx=False):
+    """Quantized weights: activations quantized to int8 per block of 32 x the dequantized weights;
+    on the AMX tiles, bf16 activations x the dequantized weights rounded to bf16."""
+    k = x.shape[1]
+    wd = _C.dequantize(packed, 0 if fmt == "int8" else 1, n, k)
+    if amx:
+        return round_bf16(x) @ round_bf16(wd).T
+    q, s, _ = _C.quantize_acts(x)
+    xd = (q.reshape(x.shape[0], -1, 32) * s[..., None]).reshape(x.shape[0], -1)[:, :k]
+    return xd.astype(np.float64) @ wd.T.astype(np.float64)
