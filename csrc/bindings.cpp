@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <vector>
@@ -31,6 +32,11 @@ void expect(const py::array& a, const char* name, std::vector<py::ssize_t> shape
       << name << ": expected dtype " << std::string(py::str(py::dtype::of<T>())) << ", got "
       << std::string(py::str(a.dtype()));
   GLM4RT_CHECK(a.flags() & py::array::c_style) << name << ": array must be C-contiguous";
+  // Kernels read elements through typed pointers: one at an address that is not a multiple of
+  // the element size (a view into a buffer at an odd offset) would be undefined behaviour.
+  GLM4RT_CHECK(reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() == 0)
+      << name << ": array data is not aligned to its " << a.itemsize() << "-byte elements (a view at an "
+      << "odd byte offset): pass a copy";
   GLM4RT_CHECK(a.ndim() == static_cast<py::ssize_t>(shape.size()))
       << name << ": expected " << shape.size() << " dimensions, got shape " << shape_str(a);
   for (size_t i = 0; i < shape.size(); ++i) {

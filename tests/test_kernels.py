@@ -644,6 +644,15 @@ def _readonly(a):
     return a
 
 
+def _misaligned(*shape, dtype=np.float32):
+    """A valid C-contiguous array whose data starts one byte past an element boundary, as a
+    tensor at an odd offset of a memory-mapped safetensors file would."""
+    itemsize = np.dtype(dtype).itemsize
+    a = np.frombuffer(bytearray(int(np.prod(shape)) * itemsize + 1), dtype=dtype, offset=1).reshape(shape)
+    assert not a.flags.aligned
+    return a
+
+
 def _attn(q_shape=(1, 2, 4, 8), kv_shape=(1, 2, 6, 8), n_keys=5, q_pos=(3, 4), key_mask=None,
           out=None, probs=None, v_shape=None, q_pos_dtype=np.int64):
     return ops.attention(_f(*q_shape), _f(*kv_shape), _f(*(v_shape or kv_shape)), n_keys,
@@ -665,7 +674,13 @@ BAD_CALLS = {
     "linear_out_shape": (lambda: ops.linear(_f(2, 8), _f(3, 8), out=_f(2, 4)), r"out: dimension 1 must be 3"),
     "linear_out_dtype": (lambda: ops.linear(_f(2, 8), _f(3, 8), out=np.ones((2, 3))), r"out: expected dtype float32"),
     "linear_out_readonly": (lambda: ops.linear(_f(2, 8), _f(3, 8), out=_readonly(_f(2, 3))), r"out: output array must be writable"),
+    "linear_weight_misaligned": (lambda: ops.linear(_f(2, 8), _misaligned(3, 8)), r"weight: array data is not aligned to its 4-byte"),
+    "linear_weight_bf16_misaligned": (lambda: ops.linear(_f(2, 8), _misaligned(3, 8, dtype=np.uint16)),
+                                      r"weight \(bf16 bits\): array data is not aligned to its 2-byte"),
+    "linear_bias_misaligned": (lambda: ops.linear(_f(2, 8), _f(3, 8), _misaligned(3)), r"bias: array data is not aligned"),
+    "linear_x_misaligned": (lambda: ops.linear(_misaligned(2, 8), _f(3, 8)), r"\bx: array data is not aligned"),
     # rms_norm
+    "rms_norm_weight_misaligned": (lambda: ops.rms_norm(_f(2, 8), _misaligned(8), 1e-5), r"weight: array data is not aligned"),
     "rms_norm_x_float64": (lambda: ops.rms_norm(np.ones((2, 8)), _f(8), 1e-5), r"\bx: expected dtype float32"),
     "rms_norm_x_transposed": (lambda: ops.rms_norm(_f(8, 2).T, _f(8), 1e-5), r"\bx: array must be C-contiguous"),
     "rms_norm_weight_shape": (lambda: ops.rms_norm(_f(2, 8), _f(7), 1e-5), r"weight: dimension 0 must be 8"),
