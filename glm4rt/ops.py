@@ -16,6 +16,7 @@ __all__ = [
     "linear", "rms_norm", "rotary_", "silu_mul", "attention",
     "bf16_to_f32", "f32_to_bf16",
     "memory_read_bandwidth", "cpu_isa", "supported_isas", "set_isa", "set_num_threads", "get_num_threads",
+    "max_num_threads",
 ]
 
 
@@ -156,8 +157,31 @@ def set_isa(name: str) -> None:
     _C.set_isa(name)
 
 
+def max_num_threads() -> int:
+    """The most threads ``set_num_threads`` accepts: 4 per logical CPU.
+
+    More threads than CPUs only adds contention to the kernels; a little oversubscription is
+    allowed (tests run 3 threads on 2 cores), but not the thousands that make libgomp's thread
+    creation fail, which it answers by exiting the process.
+    """
+    return 4 * (os.cpu_count() or 1)
+
+
 def set_num_threads(n: int) -> None:
-    """Set the number of threads every kernel uses (process-wide)."""
+    """Set the number of threads every kernel uses (process-wide).
+
+    Args:
+        n: an integer in ``[1, max_num_threads()]``.
+    Raises:
+        TypeError: ``n`` is not an integer (a float or a string is not rounded or parsed).
+        ValueError: ``n`` is out of range.
+    """
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"number of threads must be an integer, got {n!r} ({type(n).__name__})")
+    if n < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    if n > max_num_threads():
+        raise ValueError(f"number of threads must be <= {max_num_threads()} (4 per logical CPU), got {n}")
     _C.set_num_threads(int(n))
 
 
@@ -166,5 +190,18 @@ def get_num_threads() -> int:
     return _C.get_num_threads()
 
 
-if os.environ.get("GLM4RT_NUM_THREADS"):
-    set_num_threads(int(os.environ["GLM4RT_NUM_THREADS"]))
+def _threads_from_env() -> None:
+    value = os.environ.get("GLM4RT_NUM_THREADS", "").strip()
+    if not value:
+        return
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"GLM4RT_NUM_THREADS must be an integer, got {value!r}") from None
+    try:
+        set_num_threads(n)
+    except ValueError as e:
+        raise ValueError(f"GLM4RT_NUM_THREADS={value}: {e}") from None
+
+
+_threads_from_env()

@@ -1,5 +1,10 @@
 """Forward-pass inputs on the gqa1_official fixture: validation errors that name the problem,
 inputs_embeds, legacy caches, cache_position rewinds, output forms, padding and thread counts."""
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -250,6 +255,42 @@ def test_thread_count_does_not_change_results(model, g):
     assert glm4rt.get_num_threads() == before
     np.testing.assert_array_equal(one, two)
     np.testing.assert_allclose(one, g["logits"], atol=1e-4, rtol=0)
+
+
+def test_set_num_threads_1000_is_refused_not_fatal():
+    # issue 18: 1000 threads made libgomp's thread creation fail, and it exits the process
+    before = glm4rt.get_num_threads()
+    limit = glm4rt.ops.max_num_threads()
+    assert limit == 4 * os.cpu_count()
+    with pytest.raises(ValueError, match=rf"number of threads must be <= {limit} \(4 per logical CPU\), got 1000"):
+        glm4rt.set_num_threads(1000)
+    with pytest.raises(ValueError, match=r"must be <= .* got 10000000000000000000000"):
+        glm4rt.set_num_threads(10**22)  # no overflow into C++'s int
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+        glm4rt.set_num_threads(0)
+    assert glm4rt.get_num_threads() == before
+    try:
+        glm4rt.set_num_threads(np.int64(limit))  # the limit itself is allowed
+        assert glm4rt.get_num_threads() == limit
+    finally:
+        glm4rt.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [2.5, 2.0, "4", True, None])
+def test_set_num_threads_takes_only_integers(bad):
+    with pytest.raises(TypeError, match=rf"number of threads must be an integer, got {re.escape(repr(bad))}"):
+        glm4rt.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1000", "GLM4RT_NUM_THREADS=1000: number of threads must be <= "),
+    ("0", "GLM4RT_NUM_THREADS=0: number of threads must be >= 1, got 0"),
+    ("two", "GLM4RT_NUM_THREADS must be an integer, got 'two'"),
+])
+def test_glm4rt_num_threads_env_is_checked(value, message):
+    r = subprocess.run([sys.executable, "-c", "import glm4rt"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "GLM4RT_NUM_THREADS": value})
+    assert r.returncode == 1 and message in r.stderr
 
 
 def _rows_seen_by_last_mlp(model, monkeypatch) -> list[int]:
