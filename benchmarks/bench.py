@@ -5,6 +5,7 @@ at the GLM-4-9B-0414 geometry with a configurable layer count.
     python benchmarks/bench.py                      # 8 layers, threads 1,2, 4 reps, all formats/peers
     python benchmarks/bench.py --layers 40          # the full 9B model (needs ~19 GB disk per format)
     python benchmarks/bench.py --quick              # 1 layer, 2 reps, no depth-4096: a functional check
+    python benchmarks/bench.py --load idle,busy     # each thread count also with one core kept busy
 
 What it does:
   1. builds (once, cached in benchmarks/cache/) a bf16 sharded safetensors checkpoint with random
@@ -18,6 +19,8 @@ What it does:
      minutes); a decode repetition is itself cut into slices of 8 tokens taken in turn. Speeds
      are medians over the repetitions; ratios are medians of the per-repetition ratios; decode's
      share of the bandwidth limit uses the probe read next to each repetition;
+     With --load idle,busy every thread count is measured twice: idle, then while another process
+     keeps one core busy (a pure-Python loop, as a browser or an IDE next to the model would);
   4. prints the tables and writes benchmarks/results.md and results.json (--quick: results-quick.*).
 
 Format names: bf16 (glm4rt bf16 / llama.cpp BF16 / transformers bf16), int8 (glm4rt int8 /
@@ -217,6 +220,37 @@ def split_steps(steps: int, slices: int) -> list[int]:
     return [steps // slices + (i < steps % slices) for i in range(slices)]
 
 
+class BusyCore:
+    """While active, a process that keeps one core busy (a pure-Python loop: no memory traffic to
+    speak of), the competing load of --load busy. It ends by itself after ``limit_s`` in any case."""
+
+    def __init__(self, active: bool, limit_s: float) -> None:
+        self.active, self.limit_s, self.proc = active, limit_s, None
+
+    def __enter__(self) -> "BusyCore":
+        if self.active:
+            code = f"import time\nend = time.monotonic() + {self.limit_s}\nwhile time.monotonic() < end: pass"
+            self.proc = subprocess.Popen([sys.executable, "-c", code])
+            time.sleep(0.5)  # running before the first measurement
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def setting_label(threads: int, load: str) -> str:
+    """The key of one measured setting in a run's results: "2", or "2 busy" under load."""
+    return str(threads) if load == "idle" else f"{threads} {load}"
+
+
+def setting_order(label: str) -> tuple:
+    """Idle settings first, then those under load, each by thread count."""
+    threads, _, load = label.partition(" ")
+    return load, int(threads)
+
+
 def merge_slices(answers: list[dict]) -> dict:
     """One repetition's answer from its slices: their times summed, their tokens concatenated."""
     if len(answers) == 1:
@@ -277,7 +311,7 @@ def build_rows(results: dict) -> list[dict]:
             bw = median(r.get("probe_gb_s", {}).get("decode 0", []))
             limit = (bw * 1e9 / run["weight_bytes"]) if bw and run.get("weight_bytes") else None
             rows.append({
-                "engine": run["engine"], "format": run["format"], "label": run["label"], "threads": int(t),
+                "engine": run["engine"], "format": run["format"], "label": run["label"], "threads": t,
                 "status": "ok", "load_s": run["load_s"], "first_call_s": run.get("first_call_s"),
                 "peak_rss_gib": run["peak_rss_bytes"] / 2**30,
                 "weight_gb": run["weight_bytes"] / 1e9,
@@ -345,11 +379,11 @@ def render_markdown(results: dict) -> str:
                "it (a 32-token prefill, where memory-mapped weights are paged in).")
     probes = {t: [x for run in results["runs"] if run.get("status") == "ok" and t in run.get("threads", {})
                   for key, v in run["threads"][t].get("probe_gb_s", {}).items() for x in v]
-              for t in [str(x) for x in s["threads"]]}
+              for t in sorted({t for run in results["runs"] for t in run.get("threads", {})}, key=setting_order)}
     if any(probes.values()):
         out.append("- Memory read bandwidth probed before the repetitions (glm4rt.ops.memory_read_bandwidth; "
                    "min / median / max GB/s): " + ", ".join(
-                       f"{t} thread{'s' if t != '1' else ''}: {min(v):.1f} / {median(v):.1f} / {max(v):.1f}"
+                       f"{t} (threads): {min(v):.1f} / {median(v):.1f} / {max(v):.1f}"
                        for t, v in probes.items() if v))
     out.append("")
 
@@ -387,7 +421,7 @@ def render_markdown(results: dict) -> str:
     metrics.append(("decode d0", "decode 0"))
     if depth:
         metrics.append((f"decode d{depth}", f"decode {depth}"))
-    threads = sorted({r["threads"] for r in ok})
+    threads = sorted({r["threads"] for r in ok}, key=setting_order)
 
     def speed_ratio(a, b, key):
         """glm4rt/peer: the median of per-repetition ratios when both ran in lockstep, else the
@@ -423,6 +457,8 @@ def render_markdown(results: dict) -> str:
                 cells.append(fmt_ratio(b["load_s"] if b else None, a["load_s"] if a else None))
                 out.append("| " + " | ".join(cells) + " |")
         out.append("")
+
+    out += load_table(ok, metrics, s)
 
     # every decode repetition next to its probe: how each engine follows the machine's bandwidth
     for d in ([0] + ([depth] if depth else [])):
@@ -522,6 +558,39 @@ def render_markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def load_table(ok: list[dict], metrics: list[tuple[str, str]], s: dict) -> list[str]:
+    """With --load idle,busy: each engine's speed idle and under load at every thread count, and
+    how its most threads under load compare with its best thread count under the same load."""
+    if "busy" not in s.get("load", ["idle"]):
+        return []
+    counts = sorted(s["threads"])
+    labels = [setting_label(t, load) for load in s["load"] for t in counts]
+    head = ["engine", "format", "metric"] + [f"{x} thr tok/s" for x in labels] + \
+        [f"busy: {counts[-1]} thr / best"]
+    out = ["## Under load (another process keeps one core busy)\n",
+           "tok/s per setting; the last column divides the most threads' speed under load by the best speed "
+           "of any thread count under the same load (>= 1: the most threads are the right default).\n",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    engines = []
+    for r in ok:
+        if (r["engine"], r["format"], r["label"]) not in engines:
+            engines.append((r["engine"], r["format"], r["label"]))
+    for engine, fmt, label in engines:
+        by_setting = {r["threads"]: r for r in ok if (r["engine"], r["format"]) == (engine, fmt)}
+        for name, key in metrics:
+            def tok_s(setting):
+                r = by_setting.get(setting)
+                if r is None or key not in r["times"]:
+                    return None
+                n = int(key.split()[1]) if key.startswith("prefill") else s["decode_steps"]
+                return n / median(r["times"][key])
+            cells = [ENGINE_LABEL[engine], label, name] + [fmt_num(tok_s(x), 2) for x in labels]
+            busy = [tok_s(setting_label(t, "busy")) for t in counts]
+            cells.append(fmt_ratio(busy[-1], max(busy)) if all(busy) else "n/a")
+            out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def consistency_lines(results: dict) -> list[str]:
     """Greedy decode tokens: the same in every repetition (cache rewinding works), and how long
     each engine's sequence follows glm4rt bf16's (random weights have close top-2 logits, so
@@ -554,14 +623,14 @@ def print_summary(results: dict) -> None:
     rows = build_rows(results)
     depth = results["settings"]["depth"]
     prompts = [str(n) for n in results["settings"]["prompt_lengths"]]
-    head = f"{'engine':<13}{'format':<7}{'thr':>4}{'load s':>8}{'RSS GiB':>9}" + "".join(f"{'pf' + n:>9}" for n in prompts) \
+    head = f"{'engine':<13}{'format':<7}{'thr':>7}{'load s':>8}{'RSS GiB':>9}" + "".join(f"{'pf' + n:>9}" for n in prompts) \
         + f"{'dec d0':>9}" + (f"{'dec d' + str(depth):>11}" if depth else "") + f"{'%BW':>6}"
     say("\n" + head)
     for r in rows:
         if r["status"] != "ok":
             say(f"{ENGINE_LABEL[r['engine']]:<13}{r['format']:<7}  {r['status']}: {r['reason'][:100]}")
             continue
-        line = f"{ENGINE_LABEL[r['engine']]:<13}{r['label']:<7}{r['threads']:>4}{r['load_s']:>8.2f}{r['peak_rss_gib']:>9.2f}"
+        line = f"{ENGINE_LABEL[r['engine']]:<13}{r['label']:<7}{r['threads']:>7}{r['load_s']:>8.2f}{r['peak_rss_gib']:>9.2f}"
         line += "".join(f"{(r['prefill'].get(n) or 0):>9.1f}" for n in prompts)
         line += f"{(r['decode0'] or 0):>9.2f}"
         if depth:
@@ -627,7 +696,7 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
         say(f"    {ENGINE_LABEL[run['engine']]} {run['label']}: error: {answer.get('reason')}")
         server.close()
 
-    def lockstep(t: int, key: str, op: dict, store, slices: int = 1) -> None:
+    def lockstep(t: int, setting: str, key: str, op: dict, store, slices: int = 1) -> None:
         """args.reps repetitions of ``op`` on every engine, alternating the order. With ``slices``
         > 1 (decode) a repetition is cut into that many calls, op's steps shared out and each later
         call resuming where the previous one stopped, and the engines take turns slice by slice: they
@@ -649,12 +718,12 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
                         continue
                     answers[id(run)].append(answer)
             for run, _ in alive():
-                store(run["threads"][str(t)], merge_slices(answers[id(run)]))
+                store(run["threads"][setting], merge_slices(answers[id(run)]))
         for run, _ in alive():
-            run["threads"][str(t)].setdefault("probe_gb_s", {})[key] = probes
-        line = ", ".join(f"{ENGINE_LABEL[r['engine']]} {r['label']} {summary(r['threads'][str(t)], key)}"
+            run["threads"][setting].setdefault("probe_gb_s", {})[key] = probes
+        line = ", ".join(f"{ENGINE_LABEL[r['engine']]} {r['label']} {summary(r['threads'][setting], key)}"
                          for r, _ in alive())
-        say(f"    threads {t}, {key}: {line}; probe {median(probes):.1f} GB/s")
+        say(f"    threads {setting}, {key}: {line}; probe {median(probes):.1f} GB/s")
 
     def summary(r: dict, key: str) -> str:
         kind, n = key.split()
@@ -663,17 +732,13 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
         return f"{steps / median(times):.2f} tok/s"
 
     depths = [0] + ([args.depth] if args.depth else [])
-    for t in args.threads:
-        for run, server in alive():
-            answer = server.call(op="threads", n=t)
-            if answer.get("status") != "ok":
-                fail(run, server, answer)
-                continue
-            if answer["first_call"]:
-                run["first_call_s"] = answer["warmup_s"]
-            run["threads"][str(t)] = {"prefill_s": {}, "decode_s": {}, "decode_tokens": {}}
+
+    def measure_setting(t: int, setting: str) -> None:
+        """Prefill and decode at every length and depth with t threads, stored under ``setting``."""
+        for run, _ in alive():
+            run["threads"][setting] = {"prefill_s": {}, "decode_s": {}, "decode_tokens": {}}
         for n in args.prompt_lengths:
-            lockstep(t, f"prefill {n}", {"op": "prefill", "n": n},
+            lockstep(t, setting, f"prefill {n}", {"op": "prefill", "n": n},
                      lambda r, a, n=n: r["prefill_s"].setdefault(str(n), []).append(a["s"]))
         for d in depths:
             if d:
@@ -682,7 +747,7 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
                     if answer.get("status") != "ok":
                         fail(run, server, answer)
                         continue
-                    r = run["threads"][str(t)]
+                    r = run["threads"][setting]
                     r["prefill_s"][str(d)] = [answer["s"]]
                     r.setdefault("depth_first_token", {})[str(d)] = answer["first"]
                     say(f"    {ENGINE_LABEL[run['engine']]} {run['label']}: prefill {d} (once, for the depth-{d} "
@@ -693,10 +758,10 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
                 first = [r["depth_first_token"][str(d)]] if d else []
                 seqs = r.setdefault("_seqs", {}).setdefault(str(d), [])
                 seqs.append(first + a["tokens"])
-            lockstep(t, f"decode {d}", {"op": "decode", "depth": d, "steps": args.decode_steps}, store,
+            lockstep(t, setting, f"decode {d}", {"op": "decode", "depth": d, "steps": args.decode_steps}, store,
                      slices=args.decode_slices)
         for run, _ in alive():
-            r = run["threads"][str(t)]
+            r = run["threads"][setting]
             r["prefill_tok_s"] = {n: int(n) / median(v) for n, v in r["prefill_s"].items()}
             r["decode_tok_s"] = {d: args.decode_steps / median(v) for d, v in r["decode_s"].items()}
             seqs = r.pop("_seqs", {})
@@ -704,6 +769,19 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
             # first), and whether every repetition produced the same ones (checks the cache rewind)
             r["decode_tokens"] = {d: v[0] for d, v in seqs.items()}
             r["decode_reps_identical"] = {d: all(x == v[0] for x in v) for d, v in seqs.items()}
+
+    for t in args.threads:
+        for run, server in alive():
+            answer = server.call(op="threads", n=t)
+            if answer.get("status") != "ok":
+                fail(run, server, answer)
+                continue
+            if answer["first_call"]:
+                run["first_call_s"] = answer["warmup_s"]
+        for load in args.load:
+            with BusyCore(load == "busy", args.child_timeout):
+                measure_setting(t, setting_label(t, load))
+
     for run, server in alive():
         answer = server.call(op="finish")
         if answer.get("status") == "ok":
@@ -739,6 +817,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llama-flash-attn", choices=("on", "off"), default="on",
                    help="llama.cpp flash attention (default on: llama.cpp's own 'auto' picks it on CPU; "
                         "llama-cpp-python would otherwise disable it)")
+    p.add_argument("--load", default="idle",
+                   help="machine load per thread count: idle, busy (another process keeps one core busy) or "
+                        "idle,busy (both, one after the other; default idle)")
     p.add_argument("--seed", type=int, default=0, help="weight seed of the synthetic checkpoint")
     p.add_argument("--quick", action="store_true", help="1 layer, 2 reps, no depth-4096 run: a functional check")
     p.add_argument("--out", default=None, help="output name prefix in benchmarks/ (default results, "
@@ -754,6 +835,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 1 <= a.decode_slices <= a.decode_steps:
         p.error(f"--decode-slices must be between 1 and --decode-steps ({a.decode_steps})")
     a.threads = [int(t) for t in a.threads.split(",") if t]
+    a.load = [x for x in a.load.split(",") if x]
+    if not a.load or any(x not in ("idle", "busy") for x in a.load):
+        p.error(f"--load takes idle, busy or idle,busy, got {','.join(a.load)!r}")
     a.formats = [f for f in a.formats.split(",") if f]
     a.tf_formats = [f for f in a.tf_formats.split(",") if f]
     a.prompt_lengths = [int(n) for n in a.prompt_lengths.split(",") if n]
@@ -796,7 +880,8 @@ def main(argv=None) -> int:
     results = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command, "machine": machine,
-        "settings": {"geometry": g.__dict__, "checkpoint": ckpt, "threads": args.threads, "reps": args.reps,
+        "settings": {"geometry": g.__dict__, "checkpoint": ckpt, "threads": args.threads, "load": args.load,
+                     "reps": args.reps,
                      "probe_mib": args.bandwidth_mib,
                      "formats": args.formats, "peers": args.peers, "tf_formats": args.tf_formats,
                      "prompt_lengths": args.prompt_lengths, "depth": args.depth,

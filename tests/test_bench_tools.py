@@ -3,6 +3,7 @@ loads the checkpoint, the GGUF holds the same weights under llama.cpp's glm4 nam
 llama-cpp-python is installed) llama.cpp computes glm4rt's logits from it."""
 import json
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -178,3 +179,51 @@ def test_gemv_benchmark_engines_compute_the_same_products(monkeypatch):
             y = np.asarray(y.float() if hasattr(y, "float") else y, dtype=np.float64).reshape(-1)
             err = np.sqrt(np.mean((y - ref) ** 2) / np.mean(ref ** 2))
             assert err < tol[name], (name, err)
+
+
+def _fake_run(engine, fmt, label, decode_s):
+    """A measured run as bench.run_group stores it: decode times (64 steps) per setting."""
+    threads = {setting: {"prefill_s": {}, "decode_s": {"0": times}, "prefill_tok_s": {},
+                         "decode_tok_s": {"0": 64 / statistics.median(times)}, "probe_gb_s": {"decode 0": [40.0] * len(times)}}
+               for setting, times in decode_s.items()}
+    return {"engine": engine, "format": fmt, "label": label, "group": 0, "status": "ok", "load_s": 1.0,
+            "peak_rss_bytes": 2**30, "weight_bytes": 2e9, "threads": threads}
+
+
+def test_load_table_compares_busy_settings():
+    import bench
+
+    settings = {"threads": [1, 2], "load": ["idle", "busy"], "prompt_lengths": [], "depth": 0, "decode_steps": 64,
+                "decode_slices": 1, "reps": 2, "formats": ["int4"], "tf_formats": [], "quick": False,
+                "geometry": TINY.__dict__, "checkpoint": ROOT, "llama_flash_attn": True}
+    runs = [_fake_run("glm4rt", "int4", "int4", {"1": [4.0, 4.0], "2": [2.0, 2.0], "1 busy": [4.0, 4.0],
+                                                 "2 busy": [8.0, 8.0]}),
+            _fake_run("llama", "int4", "Q4_0", {"1": [6.0, 6.0], "2": [4.0, 4.0], "1 busy": [6.0, 6.0],
+                                                "2 busy": [16.0, 16.0]})]
+    md = bench.render_markdown({"settings": settings, "machine": {}, "date": "d", "command": "c", "runs": runs})
+    table = md.split("## Under load")[1].split("\n## ")[0]
+    # glm4rt: 16 / 32 / 16 / 8 tok/s; 2 threads under load reach half of the best (1 thread)
+    assert "| glm4rt | int4 | decode d0 | 16.00 | 32.00 | 16.00 | 8.00 | 0.50x |" in table
+    assert "| llama.cpp | Q4_0 | decode d0 | 10.67 | 16.00 | 10.67 | 4.00 | 0.38x |" in table
+    ratios = md.split("## Speed ratios")[1].split("\n## ")[0]
+    assert "| glm4rt int4 / llama.cpp Q4_0 | 2 busy | 2.00x |" in ratios
+    assert bench.setting_label(2, "idle") == "2" and bench.setting_label(2, "busy") == "2 busy"
+    assert sorted(["2 busy", "1", "2", "1 busy"], key=bench.setting_order) == ["1", "2", "1 busy", "2 busy"]
+
+
+def test_busy_core_burns_cpu_and_stops():
+    import time
+
+    import bench
+
+    with bench.BusyCore(True, limit_s=30) as busy:
+        pid = busy.proc.pid
+        with open(f"/proc/{pid}/stat") as f:
+            before = sum(int(x) for x in f.read().split(")")[1].split()[11:13])  # utime + stime
+        time.sleep(0.5)
+        with open(f"/proc/{pid}/stat") as f:
+            after = sum(int(x) for x in f.read().split(")")[1].split()[11:13])
+        assert after - before >= 0.2 * os.sysconf("SC_CLK_TCK")  # ran for most of the half second
+    assert busy.proc.poll() is not None  # killed on exit
+    with bench.BusyCore(False, limit_s=30) as idle:
+        assert idle.proc is None
