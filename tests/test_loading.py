@@ -514,3 +514,263 @@ def test_supported_config_still_loads(tmp_path):
     d = _edit_config(tmp_path, hidden_act="silu")
     g = golden(CAUSAL)
     close(Glm4ForCausalLM.from_pretrained(d)(g["ids"]).logits, g["logits"], "copied checkpoint")
+
+
+# ---- safetensors rules, as strict as the safetensors library (issue 18) -----------------------
+# Each damaged file below is one that safetensors.safe_open rejects: glm4rt must reject it too,
+# with a CheckpointError that names the file and, where there is one, the tensor.
+
+def read_header(path):
+    """(header dict, data bytes) of a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        return header, f.read()
+
+
+def write_header(path, header, data, extra_spaces=0):
+    """Write ``header`` (JSON padded with spaces to a multiple of 8, then ``extra_spaces`` more)
+    and ``data``."""
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8 + extra_spaces)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def by_offset(header):
+    """Tensor names in data order."""
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+
+
+def safetensors_rejects(path):
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return False
+    except SafetensorError:
+        return True
+
+
+def _shift(k, delta):
+    """An edit that moves the k-th tensor (in data order) by ``delta`` bytes."""
+    def edit(header, data):
+        name = by_offset(header)[k]
+        header[name]["data_offsets"] = [o + delta for o in header[name]["data_offsets"]]
+    return edit
+
+
+def _same_offsets(header, data):
+    a, b = "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"
+    assert header[a]["shape"] == header[b]["shape"]
+    header[b]["data_offsets"] = header[a]["data_offsets"]
+
+
+def _first_at_four(header, data):
+    _shift(0, 4)(header, data)
+    return b"\0" * 4 + data  # the data section grows by the gap: only the gap is wrong
+
+
+def _edit_header(edit):
+    """A case that rewrites the header of the single-file fixture with ``edit(header, data)``,
+    which may return new data bytes."""
+    def apply(f):
+        header, data = read_header(f)
+        new_data = edit(header, data)
+        write_header(f, header, data if new_data is None else new_data)
+    return apply
+
+
+def _length_one_short(f):
+    header, data = read_header(f)
+    blob = json.dumps(header).encode() + b"  "  # ends in padding, so one byte less still parses
+    blob += b" " * (-len(blob) % 8)
+    with open(f, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob) - 1) + blob + data)
+
+
+def _deep_extra_field(header, data):
+    # Python's json reads 200 levels; the library's reader stops at 128.
+    header[by_offset(header)[0]]["extra"] = json.loads("[" * 200 + "]" * 200)
+
+
+HEADER_CASES = {
+    # The header-length field one short on a header that ends in padding: the JSON still parses,
+    # the data would start one byte early, every weight misread (every logit NaN).
+    "length_one_short": (_length_one_short, r"'model\.norm\.weight', ends at byte \d+ of the data section but "
+                                            r"the file holds \d+ bytes after its header"),
+    "overlaps_neighbour": (_edit_header(_shift(5, -4)),
+                           r"tensor 'model\.layers\.0\.post_attention_layernorm\.weight' \(bytes \[\d+, \d+\) of the "
+                           r"data section\) overlaps tensor 'model\.layers\.0\.mlp\.gate_up_proj\.weight'"),
+    "shifted_into_neighbour": (_edit_header(_shift(5, +4)),
+                               r"tensor 'model\.layers\.0\.post_attention_layernorm\.weight' starts at byte \d+ of "
+                               r"the data section but tensor 'model\.layers\.0\.mlp\.gate_up_proj\.weight' ends at"),
+    "same_offsets_as_neighbour": (_edit_header(_same_offsets),
+                                  r"'model\.layers\.0\.(input|post_attention)_layernorm\.weight' \(bytes .*\) "
+                                  r"overlaps tensor 'model\.layers\.0\.(input|post_attention)_layernorm\.weight'"),
+    "past_the_data": (_edit_header(_shift(-1, 1 << 20)),
+                      r"'model\.norm\.weight' starts at byte \d+ of the data section but tensor .* ends at"),
+    "first_not_at_zero": (_edit_header(_first_at_four),
+                          r"starts at byte 4 of the data section but the data section starts at 0"),
+    "size_not_dtype_times_shape": (_edit_header(lambda h, d: h["lm_head.weight"].update(shape=[211, 47])),
+                                   r"tensor 'lm_head\.weight' of shape \[211, 47\] F32 needs 39668 bytes but its "
+                                   r"offsets \[\d+, \d+\) span 40512"),
+    "bytes_appended": (_edit_header(lambda h, d: d + b"\0" * 8), r"bytes appended"),
+    "truncated": (_edit_header(lambda h, d: d[:-4]), r"'model\.norm\.weight' needs bytes .* the file is truncated"),
+    "float_in_shape": (_edit_header(lambda h, d: h["lm_head.weight"].update(shape=[211.0, 48])),
+                       r"tensor 'lm_head\.weight' has shape \[211\.0, 48\]: not a list of integers"),
+    "string_offsets": (_edit_header(lambda h, d: h["lm_head.weight"].update(
+                           data_offsets=[str(o) for o in h["lm_head.weight"]["data_offsets"]])),
+                       r"tensor 'lm_head\.weight' has data_offsets \['\d+', '\d+'\]"),
+    "unknown_dtype": (_edit_header(lambda h, d: h["lm_head.weight"].update(dtype="f32")),
+                      r"tensor 'lm_head\.weight' has dtype 'f32', which glm4rt does not read"),
+    "metadata_not_strings": (_edit_header(lambda h, d: h.update(__metadata__={"format": 1})),
+                             r"__metadata__ must map strings to strings"),
+    "nan_in_header": (_edit_header(lambda h, d: h["lm_head.weight"].update(extra=float("nan"))),
+                      r"corrupt safetensors header \(NaN is not valid JSON\)"),
+    "nested_past_the_library_limit": (_edit_header(_deep_extra_field),
+                                      r"the safetensors library rejects the file .*recursion limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_header_rules_match_safetensors(tmp_path, case):
+    damage, message = HEADER_CASES[case]
+    d = copy_fixture(CAUSAL, tmp_path)
+    f = d / "model.safetensors"
+    damage(f)
+    assert safetensors_rejects(f), "the oracle accepts this file: not a damaged-file case"
+    with pytest.raises(CheckpointError, match=re.escape(str(f)) + ": ") as e:
+        Glm4ForCausalLM.from_pretrained(d)
+    assert re.search(message, str(e.value)), str(e.value)
+
+
+def test_header_length_beyond_the_library_limit(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    f = d / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.write(struct.pack("<Q", 100_000_001))
+    assert safetensors_rejects(f)
+    with pytest.raises(CheckpointError, match="header length 100000001 exceeds the safetensors limit"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_deeply_nested_header(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    f = d / "model.safetensors"
+    header, data = read_header(f)
+    blob = json.dumps(header)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"  # RecursionError in json
+    with open(f, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob.encode() + data)
+    with pytest.raises(CheckpointError, match=re.escape(str(f)) + r": corrupt safetensors header \(nested too deeply\)"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize("extra_spaces", [0, 1, 2, 3])
+def test_tensors_at_any_offset_load(tmp_path, extra_spaces):
+    """The format does not align the data section: a header of any length is valid. Tensors that
+    land at an offset that is not a multiple of their element size are copied (the kernels read
+    typed pointers); the others stay views of the memory map."""
+    d = copy_fixture(CAUSAL, tmp_path)
+    f = d / "model.safetensors"
+    header, data = read_header(f)
+    write_header(f, header, data, extra_spaces)
+    with open(f, "rb") as fh:
+        data_start = 8 + struct.unpack("<Q", fh.read(8))[0]
+    assert data_start % 4 == extra_spaces  # every tensor's size is a multiple of 4 bytes
+    assert not safetensors_rejects(f)
+    model = Glm4ForCausalLM.from_pretrained(d)
+    for name, w in matrices(model) + small_vectors(model):
+        assert w.flags.aligned and not w.flags.writeable, name
+        odd = (data_start + header[name]["data_offsets"][0]) % 4 != 0
+        assert (memmap_base(w) is None) == odd, name
+    g = golden(CAUSAL)
+    close(model(g["ids"]).logits, g["logits"], f"data section at {data_start}")
+
+
+def test_metadata_and_key_order_do_not_matter(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    f = d / "model.safetensors"
+    header, data = read_header(f)
+    reordered = {"__metadata__": {"format": "pt", "note": "x"}}
+    reordered.update({k: {"shape": v["shape"], "data_offsets": v["data_offsets"], "dtype": v["dtype"]}
+                      for k, v in sorted(header.items(), reverse=True) if k != "__metadata__"})
+    write_header(f, reordered, data)
+    assert not safetensors_rejects(f)
+    g = golden(CAUSAL)
+    close(Glm4ForCausalLM.from_pretrained(d)(g["ids"]).logits, g["logits"], "reordered header")
+
+
+# ---- the index: shards confined to the checkpoint directory ------------------------------------
+
+def _edit_index(d, edit):
+    path = d / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    edit(index["weight_map"])
+    path.write_text(json.dumps(index))
+    return path
+
+
+FIRST = "lm_head.weight"  # the index's first entry: the tensor named when its shard is refused
+
+
+def test_index_absolute_shard_path(tmp_path):
+    # The absolute path is that of the real shard: a loader that followed it would load fine.
+    d = copy_fixture(BF16, tmp_path)
+    index = _edit_index(d, lambda wm: wm.update({FIRST: str(d / wm[FIRST])}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{index}: weight_map places tensor '{FIRST}' in "
+                                                        f"'{d}/model-00006-of-00006.safetensors', outside the "
+                                                        "checkpoint directory")):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize("shard", ["../ckpt/model-00006-of-00006.safetensors",
+                                   "sub/../../ckpt/model-00006-of-00006.safetensors",
+                                   "..\\ckpt\\model-00006-of-00006.safetensors"])
+def test_index_dotdot_shard_path(tmp_path, shard):
+    d = copy_fixture(BF16, tmp_path)
+    index = _edit_index(d, lambda wm: wm.update({FIRST: shard}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{index}: weight_map places tensor '{FIRST}' in "
+                                                        f"{shard!r}, outside the checkpoint directory")):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize("value", [7, None, ["model-00006-of-00006.safetensors"], "", "a\0b"])
+def test_index_shard_not_a_file_name(tmp_path, value):
+    d = copy_fixture(BF16, tmp_path)
+    index = _edit_index(d, lambda wm: wm.update({FIRST: value}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{index}: weight_map places tensor '{FIRST}' in ")
+                       + ".*which is not a file name"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_index_names_a_tensor_its_shard_lacks(tmp_path):
+    d = copy_fixture(BF16, tmp_path)
+    index = _edit_index(d, lambda wm: wm.update({"model.layers.0.extra.weight": wm[FIRST]}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{index} places tensor 'model.layers.0.extra.weight' in "
+                                                        "model-00006-of-00006.safetensors, which lacks it")):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}", r"corrupt index \(nested too deeply\)"),
+    ('{"weight_map": ["model.safetensors"]}', r"corrupt index \(ValueError: weight_map is a list, not an object\)"),
+    ('{"metadata": {}}', r"corrupt index \(KeyError: 'weight_map'\)"),
+    ('{"weight_map": {"lm_head.weight": NaN}}', r"corrupt index \(ValueError: NaN is not valid JSON\)"),
+    ('["weight_map"]', r"corrupt index \(TypeError"),
+])
+def test_corrupt_index(tmp_path, text, message):
+    d = copy_fixture(BF16, tmp_path)
+    (d / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(str(d / "model.safetensors.index.json")) + ": " + message):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_symlinked_shards_still_load(tmp_path):
+    # A hub cache snapshot: every file a link into a blob store outside the directory.
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    shutil.copytree(fixture_dir(BF16), blobs)
+    snapshot.mkdir()
+    for name in os.listdir(blobs):
+        os.symlink(os.path.join("..", "blobs", name), snapshot / name)
+    g = golden(BF16)
+    close(Glm4ForCausalLM.from_pretrained(snapshot, dtype="float32")(g["ids"]).logits, g["logits"], "linked shards")
