@@ -22,6 +22,17 @@ constexpr int kBlockK = 512;
 // Below this many multiply-adds a matmul runs on the calling thread.
 constexpr long long kParallelWork = 1 << 15;
 
+// Work is handed out in claims (OpenMP's dynamic schedule) rather than split evenly up front:
+// when another program keeps a core busy, the thread that shares it runs at a fraction of its
+// speed and is descheduled for whole time slices, and an even split makes every operation wait
+// for that thread's half. With claims, the running thread takes over whatever the late one has
+// not started. Each output element is still computed by one thread with the same code, so the
+// results stay the same bits whichever thread takes which claim. ~8 claims per thread keep the
+// hand-out cost (an atomic increment each) negligible while leaving the late share small.
+inline int claim_size(long long n_items, int threads) {
+  return static_cast<int>(std::max<long long>(1, n_items / (8LL * threads)));
+}
+
 inline int thread_index() {
 #if defined(_OPENMP)
   return omp_get_thread_num();
@@ -47,10 +58,11 @@ void matmul_impl(const X* x, int M, int K, const W* w, int N, const float* bias,
                  Tile tile, int mr, int nr, int block_k) {
   const int n_tiles = (N + nr - 1) / nr;
   const bool parallel = static_cast<long long>(M) * N * K >= kParallelWork;
-#pragma omp parallel num_threads(get_num_threads()) if (parallel)
+  const int threads = get_num_threads(), claim = claim_size(n_tiles, threads);
+#pragma omp parallel num_threads(threads) if (parallel)
   for (int m0 = 0; m0 < M; m0 += kBlockM) {
     const int mb = std::min(kBlockM, M - m0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, claim) nowait
     for (int t = 0; t < n_tiles; ++t) {
       const int n0 = t * nr, nn = std::min(nr, N - n0);
       for (int k0 = 0; k0 < K; k0 += block_k) {
@@ -116,14 +128,14 @@ void matmul_bf16_panels(const KernelTable& kt, const float* x, int M, int K, con
   uint32_t* wbuf = reused_scratch<uint32_t, 1>(static_cast<size_t>(threads) * kPanelPairs * R);
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)  // (its barrier: every chunk is packed before any is read)
     for (int c = 0; c < n_chunks; ++c)
       kt.bf16_pack_x(x + static_cast<size_t>(c) * T * K, K, std::min(T, M - c * T), K,
                      xp + static_cast<size_t>(c) * P * T);
     uint32_t* buf = wbuf + static_cast<size_t>(thread_index()) * kPanelPairs * R;
     for (int c0 = 0; c0 < n_chunks; c0 += kPanelBlockChunks) {
       const int c1 = std::min(n_chunks, c0 + kPanelBlockChunks);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1) nowait
       for (int panel = 0; panel < n_panels; ++panel) {
         const int n0 = panel * R, nn = std::min(R, N - n0);
         for (int p0 = 0; p0 < P; p0 += kPanelPairs) {
@@ -180,7 +192,7 @@ void matmul_f32_panels(const KernelTable& kt, Pack pack, const float* x, int M, 
     float* buf = wbuf + static_cast<size_t>(thread_index()) * kPanelFloats;
     for (int m0 = 0; m0 < M; m0 += kF32BlockTokens) {
       const int mb = std::min(kF32BlockTokens, M - m0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1) nowait
       for (int panel = 0; panel < n_panels; ++panel) {
         const int n0 = panel * R, nn = std::min(R, N - n0);
         for (int k0 = 0; k0 < K; k0 += kF32PanelK) {
@@ -372,10 +384,11 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
   // One token (decode): pairs of groups per tile share the activation broadcasts.
   const int groups_per_tile = M == 1 ? 2 : 1;
   const int n_tiles = (n_groups + groups_per_tile - 1) / groups_per_tile;
-#pragma omp parallel num_threads(get_num_threads()) if (parallel)
+  const int threads = get_num_threads(), claim = claim_size(n_tiles, threads);
+#pragma omp parallel num_threads(threads) if (parallel)
   for (int m0 = 0; m0 < M; m0 += kBlockM) {  // a block of tokens stays in L2 across all groups
     const int mb = std::min(kBlockM, M - m0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, claim) nowait
     for (int t = 0; t < n_tiles; ++t) {
       const int g = t * groups_per_tile;
       const int rows = std::min(kQGroupRows * groups_per_tile, N - g * kQGroupRows);
@@ -394,7 +407,9 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
 
 void rms_norm(const float* x, const float* weight, float* y, int M, int H, float eps) {
   const KernelTable& kt = kernels();
-#pragma omp parallel for num_threads(get_num_threads()) if (static_cast<long long>(M) * H >= kParallelWork)
+  const int threads = get_num_threads();
+#pragma omp parallel for num_threads(threads) schedule(dynamic, claim_size(M, threads)) \
+    if (static_cast<long long>(M) * H >= kParallelWork)
   for (int m = 0; m < M; ++m) {
     const float* xr = x + static_cast<size_t>(m) * H;
     float* yr = y + static_cast<size_t>(m) * H;
@@ -415,7 +430,7 @@ void rotary_interleaved(float* x, int n_tokens, int n_heads, int head_dim, const
   {
     float* cos_t = scratch.data() + static_cast<size_t>(thread_index()) * 2 * half;
     float* sin_t = cos_t + half;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, claim_size(n_tokens, threads))
     for (int t = 0; t < n_tokens; ++t) {
       for (int i = 0; i < half; ++i) {
         const float angle = static_cast<float>(pos[t]) * inv_freq[i];  // fp32, as transformers
@@ -436,7 +451,9 @@ void rotary_interleaved(float* x, int n_tokens, int n_heads, int head_dim, const
 
 void silu_mul(const float* gate_up, float* out, int M, int I) {
   const KernelTable& kt = kernels();
-#pragma omp parallel for num_threads(get_num_threads()) if (static_cast<long long>(M) * I >= kParallelWork)
+  const int threads = get_num_threads();
+#pragma omp parallel for num_threads(threads) schedule(dynamic, claim_size(M, threads)) \
+    if (static_cast<long long>(M) * I >= kParallelWork)
   for (int m = 0; m < M; ++m) {
     const float* gate = gate_up + static_cast<size_t>(m) * 2 * I;
     kt.silu_mul(gate, gate + I, out + static_cast<size_t>(m) * I, I);
@@ -462,9 +479,10 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
   const size_t per_item = static_cast<size_t>(group) * (d + 2);  // out [group, d], m [group], l [group]
   float* part = reused_scratch<float, 0>(static_cast<size_t>(n_items) * per_item);
   const long long n_rows = static_cast<long long>(a.batch) * a.n_heads;
-#pragma omp parallel num_threads(get_num_threads()) if (static_cast<long long>(a.batch) * S * d * a.n_heads >= kParallelWork)
+  const int threads = get_num_threads();
+#pragma omp parallel num_threads(threads) if (static_cast<long long>(a.batch) * S * d * a.n_heads >= kParallelWork)
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (long long item = 0; item < n_items; ++item) {
       const int split = static_cast<int>(item % n_splits);
       const long long bg = item / n_splits;  // b * n_kv_heads + g
@@ -479,7 +497,7 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
     }
     // Merge: out_h = sum_i e^(m_i - M) out_i / sum_i e^(m_i - M) l_i, M = max_i m_i; zeros
     // for a head that sees no key.
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, claim_size(n_rows, threads))
     for (long long row = 0; row < n_rows; ++row) {  // row = b * n_heads + head
       const int head = static_cast<int>(row % a.n_heads), h = head % group;
       const long long first = (row / a.n_heads * a.n_kv_heads + head / group) * n_splits;
@@ -587,7 +605,7 @@ void attention(const AttentionArgs& a) {
     float* scores = scratch + static_cast<size_t>(thread_index()) * per_thread;
     float* qbuf = scores + static_cast<size_t>(max_rows) * S;
     float* obuf = qbuf + static_cast<size_t>(max_rows) * d;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (long long item = 0; item < n_items; ++item) {
       const int tb = static_cast<int>(item % n_tblocks);
       const int g = static_cast<int>((item / n_tblocks) % a.n_kv_heads);

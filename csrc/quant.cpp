@@ -192,7 +192,7 @@ void dequantize_packed(QFormat f, const uint8_t* packed, int N, int K, float* ou
 void quantize_acts(const float* x, int M, int K, int8_t* q, float* scale, int32_t* sum) {
   const int nb = q_blocks(K);
   const int Kp = nb * kQBlock;
-#pragma omp parallel for num_threads(get_num_threads()) if (static_cast<long long>(M) * K >= (1 << 16))
+#pragma omp parallel for num_threads(get_num_threads()) schedule(dynamic) if (static_cast<long long>(M) * K >= (1 << 16))
   for (int m = 0; m < M; ++m) {
     const float* xr = x + static_cast<size_t>(m) * K;
     for (int b = 0; b < nb; ++b) {
