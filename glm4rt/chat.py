@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 from .errors import Glm4rtError
-from .generate import generate_tokens, resolve_settings
+from .generate import check_count, generate_tokens, resolve_settings
 from .kv_cache import Glm4Cache
 from .tokenizer import StreamDecoder
 
@@ -32,6 +32,12 @@ def split_thinking(text: str) -> tuple[str, str]:
     return thinking.replace("<think>", "").strip(), answer.strip()
 
 
+def _system_messages(system: Optional[str]) -> list[dict[str, Any]]:
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a string, got {type(system).__name__}")
+    return [{"role": "system", "content": system}] if system else []
+
+
 class ChatSession:
     """A conversation with one model.
 
@@ -43,16 +49,19 @@ class ChatSession:
         max_context: cap on the conversation length in tokens (default: the model's
             ``max_position_embeddings``).
         **generation_kwargs: defaults for every turn (``max_new_tokens``, ``do_sample``,
-            ``temperature``, ``top_p`` ...), as ``generate`` takes them.
+            ``temperature``, ``top_p`` ...), as ``generate`` takes them; checked on each turn.
+    Raises:
+        TypeError: a system prompt that is not a string.
+        ValueError: a ``max_context`` that is not a whole number >= 1.
     """
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, tools: Optional[list] = None,
                  max_context: Optional[int] = None, **generation_kwargs: Any) -> None:
         self.model, self.tokenizer, self.tools = model, tokenizer, tools
-        self.max_context = min(max_context or model.config.max_position_embeddings,
-                               model.config.max_position_embeddings)
+        limit = model.config.max_position_embeddings
+        self.max_context = limit if max_context is None else min(check_count("max_context", max_context, 1), limit)
         self.generation_kwargs = generation_kwargs
-        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.messages: list[dict[str, Any]] = _system_messages(system)
         self.cache = Glm4Cache.for_config(model.config, 1, 0)
         self.history_ids: list[int] = []  # every token of the conversation so far, as the model saw it
         self.last_prefill = 0             # tokens prefilled by the last turn
@@ -60,7 +69,7 @@ class ChatSession:
 
     def reset(self, system: Optional[str] = None) -> None:
         """Forget the conversation (keeps the cache's memory for reuse)."""
-        self.messages = [{"role": "system", "content": system}] if system else []
+        self.messages = _system_messages(system)
         self.cache.crop(0)
         self.history_ids = []
 
@@ -70,7 +79,7 @@ class ChatSession:
         text = self.tokenizer.apply_chat_template(self.messages, tools=self.tools,
                                                   add_generation_prompt=True, tokenize=False)
         if self.history_ids:
-            previous = self.tokenizer.decode(self.history_ids, skip_special_tokens=False)
+            previous = self.tokenizer.decode(self.tokenizer._known_ids(self.history_ids), skip_special_tokens=False)
             if text.startswith(previous):
                 return self.history_ids + self.tokenizer.encode(text[len(previous):], add_special_tokens=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -83,15 +92,27 @@ class ChatSession:
             stopped early (Ctrl-C) — the reply so far is stored as the assistant's message.
         Raises:
             ContextFullError: the conversation does not fit in ``max_context`` any more.
+            ValueError, TypeError: a role the chat template does not render, content that is not a
+                string, or bad generation arguments (see ``generate``).
+            In every case the conversation stays as it was.
         """
+        if not isinstance(content, str):
+            raise TypeError(f"content must be a string, got {type(content).__name__}")
         self.messages.append({"role": role, "content": content})
-        ids = self.prompt_ids()
-        room = self.max_context - len(ids)
-        if room <= 0:
+        try:
+            ids = self.prompt_ids()
+            room = self.max_context - len(ids)
+            if room <= 0:
+                raise ContextFullError(
+                    f"the conversation is {len(ids)} tokens long and the context holds {self.max_context}: "
+                    "start a new conversation (reset)")
+            kwargs = {**self.generation_kwargs, **overrides}
+            max_new = kwargs.pop("max_new_tokens", None)
+            new = room if max_new is None else min(check_count("max_new_tokens", max_new), room)
+            settings = resolve_settings(self.model, len(ids), {**kwargs, "max_new_tokens": new})
+        except BaseException:
             self.messages.pop()
-            raise ContextFullError(
-                f"the conversation is {len(ids)} tokens long and the context holds {self.max_context}: "
-                "start a new conversation (reset)")
+            raise
         keep = 0  # longest prefix of the prompt that the cache already holds
         cached = self.history_ids[:self.cache.get_seq_length()]
         for a, b in zip(cached, ids[:-1]):  # at least one token is always prefilled
@@ -102,9 +123,6 @@ class ChatSession:
         self.last_prefill = len(ids) - keep
         self.last_prompt_len = len(ids)
 
-        kwargs = {**self.generation_kwargs, **overrides}
-        new = min(int(kwargs.pop("max_new_tokens", None) or room), room)
-        settings = resolve_settings(self.model, len(ids), {**kwargs, "max_new_tokens": new})
         decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)
         generated: list[int] = []
         try:
@@ -119,7 +137,7 @@ class ChatSession:
                 yield rest
         finally:
             self.history_ids = ids + generated
-            reply = self.tokenizer.decode(generated, skip_special_tokens=True)
+            reply = self.tokenizer.decode(self.tokenizer._known_ids(generated), skip_special_tokens=True)
             self.messages.append({"role": "assistant", "content": reply})
 
     def ask(self, content: str, **overrides: Any) -> str:

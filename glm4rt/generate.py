@@ -49,6 +49,38 @@ def load_generation_config(directory: Optional[str]) -> dict[str, Any]:
     return data
 
 
+def check_count(name: str, value: Any, minimum: int = 0) -> int:
+    """``value`` as an int, for a count such as ``max_new_tokens``: a whole number (an integral float
+    too, as JSON configs may write one) that is at least ``minimum``.
+
+    Raises:
+        TypeError: not a number (a string is not parsed, a bool is not a count).
+        ValueError: a fraction, or less than ``minimum``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if not float(value).is_integer() or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_token_id(name: str, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a token id (an integer), got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return int(value)
+
+
+def _check_stop_strings(value: Any) -> list[str]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise TypeError(f"stop_strings must be a string or a list of strings, got {value!r}")
+    if not all(values):
+        raise ValueError(f"stop_strings must not be empty strings (every text ends with one), got {value!r}")
+    return list(values)
+
+
 @dataclass
 class GenerationSettings:
     """Everything that decides what ``generate`` produces, after merging call arguments, the
@@ -66,7 +98,8 @@ def resolve_settings(model, prompt_len: int, overrides: dict[str, Any]) -> Gener
     over transformers' defaults.
 
     Raises:
-        ValueError: inconsistent lengths or sampling settings.
+        TypeError: an unknown argument, or a value of the wrong type (``max_new_tokens="3"``).
+        ValueError: a value out of range (``max_new_tokens=2.5``, ``top_p=2``).
     """
     unknown = sorted(set(overrides) - _CALL_KWARGS)
     if unknown:
@@ -77,22 +110,23 @@ def resolve_settings(model, prompt_len: int, overrides: dict[str, Any]) -> Gener
         gen.pop("max_new_tokens", None)  # an explicit total length beats the config's new tokens
     merged = {**_DEFAULTS, **{k: v for k, v in gen.items() if v is not None}, **given}
     if merged.get("max_new_tokens") is not None:
-        if merged["max_new_tokens"] < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {merged['max_new_tokens']}")
-        max_length = prompt_len + int(merged["max_new_tokens"])
+        max_length = prompt_len + check_count("max_new_tokens", merged["max_new_tokens"])
     else:
-        max_length = int(merged["max_length"])
+        max_length = check_count("max_length", merged["max_length"])
     eos = merged.get("eos_token_id", model.config.eos_token_id)
-    eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, (int, np.integer)) else [int(e) for e in eos])
+    if isinstance(eos, np.ndarray):
+        eos = eos.tolist()
+    eos_ids = [] if eos is None else [_check_token_id("eos_token_id", e)
+                                      for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
     pad = merged.get("pad_token_id", model.config.pad_token_id)
     if pad is None and eos_ids:
         pad = eos_ids[0]  # as transformers does
-    stop = merged.get("stop_strings") or []
+    seed = merged.get("seed")
     sampling = SamplingParams.from_generation_config(merged)
     return GenerationSettings(max_length=max_length, sampling=sampling, eos_token_ids=eos_ids,
-                              pad_token_id=None if pad is None else int(pad),
-                              stop_strings=[stop] if isinstance(stop, str) else list(stop),
-                              seed=merged.get("seed"))
+                              pad_token_id=None if pad is None else _check_token_id("pad_token_id", pad),
+                              stop_strings=_check_stop_strings(merged.get("stop_strings") or []),
+                              seed=None if seed is None else check_count("seed", seed))
 
 
 def _check_prompt(model, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +202,7 @@ def generate_tokens(model, input_ids: Any, attention_mask: Any = None, *,
         if settings.stop_strings:
             for b in range(B):
                 if not finished[b]:
-                    texts[b] += tokenizer.decode([int(next_tokens[b])])
+                    texts[b] += _token_text(tokenizer, int(next_tokens[b]))
                     texts[b] = texts[b][-max(len(s) for s in settings.stop_strings) * 4:]
                     now_done[b] |= any(texts[b].endswith(s) for s in settings.stop_strings)
         finished |= now_done
@@ -176,6 +210,15 @@ def generate_tokens(model, input_ids: Any, attention_mask: Any = None, *,
         if finished.all():
             return
         start = t
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    """The text of one generated id; "" for an id the tokenizer lacks (a model's embedding can have
+    more rows than its tokenizer has tokens), which Glm4Tokenizer.decode refuses."""
+    try:
+        return tokenizer.decode([token_id])
+    except ValueError:
+        return ""
 
 
 def generate(model, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: Optional[int] = None,

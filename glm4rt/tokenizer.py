@@ -4,7 +4,10 @@ The vocabulary and the encode/decode pipeline are the checkpoint's own ``tokeniz
 the ``tokenizers`` package (byte-level BPE behind a GPT-4-style split regex for GLM-4);
 ``tokenizer_config.json`` adds the special tokens, padding side and the chat template. The API and
 every result mirror transformers 5.x ``PreTrainedTokenizerFast`` (``TokenizersBackend``) loaded from
-the same files; where transformers would return tensors this returns NumPy int64 arrays.
+the same files; where transformers would return tensors this returns NumPy int64 arrays. Input that
+transformers lets through to a confusing error or a silent loss is refused with a ValueError or
+TypeError that names it: ids ``decode`` does not know, text with lone surrogates, chat messages
+with no role, a role the template does not render, or content that is not text.
 
 Chat templates are rendered the way transformers renders them (``utils/chat_template_utils.py``):
 a jinja2 ``ImmutableSandboxedEnvironment`` with ``trim_blocks``, ``lstrip_blocks`` and the
@@ -118,6 +121,22 @@ def _to_py(ids: Any) -> Any:
     return ids
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_texts(texts: list) -> None:
+    """Text to encode must be ``str`` with a UTF-8 form: no lone surrogates, which is how Python
+    keeps bytes it could not decode (``errors="surrogateescape"``); tokenizers would refuse them
+    with a TypeError that does not say why."""
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        bad = _LONE_SURROGATE.search(text)
+        if bad:
+            raise ValueError(f"text has a lone surrogate {bad.group()!r} at index {bad.start()}, which is not "
+                             "a character (undecodable input bytes?): decode input with errors='replace'")
+
+
 # --------------------------------------------------------------------------------------------------
 # Chat template rendering (mirrors transformers/utils/chat_template_utils.py)
 # --------------------------------------------------------------------------------------------------
@@ -211,6 +230,84 @@ def _template_literal_text(chat_template: str) -> str:
 
 
 @lru_cache(maxsize=32)
+def _template_roles(chat_template: str) -> frozenset[str] | None:
+    """The message roles a template renders: the strings it compares a message's role with
+    (``message.role == 'user'``, ``role in [...]``, ``selectattr('role', 'equalto', ...)``).
+    None when any role renders: the template writes the role out or uses it some other way."""
+    import jinja2.nodes as nodes
+
+    ast = _compile_template(chat_template).environment.parse(chat_template)
+    names = {"role"}  # variables that hold a role, as {% set role = message['role'] %} makes
+
+    def is_role(node) -> bool:
+        return (isinstance(node, nodes.Getattr) and node.attr == "role"
+                or isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "role"
+                or isinstance(node, nodes.Name) and node.ctx == "load" and node.name in names)
+
+    def strings(node) -> list[str]:
+        items = node.items if isinstance(node, (nodes.List, nodes.Tuple)) else [node]
+        if all(isinstance(i, nodes.Const) and isinstance(i.value, str) for i in items):
+            return [i.value for i in items]
+        return []
+
+    understood: set[int] = set()  # ids of the role nodes whose use is known (assigned, compared)
+    for assign in ast.find_all(nodes.Assign):
+        if isinstance(assign.target, nodes.Name) and is_role(assign.node):
+            names.add(assign.target.name)
+            understood.add(id(assign.node))
+    roles: set[str] = set()
+    for compare in ast.find_all(nodes.Compare):
+        operands = [compare.expr] + [op.expr for op in compare.ops]
+        for a, b in zip(operands, operands[1:]):
+            for role, other in ((a, b), (b, a)):
+                if is_role(role) and strings(other):
+                    roles.update(strings(other))
+                    understood.add(id(role))
+    for test in ast.find_all(nodes.Test):  # message.role is equalto 'user'
+        if test.name in ("eq", "equalto", "==", "ne", "!=") and is_role(test.node) and \
+                len(test.args) == 1 and strings(test.args[0]):
+            roles.update(strings(test.args[0]))
+            understood.add(id(test.node))
+    for selection in ast.find_all(nodes.Filter):  # messages | selectattr('role', 'equalto', 'system')
+        args = selection.args
+        if selection.name in ("selectattr", "rejectattr") and len(args) == 3 and strings(args[0]) == ["role"]:
+            roles.update(strings(args[2]))
+    used = [n for n in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Name)) if is_role(n)]
+    if not roles or any(id(n) not in understood for n in used):
+        return None
+    return frozenset(roles)
+
+
+def _check_messages(messages: list[dict], roles: frozenset[str] | None) -> None:
+    """Refuse messages a template would drop or garble: no role, a role it does not render
+    (``roles``; None: any), content that is not text. Content may be left out of an assistant
+    message only (a tool call, or reasoning alone)."""
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role is None:
+            raise ValueError(f"message {i} has no 'role'")
+        if not isinstance(role, str):
+            raise TypeError(f"message {i}: role must be a string, got {role!r} ({type(role).__name__})")
+        if roles is not None and role not in roles:
+            raise ValueError(f"message {i} has role {role!r}, which the chat template does not render (it renders "
+                             f"{', '.join(map(repr, sorted(roles)))}): the message would be dropped")
+        content = message.get("content")
+        if content is None:
+            if role == "assistant":
+                continue
+            raise ValueError(f"message {i} (role {role!r}) has no content: give a string ('' for an empty message)")
+        blocks = isinstance(content, (list, tuple)) and all(isinstance(block, dict) for block in content)
+        if not isinstance(content, str) and not blocks:
+            raise TypeError(f"message {i} (role {role!r}): content must be a string or a list of content-block "
+                            f"dicts, got {type(content).__name__} {_short_repr(content)}")
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@lru_cache(maxsize=32)
 def _control_token_patterns(control_tokens: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
     """Regex for any control token (longest first) and regex for a marked token or a lone marker."""
     longest_first = sorted(control_tokens, key=len, reverse=True)
@@ -250,6 +347,8 @@ def _message_objects_to_dicts(value: Any) -> Any:
 def _normalize_messages(conversation: Any) -> list[dict]:
     """A conversation -> list of message dicts with the ``None``-valued keys dropped (as transformers)."""
     messages = _message_objects_to_dicts(getattr(conversation, "messages", conversation))
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"a conversation must be a list of message dicts, got {type(messages).__name__}")
     out = []
     for message in messages:
         if not isinstance(message, dict):
@@ -407,6 +506,7 @@ class Glm4Tokenizer:
     def __init__(self, tokenizer, config: Mapping | None = None, name_or_path: str = "") -> None:
         config = dict(config or {})
         self._tk = tokenizer
+        self._span: tuple[int, int, bool] | None = None  # cache of _id_span, keyed by len(self)
         self.name_or_path = name_or_path
         self.init_kwargs = config
 
@@ -636,13 +736,23 @@ class Glm4Tokenizer:
             ids: one id or a sequence of ids (list or 1-D array).
             skip_special_tokens: drop the ids of ``all_special_tokens``.
         Returns:
-            A token, or a list of tokens.
+            A token, or a list of tokens; None for an id the vocabulary lacks (as transformers).
+        Raises:
+            TypeError: an id that is not an integer.
+            ValueError: a negative id, or one past tokenizers' 32-bit ids.
         """
         ids = _to_py(ids)
-        if isinstance(ids, int):
-            return self._tk.id_to_token(ids)
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            return self.convert_ids_to_tokens([ids])[0]
+        if not isinstance(ids, (list, tuple)):
+            raise TypeError(f"token ids must be an integer or a sequence of integers, got {type(ids).__name__}")
+        for position, i in enumerate(ids):
+            if type(i) is not int:
+                raise TypeError(f"token ids must be integers, got {i!r} ({type(i).__name__}) at position {position}")
+            if not 0 <= i < 2**32:  # tokenizers' ids are u32; an unknown id in range gives None
+                raise ValueError(f"token id {i} at position {position} is out of range [0, 2**32)")
         skip = set(self.all_special_ids) if skip_special_tokens else set()
-        return [self._tk.id_to_token(int(i)) for i in ids if int(i) not in skip]
+        return [self._tk.id_to_token(i) for i in ids if i not in skip]
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
         """Split text into token strings.
@@ -652,7 +762,10 @@ class Glm4Tokenizer:
             add_special_tokens: add the post-processor's special tokens (GLM: ``[gMASK]<sop>``).
         Returns:
             The tokens.
+        Raises:
+            TypeError, ValueError: as ``encode``.
         """
+        _check_texts([text])
         return self._tk.encode(text, add_special_tokens=add_special_tokens).tokens
 
     # ---------------------------------------------------------------------------------------------
@@ -668,6 +781,9 @@ class Glm4Tokenizer:
             max_length: the length to truncate to; alone it implies truncation, as in transformers.
         Returns:
             The ids.
+        Raises:
+            TypeError: ``text`` is not a string.
+            ValueError: ``text`` has a lone surrogate (what Python makes of undecodable bytes).
         """
         _, truncate_to = self._strategies(False, truncation, max_length)
         return self._encode_ids([text], add_special_tokens, truncate_to)[0]
@@ -703,8 +819,7 @@ class Glm4Tokenizer:
     def _encode_ids(self, texts: list[str], add_special_tokens: bool, truncate_to: int | None) -> list[list[int]]:
         """Encode texts; with ``truncate_to`` the text is cut so that text + special tokens fit, on
         ``truncation_side``, as tokenizers' own truncation does."""
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("text must be a string or a list of strings")
+        _check_texts(texts)
         if truncate_to is None:
             return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)]
         n_special = self._tk.num_special_tokens_to_add(False) if add_special_tokens else 0
@@ -769,11 +884,14 @@ class Glm4Tokenizer:
         Returns:
             ``BatchEncoding`` (a dict) with ``input_ids`` and ``attention_mask``: int64 [batch, seq].
         Raises:
-            ValueError: unequal lengths without padding, padding without a pad token, or a
-                ``return_tensors`` other than NumPy.
+            ValueError: unequal lengths without padding, padding without a pad token, a
+                ``return_tensors`` other than NumPy, or text with a lone surrogate.
+            TypeError: text that is not a string or a list of strings.
         """
         if return_tensors not in (None, "np"):
             raise ValueError(f"glm4rt returns NumPy arrays; return_tensors={return_tensors!r} is not supported")
+        if not isinstance(text, (str, list, tuple)):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
         texts = [text] if isinstance(text, str) else list(text)
         pad, truncate_to = self._strategies(padding, truncation, max_length)
         if truncate_to is not None and pad is not None and pad_to_multiple_of and truncate_to % pad_to_multiple_of:
@@ -806,16 +924,55 @@ class Glm4Tokenizer:
                 ``clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output``.
         Returns:
             The text (or one text per sequence).
+        Raises:
+            TypeError: an id that is not an integer (floats are not rounded).
+            ValueError: an id that is not in the vocabulary (negative, past the last id, in a gap),
+                where transformers raises OverflowError or leaves the id out.
         """
         ids = _to_py(token_ids)
         if isinstance(ids, list) and ids and isinstance(ids[0], (list, tuple)):
             return [self._decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in ids]
         return self._decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
 
-    def _decode(self, ids: Any, skip_special_tokens: bool, clean_up: bool | None) -> str:
-        if isinstance(ids, int):
+    def _id_span(self) -> tuple[int, bool]:
+        """(one past the largest id, whether every id below it is a token): ``len(self)`` counts
+        tokens, and a vocabulary can have gaps. Recomputed when tokens are added."""
+        size = len(self)
+        if self._span is None or self._span[0] != size:
+            limit = max(self._tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+            self._span = (size, limit, limit == size)
+        return self._span[1], self._span[2]
+
+    def _is_token_id(self, i: int) -> bool:
+        limit, dense = self._id_span()
+        return 0 <= i < limit and (dense or self._tk.id_to_token(i) is not None)
+
+    def _known_ids(self, ids: list[int]) -> list[int]:
+        """The ids of generated ``ids`` that ``decode`` takes. A model's embedding can have rows for
+        ids the tokenizer lacks (GLM-4: 151552 rows, 151343 tokens); such an id has no text, and
+        transformers' decode leaves it out, where ``decode`` here refuses it."""
+        return [i for i in ids if self._is_token_id(i)]
+
+    def _check_ids(self, ids: Any) -> list[int]:
+        """Token ids as a list of ints, each one in the vocabulary; tokenizers itself raises
+        OverflowError for a negative id and returns "" for one it does not know."""
+        if isinstance(ids, int) and not isinstance(ids, bool):
             ids = [ids]
-        text = self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if not isinstance(ids, (list, tuple)):
+            raise TypeError(f"token ids must be an integer or a sequence of integers, got {type(ids).__name__}")
+        limit, dense = self._id_span()
+        if dense and all(type(i) is int for i in ids) and (not ids or (min(ids) >= 0 and max(ids) < limit)):
+            return list(ids)  # the common case, checked without a call per id
+        for position, i in enumerate(ids):
+            if type(i) is not int:  # NumPy integers are ints by now (_to_py); bools are refused
+                raise TypeError(f"token ids must be integers, got {i!r} ({type(i).__name__}) at position {position}")
+            if not self._is_token_id(i):
+                raise ValueError(f"token id {i} at position {position} is not in the vocabulary "
+                                 f"({len(self)} tokens, ids 0 to {limit - 1})")
+        return list(ids)
+
+    def _decode(self, ids: Any, skip_special_tokens: bool, clean_up: bool | None) -> str:
+        text = self._tk.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
         clean_up = self.clean_up_tokenization_spaces if clean_up is None else clean_up
         if clean_up and (type(self._tk.model).__name__ != "BPE" or self._cleanup_bpe_anyway):
             text = (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
@@ -919,7 +1076,11 @@ class Glm4Tokenizer:
             See above.
         Raises:
             ValueError: an empty conversation, no chat template, incompatible options, tools that
-                are not dicts.
+                are not dicts; a message without a role, with a role the template does not render
+                (it would be dropped: GLM templates render system, user, assistant and observation),
+                or without content (allowed in assistant messages only).
+            TypeError: a conversation that is not a list of dicts, a role that is not a string, or
+                content that is neither a string nor a list of content-block dicts (None, int, bytes).
         """
         if return_tensors not in (None, "np"):
             raise ValueError(f"glm4rt returns NumPy arrays; return_tensors={return_tensors!r} is not supported")
@@ -936,6 +1097,9 @@ class Glm4Tokenizer:
         else:
             conversations, batched = [conversation], False
         conversations = [_normalize_messages(c) for c in conversations]
+        roles = _template_roles(template)
+        for c in conversations:
+            _check_messages(c, roles)
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt are not compatible. Use "
                              "continue_final_message to continue the final message, add_generation_prompt to "
@@ -994,6 +1158,7 @@ class Glm4Tokenizer:
         return [token.id for split in splits for token in tk.model.tokenize(split)]
 
     def _encode_marked_chat(self, chat: str) -> list[int]:
+        _check_texts([chat])
         _, markers_re = _control_token_patterns(tuple(self.added_tokens_encoder))
         pieces = markers_re.split(chat)  # [text, marked token or None, text, ...]
         newline_ids = self._tk.encode("\n", add_special_tokens=False).ids
@@ -1030,7 +1195,9 @@ class StreamDecoder:
     ``put(token_id)`` returns only the text completed by that token. Byte-level BPE splits CJK
     characters and emoji across tokens, so a prefix can decode to a trailing U+FFFD; such text is
     held back until the character is complete. The concatenation of every ``put`` and the final
-    ``flush`` equals ``tokenizer.decode(all_ids, skip_special_tokens=...)``.
+    ``flush`` equals ``tokenizer.decode(all_ids, skip_special_tokens=...)``. Ids the tokenizer
+    lacks, which a model whose embedding has more rows than the tokenizer has tokens can generate,
+    have no text here (``decode`` refuses them).
 
     Each call decodes a short window (the tokens since the last emitted text, plus the tokens of
     that emission as left context so word-boundary decoding stays right), as text-generation-
@@ -1050,7 +1217,7 @@ class StreamDecoder:
         self._emitted = 0  # characters emitted so far
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(self.tokenizer._known_ids(ids), skip_special_tokens=self.skip_special_tokens)
 
     def put(self, token_id: int) -> str:
         """Add one generated id.
@@ -1059,7 +1226,14 @@ class StreamDecoder:
             token_id: the id (int or NumPy integer).
         Returns:
             The newly completed text ("" while a character is still incomplete).
+        Raises:
+            TypeError: ``token_id`` is not an integer.
+            ValueError: ``token_id`` is negative.
         """
+        if isinstance(token_id, (bool, np.bool_)) or not isinstance(token_id, (int, np.integer)):
+            raise TypeError(f"token_id must be an integer, got {token_id!r} ({type(token_id).__name__})")
+        if token_id < 0:
+            raise ValueError(f"token_id must be >= 0, got {token_id}")
         self.ids.append(int(token_id))
         prefix_text = self._decode(self.ids[self._prefix:self._read])
         new_text = self._decode(self.ids[self._prefix:])

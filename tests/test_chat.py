@@ -92,6 +92,54 @@ def test_context_full_is_a_clear_error_and_reset_recovers(model, tok):
     assert session.ask("hi") and turns > 1
 
 
+@pytest.mark.parametrize("send, error, message", [
+    (dict(content="hi", role="tool"), ValueError, "message 2 has role 'tool', which the chat template does not render"),
+    (dict(content=None), TypeError, "content must be a string, got NoneType"),
+    (dict(content=7), TypeError, "content must be a string, got int"),
+    (dict(content=b"hi"), TypeError, "content must be a string, got bytes"),
+    (dict(content="hi", max_new_tokens=2.5), ValueError, "max_new_tokens must be a whole number >= 0, got 2.5"),
+    (dict(content="hi", max_new_tokens="3"), TypeError, r"max_new_tokens must be an integer, got '3' \(str\)"),
+    (dict(content="hi", top_p=3), ValueError, r"top_p must be in \(0, 1\]"),
+])
+def test_chat_bad_message_is_refused_and_the_conversation_goes_on(model, tok, send, error, message):
+    session = ChatSession(model, tok, max_new_tokens=4)
+    first = session.ask("Hello")
+    before = [dict(m) for m in session.messages]
+    with pytest.raises(error, match=message):
+        session.ask(**send)
+    assert session.messages == before
+    second = session.ask("Hello again")
+    assert session.messages == before + [{"role": "user", "content": "Hello again"},
+                                         {"role": "assistant", "content": second}]
+
+
+def test_chat_max_new_tokens_zero_is_an_empty_reply(model, tok):
+    # "max_new_tokens or room" made 0 mean "as long as the context allows"
+    session = ChatSession(model, tok)
+    assert session.ask("Hello", max_new_tokens=0) == ""
+    assert session.messages[-1] == {"role": "assistant", "content": ""}
+
+
+def test_chat_session_checks_system_and_max_context(model, tok):
+    with pytest.raises(TypeError, match="system must be a string, got int"):
+        ChatSession(model, tok, system=5)
+    with pytest.raises(ValueError, match="max_context must be a whole number >= 1, got 0"):
+        ChatSession(model, tok, max_context=0)
+    with pytest.raises(TypeError, match=r"max_context must be an integer, got '60' \(str\)"):
+        ChatSession(model, tok, max_context="60")
+
+
+def test_chat_reply_leaves_out_ids_the_tokenizer_lacks(model, tok):
+    # The model has 151552 rows, the tokenizer 869 tokens: a sampled id in a gap has no text
+    session = ChatSession(model, tok, max_new_tokens=30, do_sample=True, top_k=0, temperature=50.0, seed=0)
+    reply = session.ask("Hello")
+    generated = session.history_ids[session.last_prompt_len:]
+    assert any(tok.convert_ids_to_tokens(i) is None for i in generated)  # drew unknown ids
+    assert reply == tok.decode([i for i in generated if tok.convert_ids_to_tokens(i) is not None],
+                               skip_special_tokens=True)
+    session.ask("And?")  # the history with those ids renders and extends as before
+
+
 def test_stream_text_pieces_are_whole_characters(model, tok):
     ids = np.array([tok.encode("写一首关于猫的诗 🐱", add_special_tokens=True)])
     pieces = list(model.stream(tok, ids, max_new_tokens=40))

@@ -122,6 +122,41 @@ def test_bad_arguments(model, g):
         model.generate(g["gen_prompt"], attention_mask=np.ones((1, 3)))
 
 
+def test_max_new_tokens_fraction_is_refused(model, g):
+    # issue 18: 2.5 was accepted (and rounded down somewhere along the way)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be a whole number >= 0, got 2.5"):
+        model.generate(g["gen_prompt"], max_new_tokens=2.5)
+    assert model.generate(g["gen_prompt"], max_new_tokens=2.0, eos_token_id=[]).shape == (1, 13)  # integral
+
+
+def test_max_new_tokens_string_is_a_clear_type_error(model, g):
+    # issue 18: '3' gave "'<' not supported between instances of 'str' and 'int'"
+    with pytest.raises(TypeError, match=r"max_new_tokens must be an integer, got '3' \(str\)"):
+        model.generate(g["gen_prompt"], max_new_tokens="3")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(max_new_tokens=-1), ValueError, r"max_new_tokens must be a whole number >= 0, got -1"),
+    (dict(max_new_tokens=True), TypeError, r"max_new_tokens must be an integer, got True \(bool\)"),
+    (dict(max_new_tokens=float("nan")), ValueError, r"max_new_tokens must be a whole number >= 0, got nan"),
+    (dict(max_length=12.5), ValueError, r"max_length must be a whole number >= 0, got 12.5"),
+    (dict(max_length=None, max_new_tokens=[4]), TypeError, r"max_new_tokens must be an integer, got \[4\]"),
+    (dict(eos_token_id="3"), TypeError, r"eos_token_id must be a token id \(an integer\), got '3' \(str\)"),
+    (dict(eos_token_id=[1, 2.5]), TypeError, r"eos_token_id must be a token id \(an integer\), got 2.5"),
+    (dict(eos_token_id=-1), ValueError, r"eos_token_id must be >= 0, got -1"),
+    (dict(pad_token_id=[1]), TypeError, r"pad_token_id must be a token id \(an integer\), got \[1\] \(list\)"),
+    (dict(seed=-1), ValueError, r"seed must be a whole number >= 0, got -1"),
+    (dict(seed="7"), TypeError, r"seed must be an integer, got '7' \(str\)"),
+    (dict(stop_strings=5), TypeError, r"stop_strings must be a string or a list of strings, got 5"),
+    (dict(stop_strings=["a", ""]), ValueError, r"stop_strings must not be empty strings"),
+    (dict(do_sample=True, temperature="0.7"), ValueError, r"temperature must be a number, got '0.7'"),
+    (dict(temperature=None, top_p="0.5"), ValueError, r"top_p must be in \(0, 1\] .*got '0.5'"),
+])
+def test_generation_arguments_of_wrong_type_or_range(model, g, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        model.generate(g["gen_prompt"], **kwargs)
+
+
 def test_kv_cache_is_allocated_once(model, g, monkeypatch):
     allocations = []
     original = Glm4Cache.reserve

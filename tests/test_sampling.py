@@ -439,6 +439,13 @@ def test_from_generation_config_refuses_what_it_cannot_do(field):
     (dict(top_k=2.5), "top_k"),
     (dict(top_k="5"), "top_k"),
     (dict(do_sample="yes"), "do_sample"),
+    # strings are not parsed (float("0.7") used to let them through)
+    (dict(temperature="0.7"), "temperature must be a number, got '0.7'"),
+    (dict(do_sample=True, temperature=[1.0]), r"temperature must be a number, got \[1.0\]"),
+    (dict(top_p="0.5"), r"top_p must be in \(0, 1\] \(1.0 disables it\), got '0.5'"),
+    (dict(min_p="0.1"), "min_p must be in .* got '0.1'"),
+    (dict(repetition_penalty="1.1"), "repetition_penalty must be > 0 .* got '1.1'"),
+    (dict(repetition_penalty=True), "repetition_penalty must be > 0 .* got True"),
 ])
 def test_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -352,11 +352,132 @@ def test_stream_decoder_work_per_token_is_bounded(tok):
             self.longest = max(self.longest, len(ids))
             return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
 
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
     ids = tok.encode(STREAM_TEXT * 20, add_special_tokens=False)
     counting = Counting(tok)
     pieces, tail = _stream(counting, ids)
     assert "".join(pieces) + tail == tok.decode(ids)
     assert len(ids) > 500 and counting.longest <= 12  # a window, never the whole stream
+
+
+def test_stream_decoder_leaves_out_ids_the_tokenizer_lacks(tok):
+    # A model's embedding can have more rows than its tokenizer has tokens (GLM-4: 151552 for 151343)
+    ids = tok.encode("hello world", add_special_tokens=False)
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.put(i) for i in [ids[0], 151500, 5000, *ids[1:]]]  # past the end; in a gap
+    assert "".join(pieces) + decoder.flush() == tok.decode(ids)
+    with pytest.raises(ValueError, match="token_id must be >= 0, got -1"):
+        decoder.put(-1)
+    with pytest.raises(TypeError, match=r"token_id must be an integer, got 2.5 \(float\)"):
+        decoder.put(2.5)
+
+
+# ---- bad input: the exception names the argument and the value (issue 18) -----------------------
+
+def test_decode_negative_id_is_a_value_error(tok):
+    # was: OverflowError from tokenizers
+    with pytest.raises(ValueError, match=r"token id -1 at position 0 is not in the vocabulary \(869 tokens, ids 0 to 151342\)"):
+        tok.decode([-1])
+    with pytest.raises(ValueError, match="token id -1 at position 2 "):
+        tok.decode(np.array([1, 2, -1]))
+
+
+def test_decode_id_past_the_vocabulary_is_a_value_error(tok):
+    # was: "" (tokenizers skips ids it does not know)
+    with pytest.raises(ValueError, match="token id 1000000000 at position 0 is not in the vocabulary"):
+        tok.decode([10**9])
+    with pytest.raises(ValueError, match=f"token id {2**64} at position 1 "):
+        tok.decode([1, 2**64])
+    with pytest.raises(ValueError, match="token id 5000 at position 0 "):  # a gap in this vocabulary
+        tok.decode([5000])
+    with pytest.raises(ValueError, match="token id 151343 at position 1 "):
+        tok.batch_decode([[1], [1, 151343]])
+    assert tok.decode([151342]) == "<|end_of_video|>" and tok.decode([]) == ""
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([1.5], r"token ids must be integers, got 1.5 \(float\) at position 0"),
+    (np.array([1.0, 2.0]), r"token ids must be integers, got 1.0 \(float\) at position 0"),
+    ([1, "3"], r"token ids must be integers, got '3' \(str\) at position 1"),
+    ([True], r"token ids must be integers, got True \(bool\) at position 0"),
+    (None, "token ids must be an integer or a sequence of integers, got NoneType"),
+    ("abc", "token ids must be an integer or a sequence of integers, got str"),
+])
+def test_decode_non_integer_ids_are_a_type_error(tok, ids, message):
+    with pytest.raises(TypeError, match=message):
+        tok.decode(ids)
+
+
+def test_convert_ids_to_tokens_checks_ids(tok):
+    assert tok.convert_ids_to_tokens([151337, 5000]) == ["<|assistant|>", None]  # unknown: None, as transformers
+    with pytest.raises(ValueError, match=r"token id -1 at position 0 is out of range \[0, 2\*\*32\)"):
+        tok.convert_ids_to_tokens(-1)
+    with pytest.raises(TypeError, match=r"token ids must be integers, got 2.5 \(float\) at position 1"):
+        tok.convert_ids_to_tokens([1, 2.5])
+
+
+def test_encode_lone_surrogate_is_a_value_error(tok):
+    # Python keeps undecodable bytes as lone surrogates; tokenizers refused them with a TypeError
+    # that said nothing about the text
+    text = b"hi \xff".decode("utf-8", "surrogateescape")
+    message = r"text has a lone surrogate '\\udcff' at index 3, which is not a character"
+    for call in (tok.encode, tok.tokenize, tok, lambda t: tok([t, "ok"], padding=True)):
+        with pytest.raises(ValueError, match=message):
+            call(text)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok.apply_chat_template([{"role": "user", "content": text}], sanitize_control_tokens=True)
+    with pytest.raises(TypeError, match="text must be a string or a list of strings, got bytes"):
+        tok.encode(b"hi")
+    with pytest.raises(TypeError, match="text must be a string or a list of strings, got NoneType"):
+        tok(None)
+
+
+def test_chat_message_with_unknown_role_is_refused(tok):
+    # The GLM templates render system, user, assistant and observation and dropped any other role
+    for role in ("tool", "User", ""):
+        with pytest.raises(ValueError, match=rf"message 1 has role '{role}', which the chat template does not "
+                                             r"render \(it renders 'assistant', 'observation', 'system', 'user'\)"):
+            tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": role, "content": "b"}])
+
+
+def test_chat_message_without_role_is_refused(tok):
+    for message in ({"content": "x"}, {"role": None, "content": "x"}):
+        with pytest.raises(ValueError, match="message 0 has no 'role'"):
+            tok.apply_chat_template([message], tokenize=False)
+    with pytest.raises(TypeError, match=r"message 0: role must be a string, got 5 \(int\)"):
+        tok.apply_chat_template([{"role": 5, "content": "x"}], tokenize=False)
+
+
+@pytest.mark.parametrize("content, error, message", [
+    (None, ValueError, r"message 0 \(role 'user'\) has no content: give a string \(''"),
+    (7, TypeError, r"message 0 \(role 'user'\): content must be a string or a list of content-block dicts, got int 7"),
+    (b"hi", TypeError, r"content must be a string or a list of content-block dicts, got bytes b'hi'"),
+    (["hi"], TypeError, r"content must be a string or a list of content-block dicts, got list \['hi'\]"),
+])
+def test_chat_message_content_must_be_text(tok, content, error, message):
+    with pytest.raises(error, match=message):
+        tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+
+
+def test_chat_roles_come_from_the_template(tok):
+    # an assistant message may leave content out (a tool call, or reasoning alone)
+    assert tok.apply_chat_template([{"role": "assistant"}], tokenize=False) == "[gMASK]<sop><|assistant|>\n"
+    # a template that writes the role out renders any role; one that compares it knows its roles
+    chatml = "{% for m in messages %}{% if m.role == 'system' %}S{% endif %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    assert tok.apply_chat_template([{"role": "tool", "content": "x"}], chat_template=chatml, tokenize=False) == "<tool>x"
+    only = "{% for m in messages | selectattr('role', 'equalto', 'system') %}{{ m.content }}{% endfor %}" \
+           "{% for m in messages %}{% if m['role'] in ['user', 'bot'] %}{{ m.content }}{% endif %}{% endfor %}"
+    assert tok.apply_chat_template([{"role": "bot", "content": "x"}], chat_template=only, tokenize=False) == "x"
+    with pytest.raises(ValueError, match=r"role 'assistant', .* \(it renders 'bot', 'system', 'user'\)"):
+        tok.apply_chat_template([{"role": "assistant", "content": "x"}], chat_template=only, tokenize=False)
+
+
+@pytest.mark.parametrize("conversation", [None, "hello", {"role": "user", "content": "x"}])
+def test_conversation_must_be_a_list(tok, conversation):
+    with pytest.raises(TypeError, match="a conversation must be a list of message dicts, got "):
+        tok.apply_chat_template(conversation)
 
 
 def test_from_pretrained_options(glm_dir, tmp_path):
