@@ -9,6 +9,7 @@ halves), one fused ``gate_up_proj`` (gate first), q/k/v biases but no o_proj bia
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -17,13 +18,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import ops
-from .config import Glm4Config, _DEFAULTS
-from .errors import CheckpointError
+from .config import CONFIG_NAME, Glm4Config, _DEFAULTS
+from .errors import CheckpointError, ConfigError
 from .hub import HUB_KWARGS, resolve_model_dir
 from .kv_cache import Glm4Cache
 from .outputs import BaseModelOutputWithPast
-from .quant import GROUP_ROWS, QUANT_FORMATS, QuantLinear, packed_bytes, quantize_rows
-from .weights import SAFE_WEIGHTS_NAME, Checkpoint, save_safetensors
+from .quant import BLOCK_SIZE, GROUP_ROWS, QUANT_FORMATS, QuantLinear, packed_bytes, quantize_rows
+from .weights import FLOAT_DTYPES, SAFE_WEIGHTS_NAME, Checkpoint, save_safetensors
 
 
 class Linear:
@@ -104,6 +105,9 @@ _CONFIG_KWARGS = set(_DEFAULTS) | {"num_labels", "id2label", "label2id", "rope_p
                                    "rope_scaling", "torch_dtype"}
 # Tensors of sibling classes (other heads) or non-persistent buffers: skipped, not an error.
 _OTHER_HEADS = ("lm_head.weight", "lm_head.qweight", "score.weight", "score.bias")
+# Stored dtypes each kind of TensorSpec may have.
+_KIND_DTYPES = {"matrix": FLOAT_DTYPES, "norm": FLOAT_DTYPES, "bias": FLOAT_DTYPES, "packed": ("U8",)}
+_LAYER_NAME = re.compile(r"model\.layers\.(\d{1,9})\.")
 
 
 def _normalise_dtype(dtype: Any) -> str:
@@ -313,22 +317,22 @@ class Glm4PreTrainedModel:
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments {unknown}")
         directory = resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
+        config_source = "the config given" if config is not None else os.path.join(directory, CONFIG_NAME)
         if config is None:
             config = Glm4Config.from_pretrained(directory, **kwargs)
         elif kwargs:
             config = Glm4Config.from_dict(config.to_dict(), **kwargs)
         ckpt = Checkpoint(directory)
+        stored = {_canonical_name(name): name for name in ckpt.names()}  # canonical -> stored name
+        _check_layer_count(config, config_source, stored, directory)
         specs = cls._tensor_specs(config)
         saved_fmt = (getattr(config, "quantization_config", None) or {}).get("format")
         if saved_fmt is not None:
-            if saved_fmt not in QUANT_FORMATS:
-                raise CheckpointError(f"{directory}: unknown quantization format {saved_fmt!r} in config.json")
             if quantization not in (None, saved_fmt):
                 raise ValueError(f"{directory} is already quantized as {saved_fmt}; it cannot be "
                                  f"re-quantized as {quantization} (quantize the original checkpoint)")
             specs = _quantized_specs(config, saved_fmt, specs, cls._has_lm_head)
 
-        stored = {_canonical_name(name): name for name in ckpt.names()}  # canonical -> stored name
         unexpected = [n for n in stored if n not in specs and n not in _OTHER_HEADS
                       and not n.endswith("rotary_emb.inv_freq")]
         if unexpected:
@@ -340,11 +344,18 @@ class Glm4PreTrainedModel:
         if fatal:
             raise CheckpointError(f"checkpoint {directory!r} lacks tensors: {_short_list(fatal)}")
         for name in specs:
-            if name in stored and ckpt.info(stored[name]).shape != specs[name].shape:
-                info = ckpt.info(stored[name])
+            if name not in stored:
+                continue
+            info, spec = ckpt.info(stored[name]), specs[name]
+            if info.shape != spec.shape:
                 raise CheckpointError(
                     f"tensor {stored[name]!r} has shape {list(info.shape)} in {info.file}, but the "
-                    f"config expects {list(specs[name].shape)}")
+                    f"config expects {list(spec.shape)}")
+            if info.dtype not in _KIND_DTYPES[spec.kind]:
+                raise CheckpointError(
+                    f"tensor {stored[name]!r} is stored as {info.dtype} in {info.file}, but a "
+                    f"{'quantized weight' if spec.kind == 'packed' else spec.kind} must be one of "
+                    f"{', '.join(_KIND_DTYPES[spec.kind])}")
 
         # Quantize on load: the weights of these modules are streamed, never loaded whole.
         layout = quant_layout(config, cls._has_lm_head) if quantization and saved_fmt is None else {}
@@ -373,7 +384,7 @@ class Glm4PreTrainedModel:
         bar.close()
         if layout:
             config.quantization_config = {"quant_method": "glm4rt", "format": quantization,
-                                          "block_size": 32, "group_rows": GROUP_ROWS}
+                                          "block_size": BLOCK_SIZE, "group_rows": GROUP_ROWS}
         if missing:
             rng = np.random.default_rng(seed)
             matrix_dtype = "bfloat16" if target == "bfloat16" else "float32"
@@ -400,6 +411,17 @@ class Glm4PreTrainedModel:
 
     def __call__(self, *args: Any, **kwargs: Any):
         return self.forward(*args, **kwargs)
+
+
+def _check_layer_count(config: Glm4Config, config_source: str, stored: dict[str, str], directory: str) -> None:
+    """num_hidden_layers against the layers the checkpoint holds, before anything is built per
+    layer: a config asking for 10**12 layers must fail here, not while listing their tensors.
+    (More layers stored than configured are reported as unexpected tensors.)"""
+    present = 1 + max((int(m.group(1)) for n in stored if (m := _LAYER_NAME.match(n))), default=-1)
+    if config.num_hidden_layers > present:
+        raise ConfigError(
+            f"{config_source}: num_hidden_layers={config.num_hidden_layers}, but the checkpoint in "
+            f"{directory!r} holds {present} (tensors model.layers.<i>.* with i < {present})")
 
 
 def _short_list(names: list[str], limit: int = 8) -> str:

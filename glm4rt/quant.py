@@ -20,6 +20,7 @@ import numpy as np
 from . import _C, ops
 
 QUANT_FORMATS = {"int8": 0, "int4": 1}
+BLOCK_SIZE = 32  # weights of one row per block, under one scale (csrc/quant.h kQBlock)
 GROUP_ROWS = 16  # rows per packed group: quantized chunks and fused parts start at multiples
 
 

@@ -774,3 +774,79 @@ def test_symlinked_shards_still_load(tmp_path):
         os.symlink(os.path.join("..", "blobs", name), snapshot / name)
     g = golden(BF16)
     close(Glm4ForCausalLM.from_pretrained(snapshot, dtype="float32")(g["ids"]).logits, g["logits"], "linked shards")
+
+
+# ---- config against checkpoint, quantized tensors ----------------------------------------------
+
+def test_num_hidden_layers_beyond_the_checkpoint(tmp_path):
+    # 10**9 is a valid integer setting: it must fail against the 2 stored layers, not build
+    # 10**9 layers' tensor specs first (10**12, past the kernels' 32-bit sizes, is a plain range error).
+    d = _edit_config(tmp_path, num_hidden_layers=10**9)
+    with pytest.raises(ConfigError, match=re.escape(f"{d / 'config.json'}: num_hidden_layers=1000000000, but the "
+                                                    f"checkpoint in '{d}' holds 2")):
+        Glm4ForCausalLM.from_pretrained(d)
+    d = _edit_config(tmp_path / "b", num_hidden_layers=10**12)
+    with pytest.raises(ConfigError, match=re.escape(f"{d / 'config.json'}: num_hidden_layers must be an integer "
+                                                    "in [1, 2147483647], got 1000000000000")):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_float_tensor_stored_as_integers(tmp_path):
+    d = copy_fixture(CAUSAL, tmp_path)
+    f = d / "model.safetensors"
+    header, data = read_header(f)
+    header["model.norm.weight"]["dtype"] = "I32"  # same size: the library accepts it
+    write_header(f, header, data)
+    assert not safetensors_rejects(f)
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor 'model.norm.weight' is stored as I32 in {f}, but "
+                                                        "a norm must be one of F32, F16, BF16, F64")):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("int4")
+    Glm4ForCausalLM.from_pretrained(fixture_dir(CAUSAL), quantization="int4").save_pretrained(d)
+    return d
+
+
+def test_qweight_stored_with_the_wrong_dtype(tmp_path, quantized_dir):
+    d = tmp_path / "q"
+    shutil.copytree(quantized_dir, d)
+    f = d / "model.safetensors"
+    header, data = read_header(f)
+    name = "model.layers.1.mlp.down_proj.qweight"
+    header[name]["dtype"] = "I8"  # same bytes, valid for the library, not a packed weight
+    write_header(f, header, data)
+    assert not safetensors_rejects(f)
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{name}' is stored as I8 in {f}, but a quantized "
+                                                        "weight must be one of U8")):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize("quantization_config, message", [
+    ({"quant_method": "glm4rt", "format": "int3"}, r"quantization_config\.format 'int3' is not one of"),
+    ({"quant_method": "gptq", "bits": 4}, r"quantization_config\.quant_method 'gptq' is not supported"),
+    ({"quant_method": "glm4rt", "format": "int4", "block_size": 64}, r"quantization_config\.block_size must be 32"),
+    ("int4", r"quantization_config must be an object"),
+])
+def test_bad_quantization_config(tmp_path, quantized_dir, quantization_config, message):
+    d = tmp_path / "q"
+    shutil.copytree(quantized_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=re.escape(str(d / "config.json")) + ": " + message):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_quantized_format_swapped(tmp_path, quantized_dir):
+    # An int4 checkpoint whose config says int8: every packed size disagrees with the config.
+    d = tmp_path / "q"
+    shutil.copytree(quantized_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"]["format"] = "int8"
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"tensor '.*\.qweight' has shape \[\d+\] in .*model\.safetensors, "
+                                              r"but the config expects \[\d+\]"):
+        Glm4ForCausalLM.from_pretrained(d)
