@@ -52,8 +52,12 @@ class _ReplyPrinter:
     def __init__(self, out, thinking: bool) -> None:
         self.out, self.thinking, self.pending = out, thinking, ""
         self.color = out.isatty()
-        if thinking:
+        self.started = False  # the "[thinking]" header waits for the reply, which may never come
+
+    def _start(self) -> None:
+        if not self.started and self.thinking:
             self._write("[thinking]\n", dim=True)
+        self.started = True
 
     def _write(self, text: str, dim: bool = False) -> None:
         if dim and self.color:
@@ -62,6 +66,7 @@ class _ReplyPrinter:
         self.out.flush()
 
     def put(self, piece: str) -> None:
+        self._start()
         if not self.thinking:
             self._write(piece)
             return
@@ -77,6 +82,7 @@ class _ReplyPrinter:
             self.pending = self.pending[-8:]
 
     def end(self) -> None:
+        self._start()
         if self.pending:
             self._write(self.pending, dim=self.thinking)
         self._write("\n")
@@ -120,14 +126,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args)
     kwargs = _sampling_kwargs(args)
+    prompt = _readable(args.prompt, sys.getfilesystemencoding(), "the prompt")
     if args.raw or tokenizer.chat_template is None:
-        ids = np.array([tokenizer.encode(args.prompt)])
+        ids = np.array([tokenizer.encode(prompt)])
         printer = _ReplyPrinter(sys.stdout, thinking=False)
         pieces = model.stream(tokenizer, ids, **kwargs)
     else:
-        session = ChatSession(model, tokenizer, system=args.system, **kwargs)
-        printer = _ReplyPrinter(sys.stdout, thinking=_opens_thinking(tokenizer, session, args.prompt))
-        pieces = session.send(args.prompt)
+        session = ChatSession(model, tokenizer, system=_system_prompt(args), **kwargs)
+        printer = _ReplyPrinter(sys.stdout, thinking=_opens_thinking(tokenizer, session, prompt))
+        pieces = session.send(prompt)
     try:
         for piece in pieces:
             printer.put(piece)
@@ -135,6 +142,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pass
     printer.end()
     return 0
+
+
+def _readable(text: str, encoding: str, what: str) -> str:
+    """``text`` from the command line or stdin with its undecodable bytes as U+FFFD, and a warning.
+
+    Python keeps bytes that are not valid ``encoding`` as lone surrogates (``surrogateescape``),
+    which no tokenizer can encode; replacing them lets the session go on with what could be read.
+    """
+    try:
+        text.encode(encoding)
+        return text
+    except UnicodeEncodeError:
+        pass
+    print(f"glm4rt: warning: {what} is not valid {encoding}; undecodable bytes were replaced with U+FFFD",
+          file=sys.stderr)
+    return text.encode(encoding, "surrogateescape").decode(encoding, "replace")
+
+
+def _system_prompt(args: argparse.Namespace) -> str | None:
+    return None if args.system is None else _readable(args.system, sys.getfilesystemencoding(), "--system")
 
 
 def _opens_thinking(tokenizer, session, message: str) -> bool:
@@ -145,11 +172,13 @@ def _opens_thinking(tokenizer, session, message: str) -> bool:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import ChatSession, ContextFullError
+    from .chat import ChatSession
 
     model, tokenizer = _load(args)
-    session = ChatSession(model, tokenizer, system=args.system, max_context=args.max_context,
-                          **_sampling_kwargs(args))
+    system = _system_prompt(args)
+    session = ChatSession(model, tokenizer, system=system, max_context=args.max_context, **_sampling_kwargs(args))
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes as surrogates, for _readable to replace
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"glm4rt chat ({args.model}, {ops.cpu_isa()}, {ops.get_num_threads()} threads). "
@@ -162,13 +191,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print(file=sys.stderr)
             break
-        line = line.strip()
+        line = _readable(line, sys.stdin.encoding or "utf-8", "an input line").strip()
         if not line:
             continue
         if line in ("/exit", "/quit"):
             break
         if line == "/reset":
-            session.reset(system=args.system)
+            session.reset(system=system)
             print("(conversation cleared)", file=sys.stderr)
             continue
         printer = _ReplyPrinter(sys.stdout, thinking=_opens_thinking(tokenizer, session, line))
@@ -179,11 +208,45 @@ def cmd_chat(args: argparse.Namespace) -> int:
             printer.end()
             print("(stopped)", file=sys.stderr)
             continue
-        except ContextFullError as e:
+        except ValueError as e:  # the message is refused (context full, ...); the session goes on
+            if printer.started:
+                printer.end()
             print(f"glm4rt: {e}", file=sys.stderr)
             continue
         printer.end()
     return 0
+
+
+def _is_side_file(name: str) -> bool:
+    """Files ``quantize`` copies from the source checkpoint: tokenizer, chat template, generation config."""
+    return name.startswith("tokenizer") or name in ("generation_config.json", "chat_template.jinja",
+                                                    "special_tokens_map.json")
+
+
+def _prepare_output_dir(src: str, dst: str, force: bool) -> None:
+    """Refuse to write over the source or, unless ``force``, into a non-empty directory; with
+    ``force``, remove the files a stale checkpoint there would be read from instead of the new one
+    (the loader prefers an index and its shards to ``model.safetensors``).
+
+    Raises:
+        FileExistsError: ``dst`` is a file, or a non-empty directory without ``force``.
+        ValueError: ``dst`` is the source checkpoint.
+    """
+    import os
+
+    if not os.path.exists(dst):
+        return
+    if not os.path.isdir(dst):
+        raise FileExistsError(f"output {dst!r} exists and is not a directory")
+    if os.path.isdir(src) and os.path.samefile(src, dst):
+        raise ValueError(f"output directory {dst!r} is the source checkpoint: quantize into another directory")
+    names = os.listdir(dst)
+    if names and not force:
+        raise FileExistsError(f"output directory {dst!r} is not empty ({len(names)} entries): pass --force to "
+                              "write into it (its weights, config and tokenizer files are replaced)")
+    for name in names:
+        if name.endswith((".safetensors", ".safetensors.index.json")) or name == "config.json" or _is_side_file(name):
+            os.remove(os.path.join(dst, name))
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -191,12 +254,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import shutil
 
     t0 = time.perf_counter()
-    model = Glm4ForCausalLM.from_pretrained(args.src, quantization=args.format, progress=True)
+    _prepare_output_dir(args.src, args.dst, args.force)
+    # progress=None: a progress bar on a terminal only, never in a log or a pipe
+    model = Glm4ForCausalLM.from_pretrained(args.src, quantization=args.format, progress=None)
     model.save_pretrained(args.dst)
     src_dir = model.checkpoint_dir
-    for name in os.listdir(src_dir):  # tokenizer, chat template, generation config
-        if name.startswith("tokenizer") or name in ("generation_config.json", "chat_template.jinja",
-                                                     "special_tokens_map.json"):
+    for name in os.listdir(src_dir):
+        if _is_side_file(name):
             shutil.copy2(os.path.join(src_dir, name), os.path.join(args.dst, name))
     size = sum(os.path.getsize(os.path.join(args.dst, f)) for f in os.listdir(args.dst))
     print(f"quantized {args.src} -> {args.dst} ({args.format}, {size / 2**30:.2f} GiB) "
@@ -207,7 +271,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weight format in memory (default: as stored; compute is always fp32)")
+                   help="weight format in memory: auto (default) keeps the checkpoint's, float32 / bfloat16 "
+                        "force one; bf16 weights multiply bf16-rounded activations with fp32 sums, "
+                        "float32 computes exactly in fp32")
     p.add_argument("--quantization", default=None, choices=["int4", "int8"],
                    help="quantize while loading (a checkpoint saved quantized needs no flag)")
 
@@ -252,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("src", help="checkpoint directory or Hugging Face hub id (bf16 / fp32)")
     quant.add_argument("dst", help="output directory")
     quant.add_argument("--format", default="int4", choices=["int4", "int8"])
+    quant.add_argument("--force", action="store_true",
+                       help="write into a non-empty output directory, replacing its checkpoint files")
     quant.set_defaults(func=cmd_quantize)
     return parser
 
@@ -259,11 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``glm4rt`` console script."""
     args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        ops.set_num_threads(args.threads)
     if getattr(args, "max_new_tokens", "unset") is None:
         args.max_new_tokens = 1024
+    if hasattr(sys.stdout, "reconfigure"):  # a reply a non-UTF-8 terminal cannot show must not end the session
+        sys.stdout.reconfigure(errors="replace")
     try:
+        if args.threads is not None:
+            ops.set_num_threads(args.threads)
         return args.func(args)
     except (OSError, ValueError) as e:  # bad path, corrupt checkpoint, unsupported config, bad flag
         print(f"glm4rt: error: {e}", file=sys.stderr)
