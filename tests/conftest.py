@@ -1,3 +1,4 @@
+import glob
 import os
 import sys
 
@@ -6,6 +7,21 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(TESTS, "fixtures")
+ROOT = os.path.dirname(TESTS)
+
+
+def _unshadow_installed_package() -> None:
+    """``python -m pytest`` puts the working directory on sys.path, so from the source tree
+    ``import glm4rt`` finds the sources, which have no compiled ``glm4rt._C`` unless it was built
+    in place: drop the source tree from sys.path and the installed package is imported instead (an
+    editable install's import hook maps ``glm4rt`` back to these sources, with its ``_C``)."""
+    if glob.glob(os.path.join(ROOT, "glm4rt", "_C.*")):
+        return
+    root = os.path.realpath(ROOT)
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
+
+
+_unshadow_installed_package()
 sys.path.insert(0, TESTS)  # golden_checks, hf_reference
 
 

@@ -287,9 +287,9 @@ def test_set_num_threads_takes_only_integers(bad):
     ("0", "GLM4RT_NUM_THREADS=0: number of threads must be >= 1, got 0"),
     ("two", "GLM4RT_NUM_THREADS must be an integer, got 'two'"),
 ])
-def test_glm4rt_num_threads_env_is_checked(value, message):
+def test_glm4rt_num_threads_env_is_checked(tmp_path, value, message):
     r = subprocess.run([sys.executable, "-c", "import glm4rt"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "GLM4RT_NUM_THREADS": value})
+                       env={**os.environ, "GLM4RT_NUM_THREADS": value}, cwd=tmp_path)  # the installed glm4rt
     assert r.returncode == 1 and message in r.stderr
 
 
