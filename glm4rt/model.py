@@ -8,6 +8,7 @@ halves), one fused ``gate_up_proj`` (gate first), q/k/v biases but no o_proj bia
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -90,9 +91,10 @@ class Glm4DecoderLayer:
 class TensorSpec:
     """Expected checkpoint tensor: shape, and kind: "matrix" (kept in the model dtype),
     "norm" (float32, initialised to ones), "bias" (float32, initialised to zeros) or "packed"
-    (quantized bytes, used as stored)."""
+    (quantized bytes, used as stored, holding a ``matrix`` of [out_features, in_features])."""
     shape: tuple[int, ...]
     kind: str
+    matrix: Optional[tuple[int, int]] = None
 
 
 _DTYPE_ALIASES = {
@@ -189,7 +191,8 @@ def _quantized_specs(config: Glm4Config, fmt: str, specs: dict[str, TensorSpec],
             if src != "model.embed_tokens":
                 out.pop(src + ".weight")
             out.pop(src + ".bias", None)
-        out[target + ".qweight"] = TensorSpec((packed_bytes(fmt, n_rows, in_features),), "packed")
+        out[target + ".qweight"] = TensorSpec((packed_bytes(fmt, n_rows, in_features),), "packed",
+                                              (n_rows, in_features))
         if has_bias:
             out[target + ".bias"] = TensorSpec((n_rows,), "bias")
     return out
@@ -203,6 +206,38 @@ def _make_linear(tensors: dict[str, np.ndarray], name: str, config: Glm4Config,
         fmt = config.quantization_config["format"]
         return QuantLinear(tensors[name + ".qweight"], fmt, out_features, in_features, bias)
     return Linear(tensors[name + ".weight"], bias)
+
+
+# __metadata__ entry of a quantized checkpoint: {qweight name: [out_features, in_features]}, as JSON.
+# The packed size alone cannot tell a wrong config.json: int4 [126, 48] and [128, 48] take the same
+# bytes (rows are packed 16 at a time, weights 32 at a time).
+QWEIGHT_SHAPES = "glm4rt.qweight_shapes"
+
+
+def _check_packed_matrices(ckpt: Checkpoint, stored: dict[str, str], specs: dict[str, TensorSpec]) -> None:
+    """Each packed weight's matrix, as recorded in its file when it was saved, against the config."""
+    records: dict[str, dict] = {}  # file -> its parsed record
+    for name, spec in specs.items():
+        if spec.kind != "packed" or name not in stored:
+            continue
+        info = ckpt.info(stored[name])
+        if info.file not in records:
+            record = ckpt.metadata(stored[name]).get(QWEIGHT_SHAPES)
+            if record is None:
+                raise CheckpointError(
+                    f"{info.file}: a quantized checkpoint without the {QWEIGHT_SHAPES} record of its "
+                    "matrices' shapes (written by an older glm4rt?): quantize the original checkpoint again")
+            try:
+                records[info.file] = json.loads(record)
+                if not isinstance(records[info.file], dict):
+                    raise ValueError("not an object")
+            except ValueError as e:
+                raise CheckpointError(f"{info.file}: corrupt {QWEIGHT_SHAPES} record ({e})") from None
+        recorded = records[info.file].get(stored[name])
+        if recorded != list(spec.matrix):
+            raise CheckpointError(
+                f"tensor {stored[name]!r} in {info.file} holds a quantized {recorded!r:.60} matrix "
+                f"({QWEIGHT_SHAPES}), but the config expects {list(spec.matrix)}")
 
 
 # Rows read per step when quantizing a checkpoint on load: about 64 MiB of source data.
@@ -336,13 +371,15 @@ class Glm4PreTrainedModel:
         unexpected = [n for n in stored if n not in specs and n not in _OTHER_HEADS
                       and not n.endswith("rotary_emb.inv_freq")]
         if unexpected:
+            where = [f"{stored[n]!r} ({os.path.basename(ckpt.info(stored[n]).file)})" for n in unexpected]
             raise CheckpointError(
                 f"checkpoint {directory!r} has tensors that a {cls.__name__} with this config does not "
-                f"use: {_short_list(unexpected)} (does config.json match the weights?)")
+                f"use: {_short_list(where)} (does config.json match the weights?)")
         missing = [n for n in specs if n not in stored]
         fatal = [n for n in missing if n not in cls._newly_initialisable]
         if fatal:
-            raise CheckpointError(f"checkpoint {directory!r} lacks tensors: {_short_list(fatal)}")
+            raise CheckpointError(f"checkpoint {directory!r} lacks tensors: {_short_list([repr(n) for n in fatal])} "
+                                  "(does config.json match the weights?)")
         for name in specs:
             if name not in stored:
                 continue
@@ -356,6 +393,8 @@ class Glm4PreTrainedModel:
                     f"tensor {stored[name]!r} is stored as {info.dtype} in {info.file}, but a "
                     f"{'quantized weight' if spec.kind == 'packed' else spec.kind} must be one of "
                     f"{', '.join(_KIND_DTYPES[spec.kind])}")
+        if saved_fmt is not None:
+            _check_packed_matrices(ckpt, stored, specs)
 
         # Quantize on load: the weights of these modules are streamed, never loaded whole.
         layout = quant_layout(config, cls._has_lm_head) if quantization and saved_fmt is None else {}
@@ -407,7 +446,12 @@ class Glm4PreTrainedModel:
         self.config.save_pretrained(save_directory)
         params = self.named_parameters()
         bf16 = frozenset(name for name, a in params.items() if a.dtype == np.uint16)
-        save_safetensors(os.path.join(save_directory, SAFE_WEIGHTS_NAME), params, bf16, {"format": "pt"})
+        metadata = {"format": "pt"}
+        fmt = (getattr(self.config, "quantization_config", None) or {}).get("format")
+        if fmt is not None:
+            specs = _quantized_specs(self.config, fmt, self._tensor_specs(self.config), self._has_lm_head)
+            metadata[QWEIGHT_SHAPES] = json.dumps({n: list(s.matrix) for n, s in specs.items() if s.kind == "packed"})
+        save_safetensors(os.path.join(save_directory, SAFE_WEIGHTS_NAME), params, bf16, metadata)
 
     def __call__(self, *args: Any, **kwargs: Any):
         return self.forward(*args, **kwargs)
@@ -425,7 +469,7 @@ def _check_layer_count(config: Glm4Config, config_source: str, stored: dict[str,
 
 
 def _short_list(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
+    shown = ", ".join(names[:limit])
     return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 

@@ -203,14 +203,16 @@ class Checkpoint:
         self.tensors: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
         if os.path.isfile(index_path):
             weight_map = _read_weight_map(index_path)
-            first = {}  # shard -> the first tensor the index places in it, to name in errors
+            # Shard -> the first tensor the index places in it (named in errors). Spellings of one
+            # file ("x" and "./x") are one shard: read twice, its tensors would be stored twice.
+            first: dict[str, tuple[str, str]] = {}
             for name, shard in weight_map.items():
-                first.setdefault(shard, name)
-            shards = {shard: SafetensorsFile(_shard_path(directory, index_path, shard, first[shard]))
-                      for shard in sorted(first)}
+                first.setdefault(os.path.normpath(shard), (shard, name))
+            shards = {key: SafetensorsFile(_shard_path(directory, index_path, shard, name))
+                      for key, (shard, name) in sorted(first.items())}
             self.files = list(shards.values())
             for name, shard in weight_map.items():
-                if name not in shards[shard].tensors:
+                if name not in shards[os.path.normpath(shard)].tensors:
                     raise CheckpointError(f"{index_path} places tensor {name!r} in {shard}, which lacks it")
             for sf in self.files:
                 for name, info in sf.tensors.items():
@@ -240,6 +242,10 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         """Dtype, shape and location of ``name``."""
         return self.tensors[name][1]
+
+    def metadata(self, name: str) -> dict[str, str]:
+        """The ``__metadata__`` of the file that holds ``name``."""
+        return self.tensors[name][0].metadata
 
     def load_raw(self, name: str) -> np.ndarray:
         """Tensor ``name`` exactly as stored, as a read-only view of the memory map."""
@@ -282,7 +288,8 @@ class Checkpoint:
 
 
 def _read_weight_map(index_path: str) -> dict[str, str]:
-    """The ``weight_map`` of an index file: tensor name -> shard file name, both strings."""
+    """The ``weight_map`` of an index file: tensor name -> shard file name, both strings, each
+    shard name relative to the checkpoint directory and inside it."""
     try:
         with open(index_path, "rb") as f:
             index = json.loads(f.read().decode("utf-8"), parse_constant=_reject_constant)
@@ -297,23 +304,20 @@ def _read_weight_map(index_path: str) -> dict[str, str]:
         if not isinstance(shard, str) or not shard or "\0" in shard:
             raise CheckpointError(f"{index_path}: weight_map places tensor {name!r} in {shard!r:.100}, "
                                   "which is not a file name")
+        # Inside the directory as written: relative, without "..". Links are not resolved, so a
+        # hub cache's snapshot (links into its blob store) still loads.
+        if os.path.isabs(shard) or os.path.splitdrive(shard)[0] or ".." in shard.replace("\\", "/").split("/"):
+            raise CheckpointError(f"{index_path}: weight_map places tensor {name!r} in {shard!r}, outside the "
+                                  "checkpoint directory (the index may only name files inside it)")
     return weight_map
 
 
 def _shard_path(directory: str, index_path: str, shard: str, tensor: str) -> str:
-    """The path of ``shard`` (where the index places ``tensor``, among others) inside ``directory``.
-
-    The name must stay inside the directory as written: relative, without ``..``. Symbolic links
-    are not resolved, so a hub cache's snapshot (links into its blob store) still loads.
+    """The path of ``shard`` (where the index places ``tensor``, among others) in ``directory``.
 
     Raises:
-        CheckpointError: an absolute name or a ``..`` component.
         FileNotFoundError: no such file.
     """
-    parts = shard.replace("\\", "/").split("/")
-    if os.path.isabs(shard) or os.path.splitdrive(shard)[0] or ".." in parts:
-        raise CheckpointError(f"{index_path}: weight_map places tensor {tensor!r} in {shard!r}, outside the "
-                              "checkpoint directory (the index may only name files inside it)")
     path = os.path.join(directory, shard)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{index_path} lists shard {shard!r} (for tensor {tensor!r}), which is missing")

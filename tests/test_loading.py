@@ -723,13 +723,13 @@ def test_index_absolute_shard_path(tmp_path):
         Glm4ForCausalLM.from_pretrained(d)
 
 
-@pytest.mark.parametrize("shard", ["../ckpt/model-00006-of-00006.safetensors",
-                                   "sub/../../ckpt/model-00006-of-00006.safetensors",
-                                   "..\\ckpt\\model-00006-of-00006.safetensors"])
-def test_index_dotdot_shard_path(tmp_path, shard):
+@pytest.mark.parametrize("shard", ["../ckpt/{}", "sub/../../ckpt/{}", "..\\ckpt\\{}", "sub/../{}"])
+@pytest.mark.parametrize("name", [FIRST, "model.layers.0.input_layernorm.weight"])  # alone / 1 of 7 in its shard
+def test_index_dotdot_shard_path(tmp_path, shard, name):
     d = copy_fixture(BF16, tmp_path)
-    index = _edit_index(d, lambda wm: wm.update({FIRST: shard}))
-    with pytest.raises(CheckpointError, match=re.escape(f"{index}: weight_map places tensor '{FIRST}' in "
+    index = _edit_index(d, lambda wm: wm.update({name: shard.format(wm[name])}))
+    shard = json.loads(index.read_text())["weight_map"][name]
+    with pytest.raises(CheckpointError, match=re.escape(f"{index}: weight_map places tensor '{name}' in "
                                                         f"{shard!r}, outside the checkpoint directory")):
         Glm4ForCausalLM.from_pretrained(d)
 
@@ -849,4 +849,40 @@ def test_quantized_format_swapped(tmp_path, quantized_dir):
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"tensor '.*\.qweight' has shape \[\d+\] in .*model\.safetensors, "
                                               r"but the config expects \[\d+\]"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_index_spellings_of_one_shard(tmp_path):
+    # "./shard" and "shard" are one file: its tensors are not read twice (nor "stored twice").
+    d = copy_fixture(BF16, tmp_path)
+    name = "model.layers.0.input_layernorm.weight"  # one of 7 tensors in its shard
+    _edit_index(d, lambda wm: wm.update({name: "./" + wm[name]}))
+    g = golden(BF16)
+    close(Glm4ForCausalLM.from_pretrained(d, dtype="float32")(g["ids"]).logits, g["logits"], "./shard")
+
+
+def test_quantized_matrix_sizes_hidden_by_padding(tmp_path, quantized_dir):
+    # int4 packs rows 16 and weights 32 at a time: an intermediate_size of 63 instead of 64 takes
+    # the same bytes in every packed matrix. The file's record of each matrix tells them apart.
+    d = tmp_path / "q"
+    shutil.copytree(quantized_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["intermediate_size"] = 63
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.gate_up_proj\.qweight' in .*model\."
+                                              r"safetensors holds a quantized \[128, 48\] matrix \(glm4rt\.qweight_"
+                                              r"shapes\), but the config expects \[126, 48\]"):
+        Glm4ForCausalLM.from_pretrained(d)
+
+
+def test_quantized_checkpoint_without_its_shapes_record(tmp_path, quantized_dir):
+    d = tmp_path / "q"
+    shutil.copytree(quantized_dir, d)
+    f = d / "model.safetensors"
+    header, data = read_header(f)
+    assert json.loads(header["__metadata__"]["glm4rt.qweight_shapes"])["lm_head.qweight"] == [211, 48]
+    header["__metadata__"] = {"format": "pt"}
+    write_header(f, header, data)
+    with pytest.raises(CheckpointError, match=re.escape(f"{f}: a quantized checkpoint without the "
+                                                        "glm4rt.qweight_shapes record")):
         Glm4ForCausalLM.from_pretrained(d)
