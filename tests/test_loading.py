@@ -661,7 +661,8 @@ def test_deeply_nested_header(tmp_path):
     blob = json.dumps(header)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"  # RecursionError in json
     with open(f, "wb") as fh:
         fh.write(struct.pack("<Q", len(blob)) + blob.encode() + data)
-    with pytest.raises(CheckpointError, match=re.escape(str(f)) + r": corrupt safetensors header \(nested too deeply\)"):
+    with pytest.raises(CheckpointError,
+                       match=re.escape(str(f)) + r": corrupt safetensors header \(nested too deeply\)"):
         Glm4ForCausalLM.from_pretrained(d)
 
 
