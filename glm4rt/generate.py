@@ -129,13 +129,24 @@ def resolve_settings(model, prompt_len: int, overrides: dict[str, Any]) -> Gener
                               seed=None if seed is None else check_count("seed", seed))
 
 
+def _as_array(name: str, value: Any, dtype=None) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as e:  # ragged lists, strings that are no numbers
+        raise ValueError(f"{name} must be a [batch, seq] array, got {type(value).__name__}: {e}") from None
+
+
 def _check_prompt(model, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.asarray(input_ids)
+    ids = _as_array("input_ids", input_ids)
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.kind not in "iu":
         raise ValueError(f"input_ids must be a non-empty [batch, seq] integer array, got {ids.dtype} {ids.shape}")
-    mask = np.ones(ids.shape, dtype=np.int64) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+    if ids.min() < 0 or ids.max() >= model.config.vocab_size:  # also when nothing is generated
+        raise ValueError(f"input_ids must be token ids in [0, {model.config.vocab_size}) (vocab_size), got "
+                         f"{int(ids.min())} .. {int(ids.max())}")
+    mask = np.ones(ids.shape, dtype=np.int64) if attention_mask is None else \
+        _as_array("attention_mask", attention_mask, np.int64)
     if mask.ndim == 1:
         mask = mask[None]
     if mask.shape != ids.shape:

@@ -790,6 +790,10 @@ class Glm4Tokenizer:
 
     def _strategies(self, padding, truncation, max_length) -> tuple[tuple[str, int | None] | None, int | None]:
         """transformers' _get_padding_truncation_strategies: (padding kind and length, truncation length)."""
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))):
+            raise TypeError(f"max_length must be an integer or None, got {max_length!r} ({type(max_length).__name__})")
+        if max_length is not None and max_length < 0:
+            raise ValueError(f"max_length must be >= 0, got {max_length}")
         if max_length is not None and padding is False and truncation is None:
             truncation = "longest_first"
         if padding is True or padding == "longest":
@@ -992,6 +996,8 @@ class Glm4Tokenizer:
             One string per sequence.
         """
         seqs = _to_py(sequences)
+        if not isinstance(seqs, (list, tuple)):
+            raise TypeError(f"batch_decode takes a list of token id sequences or a 2-D array, got {type(seqs).__name__}")
         if len(seqs) == 0:
             return []
         if not isinstance(seqs[0], (list, tuple)):  # a single sequence: transformers wraps it

@@ -157,6 +157,24 @@ def test_generation_arguments_of_wrong_type_or_range(model, g, kwargs, error, me
         model.generate(g["gen_prompt"], **kwargs)
 
 
+def test_prompt_ids_out_of_range_are_refused_even_when_nothing_is_generated(model, g):
+    # found by tests/fuzz_inputs.py: max_length below the prompt length returned negative ids as they were
+    with pytest.raises(ValueError, match=r"input_ids must be token ids in \[0, 300\) \(vocab_size\), got -1 .. 5"):
+        model.generate(np.array([[5, -1, 3]]), max_length=2)
+    with pytest.raises(ValueError, match=r"input_ids must be token ids in \[0, 300\) .* got 0 .. 300"):
+        model.generate(np.array([[0, 300]]), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("input_ids, attention_mask, message", [
+    ([[1, 2], [3]], None, "input_ids must be a \\[batch, seq\\] array, got list"),
+    (np.array([[1, 2]]), "ones", "attention_mask must be a \\[batch, seq\\] array, got str"),
+])
+def test_prompt_that_is_no_array(model, input_ids, attention_mask, message):
+    # found by tests/fuzz_inputs.py: "invalid literal for int() with base 10: 'ones'"
+    with pytest.raises(ValueError, match=message):
+        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=1)
+
+
 def test_kv_cache_is_allocated_once(model, g, monkeypatch):
     allocations = []
     original = Glm4Cache.reserve

@@ -474,6 +474,23 @@ def test_chat_roles_come_from_the_template(tok):
         tok.apply_chat_template([{"role": "assistant", "content": "x"}], chat_template=only, tokenize=False)
 
 
+def test_max_length_must_be_an_integer(tok):
+    # found by tests/fuzz_inputs.py: "'<' not supported between instances of 'str' and 'int'"
+    with pytest.raises(TypeError, match=r"max_length must be an integer or None, got '8' \(str\)"):
+        tok("hello", max_length="8")
+    with pytest.raises(TypeError, match=r"max_length must be an integer or None, got 2.5 \(float\)"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], truncation=True, max_length=2.5)
+    with pytest.raises(ValueError, match="max_length must be >= 0, got -1"):
+        tok("hello", max_length=-1)
+
+
+@pytest.mark.parametrize("bad", [2.5, 7, None, "abc"])
+def test_batch_decode_of_no_sequences_is_a_type_error(tok, bad):
+    # found by tests/fuzz_inputs.py: "object of type 'float' has no len()"
+    with pytest.raises(TypeError, match="batch_decode takes a list of token id sequences or a 2-D array, got "):
+        tok.batch_decode(bad)
+
+
 @pytest.mark.parametrize("conversation", [None, "hello", {"role": "user", "content": "x"}])
 def test_conversation_must_be_a_list(tok, conversation):
     with pytest.raises(TypeError, match="a conversation must be a list of message dicts, got "):
