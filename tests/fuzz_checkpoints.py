@@ -408,15 +408,18 @@ def m_rename(c: Case) -> Mutation:
             if other != "__metadata__" and header[other]["data_offsets"][0] >= end:
                 header[other]["data_offsets"] = [o - (end - begin) for o in header[other]["data_offsets"]]
         write_st(c.path(name), header, data[:begin] + data[end:])
-        return Mutation(f"{name}: {t} dropped", invalid=True, names=(name, t))
+        # Dropping what an earlier mutation added may leave the base itself.
+        return Mutation(f"{name}: {t} dropped", invalid=True if c.original(name, t) else None, names=(name, t),
+                        key=(name, t, "entry"))
     if kind == "duplicate":  # the later entry wins, as in the library: a second copy of the same entry
         text = json.dumps(header)
         blob = text[:-1] + f", {json.dumps(t)}: {json.dumps(header[t])}}}"
         write_st(c.path(name), header, data, blob=blob.encode())
         return Mutation(f"{name}: {t} listed twice", invalid=False, neutral=True, names=(name, t))
-    header["model.layers.0.empty.weight"] = {"dtype": "F32", "shape": [0], "data_offsets": [len(data), len(data)]}
+    empty = "model.layers.0.empty.weight"
+    header[empty] = {"dtype": "F32", "shape": [0], "data_offsets": [len(data), len(data)]}
     write_st(c.path(name), header, data)
-    return Mutation(f"{name}: a zero-size tensor added", invalid=True, names=(name, "empty"))
+    return Mutation(f"{name}: a zero-size tensor added", invalid=True, names=(name, "empty"), key=(name, empty, "entry"))
 
 
 def m_index(c: Case) -> Mutation:
