@@ -74,7 +74,8 @@ class Glm4Config:
             classification heads, ``dtype`` or ``torch_dtype``. Unknown keys are kept as attributes
             and written back by ``to_dict``.
     Raises:
-        ConfigError: a setting glm4rt does not implement or an inconsistent geometry.
+        ConfigError: a setting glm4rt does not implement, an inconsistent geometry, or a field of the
+            wrong type or out of range (each message names the field).
     """
 
     model_type = "glm4"
