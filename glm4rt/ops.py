@@ -10,7 +10,32 @@ import os
 
 import numpy as np
 
-from . import _C
+
+def _import_extension():
+    """Import ``_C`` (and with it libgomp, which reads its wait policy once, as it loads).
+
+    libgomp's default lets a thread with nothing to do spin for ~300,000 rounds (milliseconds)
+    before it sleeps. On a machine where another program keeps a core busy (a desktop with a
+    browser and an IDE), a spinning thread holds its core while the thread that has the rest of
+    the work waits for a time slice behind the other program, and two threads ran several times
+    slower than one (benchmarks/contended.md). Unless the user chose a policy, a short spin is set
+    for the load and the environment put back, so that child processes and other libraries see
+    the user's. (Only effective when glm4rt loads libgomp first; another library that loaded it
+    earlier keeps the policy it got.)
+    """
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        from . import _C
+        return _C
+    os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
+    try:
+        from . import _C
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+    return _C
+
+
+_GOMP_SPINCOUNT = "1000"
+_C = _import_extension()
 
 __all__ = [
     "linear", "rms_norm", "rotary_", "silu_mul", "attention",

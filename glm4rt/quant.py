@@ -17,7 +17,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import _C, ops
+from . import ops
+from .ops import _C  # (ops loads the extension: see its wait policy)
 
 QUANT_FORMATS = {"int8": 0, "int4": 1}
 BLOCK_SIZE = 32  # weights of one row per block, under one scale (csrc/quant.h kQBlock)

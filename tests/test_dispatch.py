@@ -12,7 +12,7 @@ import glm4rt
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GLM4RT_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GLM4RT_", "OMP_", "GOMP_"))}
     full_env.update(env)
     # Run outside the source tree so `import glm4rt` finds the installed package.
     with tempfile.TemporaryDirectory() as cwd:
@@ -100,3 +100,17 @@ def test_set_isa_and_threads_from_python():
             glm4rt.set_isa("neon")
     finally:
         glm4rt.set_num_threads(before_threads)
+
+
+def test_openmp_threads_spin_briefly_unless_the_user_chose():
+    # libgomp reads its wait policy once, when _C loads it (OMP_DISPLAY_ENV prints what it read):
+    # glm4rt sets a short spin for that moment only, and never overrides the user's choice.
+    code = "import os, glm4rt; print('leaked' if 'GOMP_SPINCOUNT' in os.environ else 'clean')"
+    ours = _run(code, OMP_DISPLAY_ENV="verbose")
+    assert ours.returncode == 0, ours.stderr
+    assert "GOMP_SPINCOUNT = '1000'" in ours.stderr and ours.stdout.strip() == "clean"
+    for var, value, shown in [("OMP_WAIT_POLICY", "active", "OMP_WAIT_POLICY = 'ACTIVE'"),
+                              ("GOMP_SPINCOUNT", "5", "GOMP_SPINCOUNT = '5'")]:
+        theirs = _run("import os, glm4rt; print(os.environ['%s'])" % var, OMP_DISPLAY_ENV="verbose", **{var: value})
+        assert theirs.returncode == 0, theirs.stderr
+        assert shown in theirs.stderr and theirs.stdout.strip() == value
