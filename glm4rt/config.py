@@ -304,12 +304,14 @@ def _check_real(name: str, value: Any, low: float, high: float, low_open: bool =
 
 
 def _check_token_ids(name: str, value: Any) -> None:
-    """null, one token id or a list of them. Not bounded by vocab_size: the defaults are GLM-4's
-    ids, which a small config made with ``Glm4Config(vocab_size=...)`` keeps (as transformers')."""
-    ids = value if isinstance(value, list) else [] if value is None else [value]
+    """null or one token id; eos_token_id may also be a list of them (generation stops on any).
+    Not bounded by vocab_size: the defaults are GLM-4's ids, which a small config made with
+    ``Glm4Config(vocab_size=...)`` keeps (as transformers')."""
+    many = name == "eos_token_id"
+    ids = value if many and isinstance(value, list) else [] if value is None else [value]
     if not all(_is_int(i) and 0 <= i <= MAX_DIM for i in ids):
-        raise ConfigError(f"{name} must be null, a token id or a list of token ids (integers in "
-                          f"[0, {MAX_DIM}]), got {value!r:.80}")
+        what = "a token id or a list of token ids" if many else "a token id"
+        raise ConfigError(f"{name} must be null or {what} (integers in [0, {MAX_DIM}]), got {value!r:.80}")
 
 
 def _check_rope(name: str, value: Any) -> dict[str, Any]:

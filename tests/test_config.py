@@ -144,7 +144,7 @@ GLM4_V5.update(dtype="bfloat16", transformers_version="5.24.0", max_position_emb
 
 @pytest.mark.parametrize("data", [
     GLM4_9B_0414, GLM4_32B_0414, GLM4_V5,
-    dict(GLM4_9B_0414, tie_word_embeddings=True, pad_token_id=[151329, 151336], eos_token_id=151329,
+    dict(GLM4_9B_0414, tie_word_embeddings=True, pad_token_id=None, eos_token_id=151329,
          bos_token_id=None, rope_scaling=None, head_dim=None),
     dict(GLM4_9B_0414, num_labels=3, problem_type="single_label_classification", rope_theta=10000,
          partial_rotary_factor=1, rms_norm_eps=0, attention_dropout=0.1),
@@ -169,7 +169,8 @@ FIELD_CASES = [
     ("partial_rotary_factor", float("nan")),
     ("attention_dropout", 2.0), ("initializer_range", -0.02), ("initializer_range", "0.02"),
     ("use_cache", "yes"), ("tie_word_embeddings", 1), ("attention_bias", None),
-    ("pad_token_id", "0"), ("pad_token_id", -1), ("pad_token_id", 1.0), ("eos_token_id", [1, "2"]),
+    ("pad_token_id", "0"), ("pad_token_id", -1), ("pad_token_id", 1.0), ("pad_token_id", [1, 2]),
+    ("bos_token_id", [1]), ("eos_token_id", [1, "2"]),
     ("eos_token_id", 2**31), ("bos_token_id", {"id": 1}),
     ("hidden_act", None), ("hidden_act", ["silu"]), ("problem_type", 3), ("dtype", 16), ("architectures", "Glm4"),
     ("rope_parameters", [10000.0]), ("rope_parameters", "default"), ("rope_scaling", "yarn"),
