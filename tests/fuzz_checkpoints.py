@@ -39,24 +39,21 @@ import hashlib
 import json
 import os
 import random
-import resource
-import select
 import shutil
-import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from typing import Callable, Optional
 
+import fuzz_worker
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(TESTS, "fixtures")
 INDEX = "model.safetensors.index.json"
 CLEAR_ERRORS = ("CheckpointError", "ConfigError", "FileNotFoundError")
 OUTCOMES = ("ok", "crash", "hang", "silent", "unclear", "refused")
-WORKER_MEMORY = 4 * 2**30  # address space of a worker: a runaway allocation is a MemoryError, not the OOM killer
 
 
 # ---- bases ------------------------------------------------------------------------------------
@@ -619,79 +616,37 @@ def make_case(seed: int, number: int, bases: list[Base], directory: str) -> tupl
 
 def worker_main() -> None:
     """Read case directories from stdin, one per line; write one JSON report per line."""
-    reports = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # whatever the library prints goes to stderr, never into the reports
-    resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
-    import warnings
-
     import numpy as np
 
     import glm4rt
 
-    warnings.simplefilter("ignore")
-    for line in sys.stdin:
-        directory = line.rstrip("\n")
+    def load(directory: str) -> dict:
         try:
             model = glm4rt.Glm4ForCausalLM.from_pretrained(directory, progress=False)
             n_tokens = min(3, model.config.max_position_embeddings)
             logits = model(np.arange(1, n_tokens + 1)[None] % model.config.vocab_size).logits
-            report = {"status": "loaded", "finite": bool(np.isfinite(logits).all()),
-                      "sha": hashlib.sha256(logits.tobytes()).hexdigest()}
+            return {"status": "loaded", "finite": bool(np.isfinite(logits).all()),
+                    "sha": hashlib.sha256(logits.tobytes()).hexdigest()}
         except Exception as e:  # reported, not raised: the next case runs in this process
-            report = {"status": "error", "type": type(e).__name__, "message": str(e)[:3000]}
-        reports.write(json.dumps(report) + "\n")
+            return {"status": "error", "type": type(e).__name__, "message": str(e)[:3000]}
+
+    fuzz_worker.serve(load)
 
 
-class Worker:
-    """One worker process, restarted after it crashes or hangs."""
+class Worker(fuzz_worker.Worker):
+    """The worker process that loads case directories."""
 
     def __init__(self, log_dir: str) -> None:
-        self.log_dir, self.proc, self.buffer, self.log = log_dir, None, b"", None
-
-    def _start(self) -> None:
-        self.log = tempfile.TemporaryFile(dir=self.log_dir)
-        env = dict(os.environ, GLM4RT_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, env=env, cwd=TESTS)
-        self.buffer = b""
+        super().__init__([os.path.abspath(__file__), "--worker"], log_dir)
 
     def run(self, directory: str, timeout: float) -> dict:
         """The worker's report on ``directory``, or a crash / hang report."""
-        if self.proc is None:
-            self._start()
-        try:
-            self.proc.stdin.write(directory.encode() + b"\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            return self._died()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
-                self.close()
-                return {"status": "hang"}
-            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
-            if not chunk:
-                return self._died()
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    def _died(self) -> dict:
-        code = self.proc.wait()
-        self.log.seek(0)
-        tail = self.log.read()[-1500:].decode(errors="replace")
-        self.proc, self.log = None, None
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        return {"status": "crash", "message": f"{how}: {tail}"}
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc.stdin.close()
-            self.proc.stdout.close()
-            self.proc = None
+        report = self.request(directory, timeout)
+        if report.get("failure") == "hang":
+            return {"status": "hang"}
+        if report.get("failure") == "crash":
+            return {"status": "crash", "message": report["message"]}
+        return report
 
 
 # ---- judging ----------------------------------------------------------------------------------

@@ -40,22 +40,18 @@ crashes or hangs loses only the case it was running, and a fresh one takes the n
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
-import resource
-import select
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Callable, Optional
 
+import fuzz_worker
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
-WORKER_MEMORY = 4 * 2**30  # address space of a worker: a runaway allocation is a MemoryError, not the OOM killer
 SPECIAL_TEXT = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<think>", "</think>", "<|user",
                 "|>", "[gMASK]<sop>", "\U000f0000<|user|>\U000f0001", "\U000f0000", "\U000f0001",
@@ -485,70 +481,29 @@ def judge(args: Args, run: Callable[[], Any]) -> tuple[str, str]:
 
 def worker_main(checkpoint: str) -> None:
     """Read "seed number" lines from stdin; write one JSON report per line."""
-    reports = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # whatever the library prints goes to stderr, never into the reports
-    resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
-    import warnings
-
-    warnings.simplefilter("ignore")
     env = Env(checkpoint)
-    for line in sys.stdin:
+
+    def run_case(line: str) -> dict:
         seed, number = map(int, line.split())
         args, desc, run = make_case(env, seed, number)
         outcome, why = judge(args, run)
-        reports.write(json.dumps({"outcome": outcome, "why": why[:2000], "desc": desc}) + "\n")
+        return {"outcome": outcome, "why": why[:2000], "desc": desc}
+
+    fuzz_worker.serve(run_case)
 
 
-class Worker:
-    """One worker process, restarted after it crashes or hangs."""
+class Worker(fuzz_worker.Worker):
+    """The worker process that runs cases against one chat checkpoint."""
 
     def __init__(self, checkpoint: str, log_dir: str) -> None:
-        self.checkpoint, self.log_dir, self.proc, self.buffer, self.log = checkpoint, log_dir, None, b"", None
-
-    def _start(self) -> None:
-        self.log = tempfile.TemporaryFile(dir=self.log_dir)
-        env = dict(os.environ, GLM4RT_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", self.checkpoint],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, cwd=TESTS)
-        self.buffer = b""
+        super().__init__([os.path.abspath(__file__), "--worker", checkpoint], log_dir)
 
     def run(self, seed: int, number: int, timeout: float) -> dict:
         """The worker's report on a case, or a crash / hang report."""
-        if self.proc is None:
-            self._start()
-        try:
-            self.proc.stdin.write(f"{seed} {number}\n".encode())
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            return self._died()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
-                self.close()
-                return {"outcome": "hang", "why": f"no report in {timeout:.0f} s"}
-            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
-            if not chunk:
-                return self._died()
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    def _died(self) -> dict:
-        code = self.proc.wait()
-        self.log.seek(0)
-        tail = self.log.read()[-1500:].decode(errors="replace")
-        self.proc, self.log = None, None
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        return {"outcome": "crash", "why": f"{how}: {tail}"}
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc.stdin.close()
-            self.proc.stdout.close()
-            self.proc = None
+        report = self.request(f"{seed} {number}", timeout)
+        if "failure" in report:
+            return {"outcome": report["failure"], "why": report["message"]}
+        return report
 
 
 # ---- running and reporting --------------------------------------------------------------------
