@@ -762,12 +762,8 @@ def run(seed: int = 0, cases: int = 300, seconds: float = 60.0, jobs: int = 1, t
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cases", type=int, default=300, help="cases 0 .. N-1 (default 300)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="stop starting cases after this long")
+    parser = fuzz_worker.arg_parser(__doc__)
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds one case may take: longer is a hang")
     parser.add_argument("--case", type=int, default=None, help="run only this case number")
     parser.add_argument("--keep", default=None, help="with --case: leave its files in this directory")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -3,6 +3,7 @@ crash or a hang costs the case that caused it, is reported as such, and a fresh 
 next case."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -82,3 +83,13 @@ class Worker:
             self.proc.stdin.close()
             self.proc.stdout.close()
             self.proc = None
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """The options both fuzzers take: which cases of which seed, and how long."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", type=int, default=300, help="cases 0 .. N-1 (default 300)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="stop starting cases after this long")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds one case may take: longer is a hang")
+    return parser
