@@ -140,7 +140,7 @@ def _check_prompt(model, input_ids: Any, attention_mask: Any) -> tuple[np.ndarra
     ids = _as_array("input_ids", input_ids)
     if ids.ndim == 1:
         ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.kind not in "iu":
+    if ids.ndim != 2 or ids.size == 0 or ids.dtype.kind not in "iu":
         raise ValueError(f"input_ids must be a non-empty [batch, seq] integer array, got {ids.dtype} {ids.shape}")
     if ids.min() < 0 or ids.max() >= model.config.vocab_size:  # also when nothing is generated
         raise ValueError(f"input_ids must be token ids in [0, {model.config.vocab_size}) (vocab_size), got "

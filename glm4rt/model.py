@@ -597,8 +597,8 @@ class Glm4Model(Glm4PreTrainedModel):
             if inputs_embeds.ndim != 3 or inputs_embeds.shape[2] != config.hidden_size:
                 raise ValueError(f"inputs_embeds must be [batch, seq, {config.hidden_size}], got {inputs_embeds.shape}")
             B, T = inputs_embeds.shape[:2]
-        if T == 0:
-            raise ValueError("the input sequence is empty")
+        if B == 0 or T == 0:
+            raise ValueError(f"the input is empty: batch {B}, sequence {T}")
 
         if past_key_values is not None and not isinstance(past_key_values, Glm4Cache):
             past_key_values = Glm4Cache.from_legacy_cache(past_key_values, config)
@@ -607,7 +607,10 @@ class Glm4Model(Glm4PreTrainedModel):
             kv = Glm4Cache.for_config(config, B, T)
         past = kv.get_seq_length()
         if cache_position is not None:
-            cache_position = np.asarray(cache_position, dtype=np.int64).reshape(-1)
+            cache_position = np.asarray(cache_position)
+            if cache_position.dtype.kind not in "iu":
+                raise ValueError(f"cache_position must be integers, got dtype {cache_position.dtype}")
+            cache_position = cache_position.astype(np.int64).reshape(-1)
             start = int(cache_position[0]) if cache_position.size else -1
             if cache_position.size != T or not np.array_equal(cache_position, np.arange(start, start + T)):
                 raise ValueError(f"cache_position must be {T} consecutive cache rows, got {cache_position}")

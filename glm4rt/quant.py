@@ -78,8 +78,11 @@ class QuantLinear:
 
     def __call__(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         """``x [n_tokens, in_features]`` float32 -> ``[n_tokens, out_features]``."""
+        n_tokens, k = ops._dims("x", x, 2)
+        if k != self.in_features:  # the packed size only tells K to the next block of 32
+            raise ValueError(f"x: dimension 1 must be {self.in_features} (in_features), got shape {x.shape}")
         if out is None:
-            out = np.empty((ops._dims("x", x, 2)[0], self.out_features), dtype=np.float32)
+            out = np.empty((n_tokens, self.out_features), dtype=np.float32)
         _C.qmatmul(x, self.packed, self._fmt_id, self.out_features, self.bias, out)
         return out
 

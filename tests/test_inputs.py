@@ -351,3 +351,26 @@ def test_sequence_classification_prunes_the_last_layer(monkeypatch):
         np.testing.assert_allclose(out.logits, g[f"{side}_logits"], atol=1e-4, rtol=1e-4, err_msg=side)
         pooled = (np.arange(ids.shape[1]) * (ids != model.config.pad_token_id)).argmax(-1)
         assert rows[-1] == ids.shape[0] * np.unique(pooled).size < ids.size, (side, rows)
+
+
+def test_empty_batch_and_fractional_cache_positions_are_refused():
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir("gqa1_official"))
+    with pytest.raises(ValueError, match=r"the input is empty: batch 0, sequence 3"):
+        model(np.zeros((0, 3), np.int64))
+    with pytest.raises(ValueError, match=r"non-empty \[batch, seq\] integer array"):
+        model.generate(np.zeros((0, 3), np.int64), max_new_tokens=1)
+    for bad in ([0.9, 1.9], np.array(["0", "1"])):
+        with pytest.raises(ValueError, match="cache_position must be integers"):
+            model(np.array([[1, 2]]), cache_position=bad)
+
+
+def test_quant_linear_checks_in_features():
+    # 33 .. 64 columns pack into the same two blocks of 32: the packed size cannot tell them apart.
+    from glm4rt.quant import QuantLinear, quantize_weight
+
+    for fmt in ("int8", "int4"):
+        lin = QuantLinear(quantize_weight(np.ones((16, 64), np.float32), fmt), fmt, 16, 64)
+        for k in (33, 63, 65):
+            with pytest.raises(ValueError, match=rf"x: dimension 1 must be 64 \(in_features\), got shape \(2, {k}\)"):
+                lin(np.ones((2, k), np.float32))
+        np.testing.assert_allclose(lin(np.ones((2, 64), np.float32)), 64.0, rtol=1e-2)
