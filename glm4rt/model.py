@@ -121,7 +121,7 @@ def _normalise_dtype(dtype: Any) -> str:
     if key not in _DTYPE_ALIASES:
         raise ValueError(
             f"dtype={dtype!r} is not supported: use 'auto' (keep bf16 weights as bf16, others float32), "
-            "'float32' or 'bfloat16'. Compute is always float32 (fp16 accumulation overflows on GLM-4).")
+            "'float32' or 'bfloat16' (every sum is fp32 either way; GLM-4's activations overflow fp16).")
     return _DTYPE_ALIASES[key]
 
 
