@@ -12,6 +12,7 @@ DIR is a checkpoint directory or a Hugging Face hub id.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -335,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None:
             ops.set_num_threads(args.threads)
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`glm4rt info ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 1
     except (OSError, ValueError) as e:  # bad path, corrupt checkpoint, unsupported config, bad flag
         print(f"glm4rt: error: {e}", file=sys.stderr)
         return 2

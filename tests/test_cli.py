@@ -138,3 +138,15 @@ def test_quantize_draws_no_progress_bar_off_a_terminal(tmp_path):
     r = _glm4rt("quantize", fixture_dir("gqa8_bf16_sharded"), str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stderr == "" and r.stdout.startswith("quantized ")
+
+
+def test_info_into_a_closed_pipe_stops_quietly(tmp_path):
+    # `glm4rt info ... | head`: the reader is gone before glm4rt writes. No traceback, no error line.
+    exe = shutil.which("glm4rt")
+    cmd = [exe] if exe else [sys.executable, "-m", "glm4rt"]
+    p = subprocess.Popen([*cmd, "--threads", "1", "info", "--model", fixture_dir("gqa8_bf16_sharded")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1
+    assert err == "", err
