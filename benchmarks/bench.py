@@ -281,6 +281,12 @@ def fmt_num(x, digits=1, suffix=""):
     return f"{x:.{digits}f}{suffix}"
 
 
+def tok_per_s(key: str, times: list, decode_steps: int) -> float:
+    """Median speed of a measurement ("prefill N": N tokens, "decode D": decode_steps tokens)."""
+    kind, n = key.split()
+    return (int(n) if kind == "prefill" else decode_steps) / median(times)
+
+
 def fmt_ratio(a, b):
     if a is None or b is None or not b:
         return "n/a"
@@ -582,8 +588,7 @@ def load_table(ok: list[dict], metrics: list[tuple[str, str]], s: dict) -> list[
                 r = by_setting.get(setting)
                 if r is None or key not in r["times"]:
                     return None
-                n = int(key.split()[1]) if key.startswith("prefill") else s["decode_steps"]
-                return n / median(r["times"][key])
+                return tok_per_s(key, r["times"][key], s["decode_steps"])
             cells = [ENGINE_LABEL[engine], label, name] + [fmt_num(tok_s(x), 2) for x in labels]
             busy = [tok_s(setting_label(t, "busy")) for t in counts]
             cells.append(fmt_ratio(busy[-1], max(busy)) if all(busy) else "n/a")
@@ -727,9 +732,7 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
 
     def summary(r: dict, key: str) -> str:
         kind, n = key.split()
-        times = r["prefill_s" if kind == "prefill" else "decode_s"][n]
-        steps = int(n) if kind == "prefill" else args.decode_steps
-        return f"{steps / median(times):.2f} tok/s"
+        return f"{tok_per_s(key, r['prefill_s' if kind == 'prefill' else 'decode_s'][n], args.decode_steps):.2f} tok/s"
 
     depths = [0] + ([args.depth] if args.depth else [])
 
