@@ -206,12 +206,13 @@ class Server:
         self.tmp.cleanup()
 
 
-def probe_bandwidth(threads: int, size_mib: int) -> float:
-    """Memory read bandwidth (GB/s) with ``threads`` threads, read right before a repetition."""
+def probe_bandwidth(threads, size_mib: int) -> float:
+    """Memory read bandwidth (GB/s) with ``threads`` threads ("auto": every CPU), read right before a
+    repetition."""
     import glm4rt
     from glm4rt import ops
 
-    glm4rt.set_num_threads(threads)
+    glm4rt.set_num_threads(None if threads == "auto" else threads)
     return ops.memory_read_bandwidth(size_mib=size_mib, repeats=3)
 
 
@@ -240,15 +241,15 @@ class BusyCore:
             self.proc.wait()
 
 
-def setting_label(threads: int, load: str) -> str:
+def setting_label(threads, load: str) -> str:
     """The key of one measured setting in a run's results: "2", or "2 busy" under load."""
     return str(threads) if load == "idle" else f"{threads} {load}"
 
 
 def setting_order(label: str) -> tuple:
-    """Idle settings first, then those under load, each by thread count."""
+    """Idle settings first, then those under load, each by thread count ("auto" last)."""
     threads, _, load = label.partition(" ")
-    return load, int(threads)
+    return (load, 1, 0) if threads == "auto" else (load, 0, int(threads))
 
 
 def merge_slices(answers: list[dict]) -> dict:
@@ -558,7 +559,7 @@ def render_markdown(results: dict) -> str:
     out.append("- transformers: `Glm4ForCausalLM.from_pretrained(dtype=...)`, `torch.set_num_threads(t)`, "
                "`torch.inference_mode()`, a `DynamicCache` passed as `cache=`, default attention (sdpa).")
     out.append("- glm4rt: `Glm4ForCausalLM.from_pretrained(dir, dtype='bfloat16')` (or `quantization=`), "
-               "`glm4rt.set_num_threads(t)`, a `Glm4Cache` allocated once for the longest run "
+               "`glm4rt.set_num_threads(t)` (`None` for auto), a `Glm4Cache` allocated once for the longest run "
                "(`Glm4Cache.for_config(config, 1, capacity)`) and rewound with `crop()`; prefill with "
                "`logits_to_keep=1`.")
     return "\n".join(out) + "\n"
@@ -569,13 +570,17 @@ def load_table(ok: list[dict], metrics: list[tuple[str, str]], s: dict) -> list[
     how its most threads under load compare with its best thread count under the same load."""
     if "busy" not in s.get("load", ["idle"]):
         return []
-    counts = sorted(s["threads"])
+    counts = sorted(s["threads"], key=lambda t: setting_order(str(t)))
+    fixed = [t for t in counts if t != "auto"]
+    default = counts[-1]  # "auto" when measured, else the most threads
     labels = [setting_label(t, load) for load in s["load"] for t in counts]
     head = ["engine", "format", "metric"] + [f"{x} thr tok/s" for x in labels] + \
-        [f"busy: {counts[-1]} thr / best"]
+        [f"busy: {default} thr / best fixed"]
     out = ["## Under load (another process keeps one core busy)\n",
-           "tok/s per setting; the last column divides the most threads' speed under load by the best speed "
-           "of any thread count under the same load (>= 1: the most threads are the right default).\n",
+           f"tok/s per setting; the last column divides the speed with {default} threads under load by the best "
+           "speed of any fixed thread count under the same load (>= 1: the default is right). \"auto\" is "
+           "glm4rt's default thread count (`set_num_threads(None)`: every CPU, decode steps following the "
+           "machine's load); the peers run it with as many threads as CPUs.\n",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     engines = []
     for r in ok:
@@ -590,8 +595,9 @@ def load_table(ok: list[dict], metrics: list[tuple[str, str]], s: dict) -> list[
                     return None
                 return tok_per_s(key, r["times"][key], s["decode_steps"])
             cells = [ENGINE_LABEL[engine], label, name] + [fmt_num(tok_s(x), 2) for x in labels]
-            busy = [tok_s(setting_label(t, "busy")) for t in counts]
-            cells.append(fmt_ratio(busy[-1], max(busy)) if all(busy) else "n/a")
+            busy = [tok_s(setting_label(t, "busy")) for t in fixed]
+            mine = tok_s(setting_label(default, "busy"))
+            cells.append(fmt_ratio(mine, max(busy)) if mine and busy and all(busy) else "n/a")
             out.append("| " + " | ".join(cells) + " |")
     return out + [""]
 
@@ -802,7 +808,8 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; 40 = full 9B; --quick: 1)")
-    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts and 'auto' (glm4rt's default, load-following "
+                   "decode threads; the peers get one thread per CPU) (default 1,2)")
     p.add_argument("--reps", type=int, default=None,
                    help="repetitions per measurement, taken in turn across the engines of a format (default 4; --quick: 2)")
     p.add_argument("--formats", default="bf16,int8,int4",
@@ -837,7 +844,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.out = a.out or ("results-quick" if a.quick else "results")
     if not 1 <= a.decode_slices <= a.decode_steps:
         p.error(f"--decode-slices must be between 1 and --decode-steps ({a.decode_steps})")
-    a.threads = [int(t) for t in a.threads.split(",") if t]
+    try:
+        a.threads = [t if t == "auto" else int(t) for t in a.threads.split(",") if t]
+    except ValueError:
+        p.error(f"--threads takes thread counts and 'auto', got {a.threads!r}")
     a.load = [x for x in a.load.split(",") if x]
     if not a.load or any(x not in ("idle", "busy") for x in a.load):
         p.error(f"--load takes idle, busy or idle,busy, got {','.join(a.load)!r}")

@@ -59,6 +59,11 @@ class NotAvailable(Exception):
 
 # ---- engines: load, threads, prefill, decode step, cache rewind ---------------------------------
 
+def fixed_threads(n) -> int:
+    """A thread count for engines without glm4rt's "auto" default: one thread per CPU."""
+    return (os.cpu_count() or 1) if n == "auto" else int(n)
+
+
 class Glm4rtEngine:
     name = "glm4rt"
 
@@ -90,8 +95,8 @@ class Glm4rtEngine:
     def allocate(self, capacity: int) -> None:
         self.cache = self.glm4rt.Glm4Cache.for_config(self.config, 1, capacity)
 
-    def set_threads(self, n: int) -> None:
-        self.glm4rt.set_num_threads(n)
+    def set_threads(self, n) -> None:
+        self.glm4rt.set_num_threads(None if n == "auto" else n)  # "auto": the default
 
     def reset(self, n_keep: int) -> None:
         self.cache.crop(n_keep)
@@ -178,7 +183,7 @@ class LlamaEngine:
     def load(self, logits_all: bool = False) -> None:
         from llama_cpp import Llama
 
-        t = self.spec.get("threads", [1])[0]
+        t = fixed_threads(self.spec.get("threads", [1])[0])
         path = self.spec["gguf"]
         if not os.path.isfile(path):
             raise NotAvailable(f"no GGUF file {path}")
@@ -191,7 +196,8 @@ class LlamaEngine:
         if capacity > self.llm.n_ctx():
             raise ValueError(f"n_ctx {self.llm.n_ctx()} < needed {capacity}")
 
-    def set_threads(self, n: int) -> None:
+    def set_threads(self, n) -> None:
+        n = fixed_threads(n)
         self.llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
 
     def reset(self, n_keep: int) -> None:
@@ -249,8 +255,8 @@ class TransformersEngine:
     def allocate(self, capacity: int) -> None:
         self.cache = self.DynamicCache(config=self.model.config)
 
-    def set_threads(self, n: int) -> None:
-        self.torch.set_num_threads(n)
+    def set_threads(self, n) -> None:
+        self.torch.set_num_threads(fixed_threads(n))
 
     def reset(self, n_keep: int) -> None:
         if n_keep == 0:
@@ -347,7 +353,7 @@ def serve_task(spec: dict) -> None:
         op = cmd["op"]
         try:
             if op == "threads":
-                engine.set_threads(int(cmd["n"]))
+                engine.set_threads(cmd["n"] if cmd["n"] == "auto" else int(cmd["n"]))
                 engine.reset(0)
                 t0 = time.perf_counter()
                 engine.prefill(ids[:32])  # touch weights, buffers, thread pools

@@ -269,4 +269,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("active_isa", &glm4rt::active_isa);
   m.def("set_num_threads", &glm4rt::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &glm4rt::get_num_threads);
+  m.def("num_threads_is_default", &glm4rt::num_threads_is_default);
+  m.def("set_thread_cap", &glm4rt::set_thread_cap, py::arg("n"));
 }

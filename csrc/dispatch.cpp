@@ -153,6 +153,7 @@ const KernelTable* initial_table() {
 
 std::atomic<const KernelTable*> g_table{nullptr};
 std::atomic<int> g_threads{0};
+thread_local int t_thread_cap = 0;
 
 }  // namespace
 
@@ -209,18 +210,27 @@ const KernelTable& kernels() {
 }
 
 void set_num_threads(int n) {
-  GLM4RT_CHECK(n >= 1) << "number of threads must be >= 1, got " << n;
+  GLM4RT_CHECK(n >= 0) << "number of threads must be >= 1 (or 0 for the default), got " << n;
   g_threads.store(n);
+}
+
+bool num_threads_is_default() { return g_threads.load() == 0; }
+
+void set_thread_cap(int n) {
+  GLM4RT_CHECK(n >= 0) << "thread cap must be >= 0, got " << n;
+  t_thread_cap = n;
 }
 
 int get_num_threads() {
   int n = g_threads.load();
-  if (n > 0) return n;
+  if (n <= 0) {
 #if defined(_OPENMP)
-  return omp_get_max_threads();
+    n = omp_get_max_threads();
 #else
-  return 1;
+    n = 1;
 #endif
+  }
+  return t_thread_cap > 0 && t_thread_cap < n ? t_thread_cap : n;
 }
 
 }  // namespace glm4rt

@@ -18,8 +18,14 @@ std::string active_isa();
 // The active table (chosen on first use from GLM4RT_ISA or the best supported ISA).
 const KernelTable& kernels();
 
-// Threads used by every parallel kernel (a process-wide setting, not per calling thread).
+// Threads used by every parallel kernel: a process-wide setting (0 = the OpenMP default, all
+// CPUs), lowered for the calling thread only by set_thread_cap (the decode loop's load-following
+// thread count, glm4rt/autothreads.py; per calling thread so concurrent generations do not fight).
 void set_num_threads(int n);
 int get_num_threads();
+// True while set_num_threads has not chosen a count (or was reset with 0).
+bool num_threads_is_default();
+// At most n threads for kernels called from this thread; 0 removes the cap.
+void set_thread_cap(int n);
 
 }  // namespace glm4rt

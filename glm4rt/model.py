@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import ops
+from . import autothreads, ops
 from .config import CONFIG_NAME, Glm4Config, _DEFAULTS
 from .errors import CheckpointError, ConfigError
 from .hub import HUB_KWARGS, resolve_model_dir
@@ -454,6 +454,13 @@ class Glm4PreTrainedModel:
         save_safetensors(os.path.join(save_directory, SAFE_WEIGHTS_NAME), params, bf16, metadata)
 
     def __call__(self, *args: Any, **kwargs: Any):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        shape = getattr(ids, "shape", None)  # arrays only: other inputs go to forward's checks
+        if shape is not None and len(shape) >= 2 and shape[1] == 1:  # a decode step
+            with autothreads.decode_step():  # threads that follow the machine's load
+                return self.forward(*args, **kwargs)
         return self.forward(*args, **kwargs)
 
 

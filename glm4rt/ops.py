@@ -7,6 +7,7 @@ reuse its buffers. The kernels release the GIL and run on ``get_num_threads()`` 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -192,15 +193,22 @@ def max_num_threads() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
-def set_num_threads(n: int) -> None:
+def set_num_threads(n: Optional[int]) -> None:
     """Set the number of threads every kernel uses (process-wide).
 
+    By default (and after ``set_num_threads(None)``) the kernels use every CPU, and decode steps
+    lower that while other programs keep CPUs busy (``glm4rt.autothreads``); a count set here is
+    used as given.
+
     Args:
-        n: an integer in ``[1, max_num_threads()]``.
+        n: an integer in ``[1, max_num_threads()]``, or ``None`` for the default.
     Raises:
         TypeError: ``n`` is not an integer (a float or a string is not rounded or parsed).
         ValueError: ``n`` is out of range.
     """
+    if n is None:
+        _C.set_num_threads(0)
+        return
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"number of threads must be an integer, got {n!r} ({type(n).__name__})")
     if n < 1:
@@ -210,8 +218,19 @@ def set_num_threads(n: int) -> None:
     _C.set_num_threads(int(n))
 
 
+def num_threads_is_default() -> bool:
+    """True unless ``set_num_threads`` (or ``GLM4RT_NUM_THREADS``) chose a count."""
+    return _C.num_threads_is_default()
+
+
+def set_thread_cap(n: int) -> None:
+    """At most ``n`` threads for the kernels this Python thread calls (0: no cap); for
+    ``glm4rt.autothreads``, which sets it around each decode step."""
+    _C.set_thread_cap(int(n))
+
+
 def get_num_threads() -> int:
-    """Number of threads the kernels use."""
+    """Number of threads the kernels use (outside a decode step, whose count may be lower)."""
     return _C.get_num_threads()
 
 

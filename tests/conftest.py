@@ -26,13 +26,16 @@ sys.path.insert(0, TESTS)  # golden_checks, hf_reference
 
 
 @pytest.fixture(autouse=True)
-def _restore_isa():
-    """Tests that force an ISA must not leak it into the next test."""
+def _restore_isa_and_threads():
+    """Tests that force an ISA or a thread count must not leak it into the next test (a thread
+    count restored as a number would no longer be the load-following default)."""
     import glm4rt
+    from glm4rt import ops
 
-    before = glm4rt.cpu_isa()
+    isa, default_threads, threads = glm4rt.cpu_isa(), ops.num_threads_is_default(), glm4rt.get_num_threads()
     yield
-    glm4rt.set_isa(before)
+    glm4rt.set_isa(isa)
+    glm4rt.set_num_threads(None if default_threads else threads)
 
 
 def fixture_dir(name: str) -> str:
