@@ -17,6 +17,7 @@ kernel thread cap set with it), so concurrent generations each tune their own st
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,8 @@ MAX_INTERVAL = 256       # ... doubling up to this while nothing changes
 PROBE_ROUNDS = 3         # each probe runs every candidate this many times, interleaved
 MIN_GAIN = 0.97          # a neighbour must take at most 97% of current's median step time
 IDLE_OTHERS_CPUS = 0.25  # other processes using less than this many CPUs = an idle machine
+
+log = logging.getLogger(__name__)  # each probe's result at DEBUG level
 
 
 class LoadMeter:
@@ -110,6 +113,7 @@ class DecodeThreads:
         if others is not None and others < IDLE_OTHERS_CPUS:
             # Idle machine: every CPU is ours, and the default thread count is right.
             self.current, self.countdown = self.n_max, self.interval
+            log.debug("others use %.2f CPUs: idle, %d threads", others, self.current)
             return
         candidates = [c for c in (self.current, self.current - 1, self.current + 1) if 1 <= c <= self.n_max]
         self.plan = candidates * PROBE_ROUNDS
@@ -118,11 +122,13 @@ class DecodeThreads:
     def _decide(self) -> None:
         medians = {c: sorted(ts)[len(ts) // 2] for c, ts in self.times.items()}
         best = min(medians, key=medians.get)
+        log.debug("probe: median ms per step %s", {c: round(1e3 * t, 2) for c, t in sorted(medians.items())})
         if best != self.current and medians[best] <= MIN_GAIN * medians[self.current]:
             self.current, self.interval = best, MIN_INTERVAL
         else:
             self.interval = min(2 * self.interval, MAX_INTERVAL)
         self.countdown = self.interval
+        log.debug("%d threads, next probe in %d steps", self.current, self.interval)
 
 
 _local = threading.local()

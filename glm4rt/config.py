@@ -19,12 +19,13 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import ConfigError
+from .jsonfile import read_json
 from .quant import BLOCK_SIZE, GROUP_ROWS, QUANT_FORMATS
 
 CONFIG_NAME = "config.json"
 
 # Field -> default, as in transformers' Glm4Config.
-_DEFAULTS: dict[str, Any] = {
+CONFIG_DEFAULTS: dict[str, Any] = {
     "vocab_size": 151552,
     "hidden_size": 4096,
     "intermediate_size": 13696,
@@ -56,7 +57,6 @@ _SUPPORTED_ACTS = ("silu", "swish")
 MAX_HEAD_DIM = 256  # csrc/kernels.h kMaxHeadDim
 MAX_DIM = 2**31 - 1  # the kernels take sizes and row counts as 32-bit ints (csrc/bindings.cpp)
 MAX_LABELS = 2**20  # id2label is built as a dict of num_labels entries when the config is made
-MAX_NESTING = 32  # levels of JSON arrays/objects in config.json (real ones use 3)
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
 _BOOLS = ("use_cache", "tie_word_embeddings", "attention_bias")
@@ -68,7 +68,7 @@ class Glm4Config:
     """Configuration of a GLM-4 (``Glm4ForCausalLM``) model.
 
     Args:
-        **kwargs: any field of transformers' ``Glm4Config`` (see ``_DEFAULTS`` for the defaults),
+        **kwargs: any field of transformers' ``Glm4Config`` (see ``CONFIG_DEFAULTS`` for the defaults),
             ``rope_parameters`` (5.x dialect) or ``rope_scaling`` (only ``None``/default rope is
             supported), ``num_labels`` / ``id2label`` / ``label2id`` / ``problem_type`` for the
             classification heads, ``dtype`` or ``torch_dtype``. Unknown keys are kept as attributes
@@ -84,7 +84,7 @@ class Glm4Config:
         kwargs = dict(kwargs)
         rope = _check_rope("rope_parameters", kwargs.pop("rope_parameters", None))
         _check_rope("rope_scaling", kwargs.pop("rope_scaling", None))
-        for key, value in _DEFAULTS.items():
+        for key, value in CONFIG_DEFAULTS.items():
             setattr(self, key, copy.deepcopy(value))
         if "torch_dtype" in kwargs:
             torch_dtype = kwargs.pop("torch_dtype")
@@ -224,9 +224,9 @@ class Glm4Config:
             FileNotFoundError: no such directory / no config.json.
             ConfigError: the file is not valid JSON or holds unsupported settings.
         """
-        from .hub import HUB_KWARGS, resolve_model_dir
+        from .hub import pop_hub_kwargs, resolve_model_dir
 
-        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+        hub_kwargs = pop_hub_kwargs(kwargs)
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isfile(path):
             config_file = path
@@ -234,21 +234,7 @@ class Glm4Config:
             config_file = os.path.join(resolve_model_dir(path, **hub_kwargs), CONFIG_NAME)
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {os.path.dirname(config_file)!r}")
-        with open(config_file, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{config_file} is not valid JSON: {e}") from None
-        deep = _too_deep(text)
-        if deep is not None:
-            raise ConfigError(f"{config_file}: field {deep} nests more than {MAX_NESTING} levels deep")
-        try:
-            data = json.loads(text)
-        except ValueError as e:  # JSONDecodeError, or an integer of 4300+ digits
-            raise ConfigError(f"{config_file} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{config_file} must hold a JSON object")
+        data = read_json(config_file)
         try:
             return cls.from_dict(data, **kwargs)
         except ConfigError as e:
@@ -365,28 +351,3 @@ def _check_quantization_config(value: Any) -> None:
         if key in value and (not _is_int(value[key]) or value[key] != expected):
             raise ConfigError(f"quantization_config.{key} must be {expected} (the layout glm4rt writes), "
                               f"got {value[key]!r:.80}")
-
-
-# A JSON string (escapes included) or a bracket: enough to follow the nesting of a document.
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-
-
-def _too_deep(text: str) -> Optional[str]:
-    """The top-level field whose value nests arrays/objects more than ``MAX_NESTING`` levels deep
-    (its name as written), or None. A scan of the text: Python's json would take one stack frame
-    per level, and raise RecursionError on a deep enough file before anything could be named."""
-    depth, key, last_string = 0, None, None
-    for token in _JSON_TOKEN.finditer(text):
-        c = token.group()
-        if c[0] == '"':
-            if depth == 1:
-                last_string = c
-        elif c in "[{":
-            depth += 1
-            if depth == 2:
-                key = last_string
-            if depth > MAX_NESTING:
-                return key or "(the top level)"
-        else:
-            depth -= 1
-    return None

@@ -8,6 +8,11 @@ import re
 # Keyword arguments of from_pretrained that belong to the hub, not to the config.
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
 
+
+def pop_hub_kwargs(kwargs: dict) -> dict:
+    """Remove the hub options (``HUB_KWARGS``) from a ``from_pretrained``'s ``kwargs``; return them."""
+    return {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+
 # Files a GLM-4 checkpoint needs: config, weights, tokenizer and chat template.
 _ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import autothreads, ops
-from .config import CONFIG_NAME, Glm4Config, _DEFAULTS
+from .config import CONFIG_DEFAULTS, CONFIG_NAME, Glm4Config
 from .errors import CheckpointError, ConfigError
 from .hub import HUB_KWARGS, resolve_model_dir
 from .kv_cache import Glm4Cache
@@ -103,7 +103,7 @@ _DTYPE_ALIASES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
 # Config fields that from_pretrained(**kwargs) may override.
-_CONFIG_KWARGS = set(_DEFAULTS) | {"num_labels", "id2label", "label2id", "rope_parameters",
+_CONFIG_KWARGS = set(CONFIG_DEFAULTS) | {"num_labels", "id2label", "label2id", "rope_parameters",
                                    "rope_scaling", "torch_dtype"}
 # Tensors of sibling classes (other heads) or non-persistent buffers: skipped, not an error.
 _OTHER_HEADS = ("lm_head.weight", "lm_head.qweight", "score.weight", "score.bias")
