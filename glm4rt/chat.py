@@ -79,7 +79,7 @@ class ChatSession:
         text = self.tokenizer.apply_chat_template(self.messages, tools=self.tools,
                                                   add_generation_prompt=True, tokenize=False)
         if self.history_ids:
-            previous = self.tokenizer.decode(self.tokenizer._known_ids(self.history_ids), skip_special_tokens=False)
+            previous = self.tokenizer.decode(self.tokenizer.known_ids(self.history_ids), skip_special_tokens=False)
             if text.startswith(previous):
                 return self.history_ids + self.tokenizer.encode(text[len(previous):], add_special_tokens=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -137,7 +137,7 @@ class ChatSession:
                 yield rest
         finally:
             self.history_ids = ids + generated
-            reply = self.tokenizer.decode(self.tokenizer._known_ids(generated), skip_special_tokens=True)
+            reply = self.tokenizer.decode(self.tokenizer.known_ids(generated), skip_special_tokens=True)
             self.messages.append({"role": "assistant", "content": reply})
 
     def ask(self, content: str, **overrides: Any) -> str:

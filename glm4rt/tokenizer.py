@@ -2,56 +2,44 @@
 
 The vocabulary and the encode/decode pipeline are the checkpoint's own ``tokenizer.json``, run by
 the ``tokenizers`` package (byte-level BPE behind a GPT-4-style split regex for GLM-4);
-``tokenizer_config.json`` adds the special tokens, padding side and the chat template. The API and
-every result mirror transformers 5.x ``PreTrainedTokenizerFast`` (``TokenizersBackend``) loaded from
-the same files; where transformers would return tensors this returns NumPy int64 arrays. Input that
-transformers lets through to a confusing error or a silent loss is refused with a ValueError or
-TypeError that names it: ids ``decode`` does not know, text with lone surrogates, chat messages
-with no role, a role the template does not render, or content that is not text.
+``tokenizer_config.json`` adds the special tokens, the padding side and the chat template. Encode,
+decode, padded batches and rendered templates are those of transformers' ``PreTrainedTokenizerFast``
+loaded from the same files; where transformers would return tensors this returns NumPy int64
+arrays. Only what a GLM runtime uses is here: loading, encode/decode, ``__call__`` with padding and
+truncation, the special tokens, ``apply_chat_template`` (rendered by ``chat_template.py``) and
+``StreamDecoder`` for streaming. Input that transformers lets through to a confusing error or a
+silent loss is refused with a ValueError or TypeError that names it: ids ``decode`` does not know,
+text with lone surrogates, chat messages a template would drop or garble.
 
-Chat templates are rendered the way transformers renders them (``utils/chat_template_utils.py``):
-a jinja2 ``ImmutableSandboxedEnvironment`` with ``trim_blocks``, ``lstrip_blocks`` and the
-``loopcontrols`` extension, a ``tojson`` filter that does not escape HTML and keeps non-ASCII text,
-``raise_exception`` / ``strftime_now`` globals, the named special tokens as template variables.
-The rendered text is then tokenized WITHOUT adding special tokens: GLM templates write
+The rendered chat text is tokenized WITHOUT adding special tokens: GLM templates write
 ``[gMASK]<sop>`` themselves, and GLM's post-processor would prepend them a second time.
-
-``StreamDecoder`` turns generated ids into text piece by piece for streaming, holding back bytes
-of a character that byte-level BPE split across tokens.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 from collections.abc import Mapping
-from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
+from .chat_template import check_messages, render_chat_template, template_roles, to_conversations
 from .errors import Glm4rtError
 from .hub import HUB_KWARGS, resolve_model_dir
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 # transformers' named special tokens, in its order (special_tokens_map, all_special_tokens).
 SPECIAL_TOKENS_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                              "mask_token")
-VERY_LARGE_INTEGER = int(1e30)  # transformers' "no limit" model_max_length
-LARGE_INTEGER = int(1e20)
-
-# Private-use characters that mark control tokens found in user input (sanitize_control_tokens).
-_CONTROL_TOKEN_START = "\U000f0000"
-_CONTROL_TOKEN_END = "\U000f0001"
-# Message keys a reasoning trace may come under; the first is the one templates read.
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length when the config gives none
+LARGE_INTEGER = int(1e20)  # a model_max_length above this means "no limit", as in transformers
+# transformers' apply_chat_template options that glm4rt does not take: refused, where a keyword
+# glm4rt does not know would otherwise reach the template as a variable and silently do nothing.
+UNSUPPORTED_CHAT_OPTIONS = ("sanitize_control_tokens", "return_assistant_tokens_mask", "tokenizer_kwargs")
 
 
 class TokenizerError(Glm4rtError):
@@ -69,45 +57,31 @@ class BatchEncoding(dict):
             raise AttributeError(name) from None
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading helpers
-# --------------------------------------------------------------------------------------------------
-
 def _token_content(value: Any) -> str | None:
     """A special token as written in tokenizer_config.json: a string or a serialized AddedToken."""
-    if value is None:
-        return None
-    if isinstance(value, str):
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
     raise TokenizerError(f"special token must be a string or an AddedToken dict, got {value!r}")
 
 
-def _added_token(content: str, spec: Mapping | None = None, special: bool = True):
-    """A ``tokenizers.AddedToken`` from tokenizer_config.json's ``added_tokens_decoder`` entry."""
+def _added_token(content: str, spec: Mapping | None = None):
+    """A special ``tokenizers.AddedToken``, with the flags of its ``added_tokens_decoder`` entry."""
     from tokenizers import AddedToken
 
     if spec is None:
-        return AddedToken(content, special=special, normalized=not special)
+        return AddedToken(content, special=True, normalized=False)
     kwargs = {k: spec[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in spec}
     return AddedToken(content, **kwargs)
 
 
-def _read_json(path: str) -> Any:
+def _read_file(path: str, parse=None) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return f.read() if parse is None else parse(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from e
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise TokenizerError(f"{path}: not valid UTF-8 ({e})") from e
+        raise TokenizerError(f"{path}: not valid {'UTF-8' if parse is None else 'JSON'} ({e})") from e
 
 
 def _to_py(ids: Any) -> Any:
@@ -137,369 +111,15 @@ def _check_texts(texts: list) -> None:
                              "a character (undecodable input bytes?): decode input with errors='replace'")
 
 
-# --------------------------------------------------------------------------------------------------
-# Chat template rendering (mirrors transformers/utils/chat_template_utils.py)
-# --------------------------------------------------------------------------------------------------
-
-@lru_cache(maxsize=32)
-def _compile_template(chat_template: str):
-    """Compile a chat template in transformers' jinja environment (cached per template text)."""
-    import jinja2
-    import jinja2.ext
-    import jinja2.nodes
-    import jinja2.utils
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    version = tuple(int(p) for p in re.findall(r"\d+", jinja2.__version__)[:3])
-    if version < (3, 1, 6):
-        # Same floor as transformers: older jinja2 has known sandbox escapes, templates are untrusted code.
-        raise ImportError(f"chat templates need jinja2>=3.1.6, found {jinja2.__version__}: pip install -U jinja2")
-
-    class GenerationTag(jinja2.ext.Extension):
-        # transformers' {% generation %}...{% endgeneration %} marks assistant text for its assistant
-        # mask; it renders the body unchanged, and so does this.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes <, >, & and ' for HTML; chat templates want plain JSON.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
-    class TemplateDict:
-        # dict() for templates, without exposing the dict type itself.
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
-
-    class TemplateNamespace(jinja2.utils.Namespace):
-        # namespace() that refuses underscore attributes (no way to CPython internals).
-        def __init__(*args, **kwargs):
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check_name(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(
-                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}.")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    env.globals["dict"] = TemplateDict()
-    env.globals["namespace"] = TemplateNamespace
-    try:
-        return env.from_string(chat_template)
-    except jinja2.exceptions.TemplateSyntaxError as e:
-        raise TokenizerError(f"chat template does not compile: {e} (line {e.lineno})") from e
-
-
-@lru_cache(maxsize=32)
-def _template_literal_text(chat_template: str) -> str:
-    """The template's raw text and string constants, NUL-joined (control-token detection)."""
-    import jinja2.nodes
-
-    ast = _compile_template(chat_template).environment.parse(chat_template)
-    literals = {node.data for node in ast.find_all(jinja2.nodes.TemplateData)}
-    literals |= {node.value for node in ast.find_all(jinja2.nodes.Const) if isinstance(node.value, str)}
-    return "\0".join(literals)
-
-
-@lru_cache(maxsize=32)
-def _template_roles(chat_template: str) -> frozenset[str] | None:
-    """The message roles a template renders: the strings it compares a message's role with
-    (``message.role == 'user'``, ``role in [...]``, ``selectattr('role', 'equalto', ...)``).
-    None when any role renders: the template writes the role out or uses it some other way."""
-    import jinja2.nodes as nodes
-
-    ast = _compile_template(chat_template).environment.parse(chat_template)
-    names = {"role"}  # variables that hold a role, as {% set role = message['role'] %} makes
-
-    def is_role(node) -> bool:
-        return (isinstance(node, nodes.Getattr) and node.attr == "role"
-                or isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "role"
-                or isinstance(node, nodes.Name) and node.ctx == "load" and node.name in names)
-
-    def strings(node) -> list[str]:
-        items = node.items if isinstance(node, (nodes.List, nodes.Tuple)) else [node]
-        if all(isinstance(i, nodes.Const) and isinstance(i.value, str) for i in items):
-            return [i.value for i in items]
-        return []
-
-    understood: set[int] = set()  # ids of the role nodes whose use is known (assigned, compared)
-    for assign in ast.find_all(nodes.Assign):
-        if isinstance(assign.target, nodes.Name) and is_role(assign.node):
-            names.add(assign.target.name)
-            understood.add(id(assign.node))
-    roles: set[str] = set()
-    for compare in ast.find_all(nodes.Compare):
-        operands = [compare.expr] + [op.expr for op in compare.ops]
-        for a, b in zip(operands, operands[1:]):
-            for role, other in ((a, b), (b, a)):
-                if is_role(role) and strings(other):
-                    roles.update(strings(other))
-                    understood.add(id(role))
-    for test in ast.find_all(nodes.Test):  # message.role is equalto 'user'
-        if test.name in ("eq", "equalto", "==", "ne", "!=") and is_role(test.node) and \
-                len(test.args) == 1 and strings(test.args[0]):
-            roles.update(strings(test.args[0]))
-            understood.add(id(test.node))
-    for selection in ast.find_all(nodes.Filter):  # messages | selectattr('role', 'equalto', 'system')
-        args = selection.args
-        if selection.name in ("selectattr", "rejectattr") and len(args) == 3 and strings(args[0]) == ["role"]:
-            roles.update(strings(args[2]))
-    used = [n for n in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Name)) if is_role(n)]
-    if not roles or any(id(n) not in understood for n in used):
-        return None
-    return frozenset(roles)
-
-
-def _check_messages(messages: list[dict], roles: frozenset[str] | None) -> None:
-    """Refuse messages a template would drop or garble: no role, a role it does not render
-    (``roles``; None: any), content that is not text. Content may be left out of an assistant
-    message only (a tool call, or reasoning alone)."""
-    for i, message in enumerate(messages):
-        role = message.get("role")
-        if role is None:
-            raise ValueError(f"message {i} has no 'role'")
-        if not isinstance(role, str):
-            raise TypeError(f"message {i}: role must be a string, got {role!r} ({type(role).__name__})")
-        if roles is not None and role not in roles:
-            raise ValueError(f"message {i} has role {role!r}, which the chat template does not render (it renders "
-                             f"{', '.join(map(repr, sorted(roles)))}): the message would be dropped")
-        content = message.get("content")
-        if content is None:
-            if role == "assistant":
-                continue
-            raise ValueError(f"message {i} (role {role!r}) has no content: give a string ('' for an empty message)")
-        blocks = isinstance(content, (list, tuple)) and all(isinstance(block, dict) for block in content)
-        if not isinstance(content, str) and not blocks:
-            raise TypeError(f"message {i} (role {role!r}): content must be a string or a list of content-block "
-                            f"dicts, got {type(content).__name__} {_short_repr(content)}")
-
-
-def _short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-@lru_cache(maxsize=32)
-def _control_token_patterns(control_tokens: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
-    """Regex for any control token (longest first) and regex for a marked token or a lone marker."""
-    longest_first = sorted(control_tokens, key=len, reverse=True)
-    tokens_re = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
-    start, end = _CONTROL_TOKEN_START, _CONTROL_TOKEN_END
-    markers_re = re.compile(f"{start}({tokens_re.pattern}){end}|[{start}{end}]")
-    return tokens_re, markers_re
-
-
-def _mark_control_tokens(obj: Any, tokens_re: re.Pattern) -> Any:
-    """Wrap control tokens inside user strings in private-use markers (dict keys untouched)."""
-    if isinstance(obj, str):
-        obj = obj.replace(_CONTROL_TOKEN_START, "").replace(_CONTROL_TOKEN_END, "")
-        return tokens_re.sub(f"{_CONTROL_TOKEN_START}\\g<0>{_CONTROL_TOKEN_END}", obj)
-    if isinstance(obj, dict):
-        return {key: _mark_control_tokens(value, tokens_re) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_mark_control_tokens(value, tokens_re) for value in obj]
-    return obj
-
-
-def _message_objects_to_dicts(value: Any) -> Any:
-    """Messages given as dataclasses or pydantic models (OpenAI SDK) -> plain dicts, recursively."""
-    if isinstance(value, Mapping):
-        return {key: _message_objects_to_dicts(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_message_objects_to_dicts(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(_message_objects_to_dicts(item) for item in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _message_objects_to_dicts(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):
-        return _message_objects_to_dicts(value.model_dump())
-    return value
-
-
-def _normalize_messages(conversation: Any) -> list[dict]:
-    """A conversation -> list of message dicts with the ``None``-valued keys dropped (as transformers)."""
-    messages = _message_objects_to_dicts(getattr(conversation, "messages", conversation))
-    if not isinstance(messages, (list, tuple)):
-        raise TypeError(f"a conversation must be a list of message dicts, got {type(messages).__name__}")
-    out = []
-    for message in messages:
-        if not isinstance(message, dict):
-            raise TypeError(f"Chat messages should be dicts, dataclasses or pydantic models, but got {message!r}.")
-        out.append({key: value for key, value in message.items() if value is not None})
-    return out
-
-
-def _plain_template_data(value: Any) -> Any:
-    """Everything a template sees, rebuilt from plain JSON types; other objects become "<TypeName>"."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain_template_data(k): _plain_template_data(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain_template_data(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain_template_data(v) for v in value)
-    if isinstance(value, np.generic):
-        return _plain_template_data(value.item())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain_template_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):
-        return _plain_template_data(value.model_dump())
-    return f"<{type(value).__name__}>"
-
-
-def _alias_reasoning_fields(chat: list[dict]) -> list[dict]:
-    """Copy a message's reasoning to ``reasoning_content`` (and ``thinking``), as transformers does."""
-    aliased = []
-    for message in chat:
-        if isinstance(message, dict):
-            reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
-            if reasoning is not None:
-                message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        aliased.append(message)
-    return aliased
-
-
-def render_chat_template(chat_template: str, conversations: list[list[dict]], tools: list | None = None,
-                         documents: list | None = None, add_generation_prompt: bool = False,
-                         continue_final_message: bool | str = False, **template_kwargs: Any) -> list[str]:
-    """Render conversations with a chat template exactly as transformers' ``render_jinja_template``.
-
-    Args:
-        chat_template: the jinja template text.
-        conversations: a list of conversations, each a list of message dicts.
-        tools: JSON-schema tool definitions (dicts), or None.
-        documents: RAG documents (dicts), or None.
-        add_generation_prompt: passed to the template.
-        continue_final_message: leave the last message open (True continues ``content``; a string
-            names the field to continue, e.g. ``"reasoning_content"``).
-        **template_kwargs: further template variables (special tokens, ``enable_thinking``, ...).
-    Returns:
-        One rendered string per conversation.
-    Raises:
-        ValueError: malformed tools, or a final message the template does not reproduce.
-        TypeError: documents or messages that are not dicts.
-        jinja2.exceptions.TemplateError: the template's own ``raise_exception``.
-    """
-    compiled = _compile_template(chat_template)
-    if tools is not None:
-        schemas = []
-        for tool in tools:
-            if isinstance(tool, dict):
-                schemas.append(tool)
-            elif callable(tool):
-                raise ValueError(
-                    "glm4rt takes tools as JSON schemas (dicts); convert a Python function first, e.g. "
-                    "with transformers.utils.get_json_schema(fn)")
-            else:
-                raise ValueError("Tools should either be a JSON schema, or a callable function with type hints "
-                                 "and a docstring suitable for auto-conversion to a schema.")
-        tools = schemas
-    if documents is not None:
-        for document in documents:
-            if not isinstance(document, dict):
-                raise TypeError("Documents should be a list of dicts with 'title' and 'text' keys!")
-    tools = _plain_template_data(tools)
-    documents = _plain_template_data(documents)
-    template_kwargs = _plain_template_data(template_kwargs)
-
-    rendered = []
-    for chat in conversations:
-        chat = _plain_template_data(getattr(chat, "messages", chat))  # a fresh copy: edits stay local
-        for message in chat:
-            if not isinstance(message, dict):
-                raise TypeError(f"Chat messages should be dicts, dataclasses or pydantic models, but got {message!r}.")
-        chat = _alias_reasoning_fields(chat)
-        final_message = None
-        if continue_final_message:
-            if not chat:
-                raise ValueError("continue_final_message is set but the conversation is empty!")
-            field = continue_final_message if isinstance(continue_final_message, str) else "content"
-            final_message = chat[-1].get(field)
-            if final_message is None:
-                raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue!')
-            fields = [field]
-            if field in _REASONING_FIELDS:
-                fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final_message]
-            if not any(f in chat_template for f in fields):
-                raise ValueError(f'continue_final_message is set to "{field}" but this is not an accepted field '
-                                 "in the chat_template")
-            if isinstance(final_message, (list, tuple)):
-                for block in reversed(final_message):
-                    if "text" in block:  # continue the last text block
-                        final_message = block["text"]
-                        block["text"] = block["text"] + _CONTINUE_TAG
-                        break
-                else:
-                    raise ValueError("continue_final_message is set but we could not find any text to continue "
-                                     "in the final message!")
-            else:
-                for f in fields:
-                    chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
-        text = compiled.render(messages=chat, tools=tools, documents=documents,
-                               add_generation_prompt=add_generation_prompt, **template_kwargs)
-        if continue_final_message:
-            if final_message.strip() not in text or _CONTINUE_TAG.strip() not in text:
-                raise ValueError(
-                    "continue_final_message is set but the final message does not appear in the chat after "
-                    f"applying the chat template! Final message to continue: {final_message.strip()}")
-            tag_at = text.rindex(_CONTINUE_TAG.strip())
-            if text[tag_at:tag_at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
-                text = text[:tag_at]  # spacing preserved
-            else:
-                text = text[:tag_at].rstrip()  # the template trimmed trailing spacing
-        rendered.append(text)
-    return rendered
-
-
-# --------------------------------------------------------------------------------------------------
-# The tokenizer
-# --------------------------------------------------------------------------------------------------
-
 class Glm4Tokenizer:
     """GLM-4's tokenizer: ``tokenizer.json`` through ``tokenizers``, plus ``tokenizer_config.json``.
 
-    Mirrors transformers' ``PreTrainedTokenizerFast`` loaded from the same directory. Build it with
-    ``Glm4Tokenizer.from_pretrained(path_or_hub_id)``.
+    Build it with ``Glm4Tokenizer.from_pretrained(path_or_hub_id)``.
 
     Args:
         tokenizer: a ``tokenizers.Tokenizer``.
         config: the tokenizer_config.json contents (special tokens, ``padding_side``,
-            ``clean_up_tokenization_spaces``, ``model_max_length``, ``chat_template`` ...).
+            ``model_max_length``, ``chat_template`` ...).
         name_or_path: where it came from (informational).
     """
 
@@ -508,13 +128,10 @@ class Glm4Tokenizer:
         self._tk = tokenizer
         self._span: tuple[int, int, bool] | None = None  # cache of _id_span, keyed by len(self)
         self.name_or_path = name_or_path
-        self.init_kwargs = config
 
         # Named special tokens: the standard seven, then model-specific "*_token" string keys and a
-        # dict-valued extra_special_tokens (transformers v5 treats both as named tokens).
-        extra = config.get("extra_special_tokens")
-        if not extra and config.get("additional_special_tokens"):
-            extra = config["additional_special_tokens"]
+        # dict-valued extra_special_tokens (transformers v5 treats both as named tokens); a list of
+        # extra (additional) special tokens is unnamed.
         self._special: dict[str, str] = {}
         for key in SPECIAL_TOKENS_ATTRIBUTES:
             content = _token_content(config.get(key))
@@ -523,6 +140,7 @@ class Glm4Tokenizer:
         for key, value in config.items():
             if key.endswith("_token") and key not in SPECIAL_TOKENS_ATTRIBUTES and isinstance(value, str):
                 self._special[key] = value
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens")
         self._extra_special: list[str] = []
         if isinstance(extra, Mapping):
             for key, value in extra.items():
@@ -533,26 +151,13 @@ class Glm4Tokenizer:
             raise TokenizerError(f"extra_special_tokens must be a list or a dict, got {type(extra).__name__}")
 
         self.padding_side = config.get("padding_side", "right")
-        self.truncation_side = config.get("truncation_side", "right")
-        for name in ("padding_side", "truncation_side"):
-            if getattr(self, name) not in ("left", "right"):
-                raise TokenizerError(f"{name} must be 'left' or 'right', got {getattr(self, name)!r}")
+        if self.padding_side not in ("left", "right"):
+            raise TokenizerError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         max_len = config.get("model_max_length", config.get("max_len"))
         self.model_max_length = int(max_len) if max_len is not None else VERY_LARGE_INTEGER
-        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
-        self._cleanup_bpe_anyway = bool(
-            config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
-        self.split_special_tokens = bool(config.get("split_special_tokens", False))
-        self.chat_control_tokens = config.get("chat_control_tokens")
-        template = config.get("chat_template")
-        if isinstance(template, (list, tuple)):  # [{"name": ..., "template": ...}, ...]
-            try:
-                template = {t["name"]: t["template"] for t in template}
-            except (KeyError, TypeError) as e:
-                raise TokenizerError("chat_template list entries need 'name' and 'template' keys") from e
-        if template is not None and not isinstance(template, (str, dict)):
-            raise TokenizerError(f"chat_template must be a string or a list of named templates, got {template!r}")
-        self.chat_template = template
+        self.chat_template = config.get("chat_template")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise TokenizerError(f"chat_template must be a string, got {type(self.chat_template).__name__}")
 
         # What transformers does on load: re-add the config's added tokens (its flags win), then add
         # any named or extra special token the vocabulary lacks.
@@ -561,9 +166,8 @@ class Glm4Tokenizer:
             entries = sorted(((int(i), spec) for i, spec in decoder.items()), key=lambda e: e[0])
         except (TypeError, ValueError, AttributeError) as e:
             raise TokenizerError(f"added_tokens_decoder must map ids to token dicts ({e})") from e
-        to_add = [_added_token(_token_content(spec), spec) for _, spec in entries]
-        if to_add:
-            self._tk.add_tokens(to_add)
+        if entries:
+            self._tk.add_tokens([_added_token(_token_content(spec), spec) for _, spec in entries])
         known = set(self.added_tokens_encoder)
         missing = []
         for content in [*self._special.values(), *self._extra_special]:
@@ -572,16 +176,14 @@ class Glm4Tokenizer:
                 known.add(content)
         if missing:
             self._tk.add_tokens(missing)
-        self._tk.encode_special_tokens = self.split_special_tokens
 
-    # ---------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "Glm4Tokenizer":
         """Load the tokenizer of a checkpoint directory or Hugging Face hub id.
 
         Reads ``tokenizer.json`` (required), ``tokenizer_config.json`` (optional), and a
-        ``chat_template.jinja`` / ``additional_chat_templates/*.jinja`` next to them, which take
-        precedence over the config's ``chat_template`` as in transformers 5.
+        ``chat_template.jinja`` next to them, which takes precedence over the config's
+        ``chat_template`` as in transformers 5.
 
         Args:
             pretrained_model_name_or_path: a directory or a hub id such as ``"zai-org/GLM-4-9B-0414"``.
@@ -610,32 +212,17 @@ class Glm4Tokenizer:
         config: dict = {}
         cfg_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
         if os.path.isfile(cfg_path):
-            config = _read_json(cfg_path)
+            config = _read_file(cfg_path, json.load)
             if not isinstance(config, dict):
                 raise TokenizerError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
-        templates = {}
         jinja_path = os.path.join(directory, CHAT_TEMPLATE_FILE)
         if os.path.isfile(jinja_path):
-            templates["default"] = _read_text(jinja_path)
-        extra_dir = os.path.join(directory, CHAT_TEMPLATE_DIR)
-        if os.path.isdir(extra_dir):
-            for name in sorted(os.listdir(extra_dir)):
-                if name.endswith(".jinja"):
-                    templates[name[:-len(".jinja")]] = _read_text(os.path.join(extra_dir, name))
-        if len(templates) == 1 and "default" in templates:
-            config["chat_template"] = templates["default"]
-        elif templates:
-            config["chat_template"] = templates
+            config["chat_template"] = _read_file(jinja_path)
         config.update(kwargs)
         return cls(tokenizer, config, name_or_path=os.fspath(pretrained_model_name_or_path))
 
     # ---------------------------------------------------------------------------------------------
     # Vocabulary and special tokens
-    @property
-    def backend_tokenizer(self):
-        """The ``tokenizers.Tokenizer`` doing the work."""
-        return self._tk
-
     @property
     def vocab_size(self) -> int:
         """Size of the base vocabulary, without added tokens (as transformers)."""
@@ -650,14 +237,9 @@ class Glm4Tokenizer:
         return self._tk.get_vocab(with_added_tokens=True)
 
     @property
-    def added_tokens_decoder(self) -> dict:
-        """id -> ``tokenizers.AddedToken`` for every added token."""
-        return self._tk.get_added_tokens_decoder()
-
-    @property
     def added_tokens_encoder(self) -> dict[str, int]:
         """content -> id for every added token, in id order."""
-        return {t.content: i for i, t in sorted(self.added_tokens_decoder.items(), key=lambda e: e[0])}
+        return {t.content: i for i, t in sorted(self._tk.get_added_tokens_decoder().items(), key=lambda e: e[0])}
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
@@ -669,22 +251,12 @@ class Glm4Tokenizer:
     @property
     def all_special_tokens(self) -> list[str]:
         """Named then extra special tokens, without repeats (as transformers v5)."""
-        seen, out = set(), []
-        for token in [*self.special_tokens_map.values(), *self._extra_special]:
-            if token not in seen:
-                seen.add(token)
-                out.append(token)
-        return out
+        return list(dict.fromkeys([*self.special_tokens_map.values(), *self._extra_special]))
 
     @property
     def all_special_ids(self) -> list[int]:
         """Ids of ``all_special_tokens``."""
         return self.convert_tokens_to_ids(self.all_special_tokens)
-
-    @property
-    def extra_special_tokens(self) -> list[str]:
-        """The extra (``additional_special_tokens``) special tokens."""
-        return list(self._extra_special)
 
     def _named_token(key: str, doc: str) -> property:  # noqa: N805 - property factory for the class body
         def get(self) -> str | None:
@@ -699,35 +271,23 @@ class Glm4Tokenizer:
 
     bos_token = _named_token("bos_token", "Beginning-of-sequence token, or None (GLM has none).")
     eos_token = _named_token("eos_token", "End-of-sequence token (GLM: <|endoftext|>); assignable.")
-    unk_token = _named_token("unk_token", "Unknown token, or None.")
     pad_token = _named_token("pad_token", "Padding token (GLM: <|endoftext|>); assignable.")
     del _named_token
-    bos_token_id = property(lambda self: self._token_id("bos_token"), doc="Id of bos_token, or None.")
-    eos_token_id = property(lambda self: self._token_id("eos_token"), doc="Id of eos_token, or None.")
-    unk_token_id = property(lambda self: self._token_id("unk_token"), doc="Id of unk_token, or None.")
-    pad_token_id = property(lambda self: self._token_id("pad_token"), doc="Id of pad_token, or None.")
-
-    def _token_id(self, key: str) -> int | None:
-        token = self._special.get(key)
-        return None if token is None else self.convert_tokens_to_ids(token)
+    bos_token_id = property(lambda self: self.convert_tokens_to_ids(self.bos_token), doc="Id of bos_token, or None.")
+    eos_token_id = property(lambda self: self.convert_tokens_to_ids(self.eos_token), doc="Id of eos_token, or None.")
+    pad_token_id = property(lambda self: self.convert_tokens_to_ids(self.pad_token), doc="Id of pad_token, or None.")
 
     def convert_tokens_to_ids(self, tokens: str | list[str] | None) -> int | list[int] | None:
-        """Token text(s) -> id(s); unknown tokens give ``unk_token_id`` (None for GLM), as transformers.
+        """Token text(s) -> id(s).
 
         Args:
             tokens: one token or a list of tokens.
         Returns:
-            An id, or a list of ids.
+            An id, or a list of ids; None for a token the vocabulary lacks (GLM has no unk_token).
         """
-        if tokens is None:
-            return None
-        if isinstance(tokens, str):
-            index = self._tk.token_to_id(tokens)
-            if index is None:
-                unk = self._special.get("unk_token")
-                return None if unk is None else self._tk.token_to_id(unk)
-            return index
-        return [self.convert_tokens_to_ids(t) for t in tokens]
+        if tokens is None or isinstance(tokens, str):
+            return None if tokens is None else self._tk.token_to_id(tokens)
+        return [self._tk.token_to_id(t) for t in tokens]
 
     def convert_ids_to_tokens(self, ids: int | list[int], skip_special_tokens: bool = False) -> str | list[str]:
         """Id(s) -> token text(s) (byte-level BPE tokens are in their byte-to-unicode alphabet, e.g. "Ġthe").
@@ -754,6 +314,8 @@ class Glm4Tokenizer:
         skip = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._tk.id_to_token(i) for i in ids if i not in skip]
 
+    # ---------------------------------------------------------------------------------------------
+    # Encoding
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
         """Split text into token strings.
 
@@ -768,8 +330,6 @@ class Glm4Tokenizer:
         _check_texts([text])
         return self._tk.encode(text, add_special_tokens=add_special_tokens).tokens
 
-    # ---------------------------------------------------------------------------------------------
-    # Encoding
     def encode(self, text: str, add_special_tokens: bool = True, truncation: bool | str | None = None,
                max_length: int | None = None) -> list[int]:
         """Text -> token ids.
@@ -795,7 +355,7 @@ class Glm4Tokenizer:
         if max_length is not None and max_length < 0:
             raise ValueError(f"max_length must be >= 0, got {max_length}")
         if max_length is not None and padding is False and truncation is None:
-            truncation = "longest_first"
+            truncation = True
         if padding is True or padding == "longest":
             pad = ("longest", None)
         elif padding in (False, None, "do_not_pad"):
@@ -808,21 +368,19 @@ class Glm4Tokenizer:
         if truncate and truncation not in (True, "longest_first", "only_first"):
             raise ValueError(f"truncation {truncation!r} is not supported for single sequences")
         if max_length is None:
+            no_limit = self.model_max_length > LARGE_INTEGER
             if pad is not None and pad[0] == "max_length":
-                pad = None if self.model_max_length > LARGE_INTEGER else ("max_length", self.model_max_length)
-            if truncate:
-                if self.model_max_length > LARGE_INTEGER:
-                    truncate = False
-                else:
-                    max_length = self.model_max_length
+                pad = None if no_limit else ("max_length", self.model_max_length)
+            truncate = truncate and not no_limit
+            max_length = self.model_max_length
         if pad is not None and self.pad_token_id is None:
             raise ValueError("Asking to pad but the tokenizer does not have a padding token. Set one with "
                              "tokenizer.pad_token = tokenizer.eos_token or in tokenizer_config.json.")
         return pad, (max_length if truncate else None)
 
     def _encode_ids(self, texts: list[str], add_special_tokens: bool, truncate_to: int | None) -> list[list[int]]:
-        """Encode texts; with ``truncate_to`` the text is cut so that text + special tokens fit, on
-        ``truncation_side``, as tokenizers' own truncation does."""
+        """Encode texts; with ``truncate_to`` the text is cut on the right so that text + special
+        tokens fit, as tokenizers' own truncation does."""
         _check_texts(texts)
         if truncate_to is None:
             return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)]
@@ -831,12 +389,11 @@ class Glm4Tokenizer:
             raise ValueError(f"max_length={truncate_to} leaves no room for the {n_special} special tokens")
         out = []
         for enc in self._tk.encode_batch(texts, add_special_tokens=False):
-            enc.truncate(truncate_to - n_special, 0, self.truncation_side)
+            enc.truncate(truncate_to - n_special, 0, "right")
             out.append(self._tk.post_process(enc, add_special_tokens=add_special_tokens).ids)
         return out
 
-    def _pad(self, ids: list[list[int]], pad: tuple[str, int | None] | None, padding_side: str | None,
-             pad_to_multiple_of: int | None) -> BatchEncoding:
+    def _pad(self, ids: list[list[int]], pad: tuple[str, int | None] | None, padding_side: str | None) -> BatchEncoding:
         """Lists of ids -> ``input_ids`` / ``attention_mask`` int64 arrays [batch, seq]."""
         side = padding_side if padding_side is not None else self.padding_side
         if side not in ("left", "right"):
@@ -853,8 +410,6 @@ class Glm4Tokenizer:
             if pad[0] == "max_length" and longest > pad[1]:
                 raise ValueError(f"a sequence of {longest} tokens exceeds max_length={pad[1]}: "
                                  "pass truncation=True to cut it")
-            if pad_to_multiple_of and target % pad_to_multiple_of:
-                target += pad_to_multiple_of - target % pad_to_multiple_of
         pad_id = self.pad_token_id if pad is not None else 0
         input_ids = np.full((len(ids), target), pad_id, dtype=np.int64)  # [batch, seq]
         attention_mask = np.zeros((len(ids), target), dtype=np.int64)    # [batch, seq]
@@ -868,8 +423,7 @@ class Glm4Tokenizer:
 
     def __call__(self, text: str | list[str], padding: bool | str = False, padding_side: str | None = None,
                  add_special_tokens: bool = True, truncation: bool | str | None = None,
-                 max_length: int | None = None, pad_to_multiple_of: int | None = None,
-                 return_tensors: str | None = "np", sanitize_control_tokens: bool = False) -> BatchEncoding:
+                 max_length: int | None = None, return_tensors: str | None = "np") -> BatchEncoding:
         """Tokenize one text or a batch into ``input_ids`` and ``attention_mask``.
 
         Args:
@@ -878,13 +432,9 @@ class Glm4Tokenizer:
                 the longest), ``"max_length"`` (pad to ``max_length``). Pads with ``pad_token_id``.
             padding_side: ``"left"`` or ``"right"``; default ``self.padding_side`` (GLM: left).
             add_special_tokens: add the post-processor's special tokens (GLM: ``[gMASK]<sop>``).
-            truncation: cut sequences to ``max_length`` (default ``model_max_length``) on
-                ``truncation_side``.
+            truncation: cut sequences on the right to ``max_length`` (default ``model_max_length``).
             max_length: the length for truncation / ``"max_length"`` padding.
-            pad_to_multiple_of: round the padded length up to a multiple of this.
             return_tensors: ``"np"`` or None (both give NumPy arrays); ``"pt"`` is refused.
-            sanitize_control_tokens: used by ``apply_chat_template``; text marked by it is encoded
-                with the marked control tokens as plain text.
         Returns:
             ``BatchEncoding`` (a dict) with ``input_ids`` and ``attention_mask``: int64 [batch, seq].
         Raises:
@@ -896,47 +446,60 @@ class Glm4Tokenizer:
             raise ValueError(f"glm4rt returns NumPy arrays; return_tensors={return_tensors!r} is not supported")
         if not isinstance(text, (str, list, tuple)):
             raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
-        texts = [text] if isinstance(text, str) else list(text)
         pad, truncate_to = self._strategies(padding, truncation, max_length)
-        if truncate_to is not None and pad is not None and pad_to_multiple_of and truncate_to % pad_to_multiple_of:
-            raise ValueError(f"Truncation and padding are both activated but truncation length ({truncate_to}) "
-                             f"is not a multiple of pad_to_multiple_of ({pad_to_multiple_of}).")
-        if sanitize_control_tokens:
-            if add_special_tokens and self._tk.post_processor is not None and \
-                    self._tk.post_processor.num_special_tokens_to_add(False):
-                raise NotImplementedError("`sanitize_control_tokens=True` needs a template that writes special tokens")
-            ids = [self._encode_marked_chat(t) for t in texts]
-            if truncate_to is not None:
-                ids = [x[:truncate_to] if self.truncation_side == "right" else x[-truncate_to:] for x in ids]
-        else:
-            ids = self._encode_ids(texts, add_special_tokens, truncate_to)
-        return self._pad(ids, pad, padding_side, pad_to_multiple_of)
+        ids = self._encode_ids([text] if isinstance(text, str) else list(text), add_special_tokens, truncate_to)
+        return self._pad(ids, pad, padding_side)
 
     # ---------------------------------------------------------------------------------------------
     # Decoding
-    def decode(self, token_ids: Any, skip_special_tokens: bool = False,
-               clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
-        """Token ids -> text.
+    def decode(self, token_ids: Any, skip_special_tokens: bool = False) -> str | list[str]:
+        """Token ids -> text. There is no clean-up of spaces: transformers 5 skips it for BPE
+        tokenizers such as GLM's.
 
         Args:
             token_ids: an id, a list / 1-D array of ids, or a batch (list of lists / 2-D array),
                 which gives a list of strings as in transformers.
             skip_special_tokens: leave out the special added tokens.
-            clean_up_tokenization_spaces: default ``self.clean_up_tokenization_spaces``. As in
-                transformers 5, the clean-up (" ." -> "." ...) is skipped for BPE models such as
-                GLM's unless the config sets
-                ``clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output``.
         Returns:
             The text (or one text per sequence).
         Raises:
             TypeError: an id that is not an integer (floats are not rounded).
             ValueError: an id that is not in the vocabulary (negative, past the last id, in a gap),
-                where transformers raises OverflowError or leaves the id out.
+                where transformers raises OverflowError or leaves the id out; ``known_ids`` keeps
+                the ids that are.
         """
         ids = _to_py(token_ids)
         if isinstance(ids, list) and ids and isinstance(ids[0], (list, tuple)):
-            return [self._decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in ids]
-        return self._decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
+            return self.batch_decode(ids, skip_special_tokens)
+        return self._tk.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        """Decode a batch of id sequences.
+
+        Args:
+            sequences: a list of id lists, or a 2-D array [batch, seq].
+            skip_special_tokens: leave out the special added tokens.
+        Returns:
+            One string per sequence.
+        """
+        seqs = _to_py(sequences)
+        if not isinstance(seqs, (list, tuple)):
+            raise TypeError(f"batch_decode takes a list of token id sequences or a 2-D array, got {type(seqs).__name__}")
+        if seqs and not isinstance(seqs[0], (list, tuple)):  # a single sequence: transformers wraps it
+            seqs = [seqs]
+        return [self._tk.decode(self._check_ids(s), skip_special_tokens=skip_special_tokens) for s in seqs]
+
+    def known_ids(self, ids: list[int]) -> list[int]:
+        """The ids that ``decode`` takes, in order. A model's embedding can have rows for ids the
+        tokenizer lacks (GLM-4: 151552 rows, 151343 tokens); such an id has no text, and
+        transformers' decode leaves it out, where ``decode`` here refuses it.
+
+        Args:
+            ids: token ids (ints).
+        Returns:
+            ``ids`` without those the vocabulary lacks.
+        """
+        return [i for i in ids if self._is_token_id(i)]
 
     def _id_span(self) -> tuple[int, bool]:
         """(one past the largest id, whether every id below it is a token): ``len(self)`` counts
@@ -950,12 +513,6 @@ class Glm4Tokenizer:
     def _is_token_id(self, i: int) -> bool:
         limit, dense = self._id_span()
         return 0 <= i < limit and (dense or self._tk.id_to_token(i) is not None)
-
-    def _known_ids(self, ids: list[int]) -> list[int]:
-        """The ids of generated ``ids`` that ``decode`` takes. A model's embedding can have rows for
-        ids the tokenizer lacks (GLM-4: 151552 rows, 151343 tokens); such an id has no text, and
-        transformers' decode leaves it out, where ``decode`` here refuses it."""
-        return [i for i in ids if self._is_token_id(i)]
 
     def _check_ids(self, ids: Any) -> list[int]:
         """Token ids as a list of ints, each one in the vocabulary; tokenizers itself raises
@@ -975,74 +532,14 @@ class Glm4Tokenizer:
                                  f"({len(self)} tokens, ids 0 to {limit - 1})")
         return list(ids)
 
-    def _decode(self, ids: Any, skip_special_tokens: bool, clean_up: bool | None) -> str:
-        text = self._tk.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
-        clean_up = self.clean_up_tokenization_spaces if clean_up is None else clean_up
-        if clean_up and (type(self._tk.model).__name__ != "BPE" or self._cleanup_bpe_anyway):
-            text = (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
-                    .replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s")
-                    .replace(" 've", "'ve").replace(" 're", "'re"))
-        return text
-
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False,
-                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
-        """Decode a batch of id sequences.
-
-        Args:
-            sequences: a list of id lists, or a 2-D array [batch, seq].
-            skip_special_tokens: leave out the special added tokens.
-            clean_up_tokenization_spaces: as in ``decode``.
-        Returns:
-            One string per sequence.
-        """
-        seqs = _to_py(sequences)
-        if not isinstance(seqs, (list, tuple)):
-            raise TypeError(f"batch_decode takes a list of token id sequences or a 2-D array, got {type(seqs).__name__}")
-        if len(seqs) == 0:
-            return []
-        if not isinstance(seqs[0], (list, tuple)):  # a single sequence: transformers wraps it
-            return [self._decode(seqs, skip_special_tokens, clean_up_tokenization_spaces)]
-        return [self._decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in seqs]
-
     # ---------------------------------------------------------------------------------------------
     # Chat
-    def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
-        """The template ``apply_chat_template`` uses.
-
-        Args:
-            chat_template: a template text, or the name of one of the checkpoint's named templates.
-            tools: when given and the checkpoint has a ``tool_use`` template, that one is chosen.
-        Returns:
-            The jinja template text.
-        Raises:
-            ValueError: no template, or several named ones and none chosen.
-        """
-        if isinstance(self.chat_template, dict):
-            named = self.chat_template
-            if chat_template is not None and chat_template in named:
-                return named[chat_template]
-            if chat_template is None:
-                if tools is not None and "tool_use" in named:
-                    return named["tool_use"]
-                if "default" in named:
-                    return named["default"]
-                raise ValueError("This model has multiple chat templates with no default specified! Pass a template "
-                                 f"or one of the names {sorted(named)} as `chat_template`.")
-            return chat_template
-        if chat_template is None:
-            if self.chat_template is None:
-                raise ValueError("Cannot use chat template functions because tokenizer.chat_template is not set and "
-                                 "no template argument was passed!")
-            return self.chat_template
-        return chat_template
-
     def apply_chat_template(self, conversation: Any, tools: list[dict] | None = None,
                             documents: list[dict] | None = None, add_generation_prompt: bool = False,
                             continue_final_message: bool | str = False, tokenize: bool = True,
                             return_dict: bool = True, chat_template: str | None = None,
                             padding: bool | str = False, truncation: bool = False, max_length: int | None = None,
-                            return_tensors: str | None = None, sanitize_control_tokens: bool = False,
-                            tokenizer_kwargs: dict | None = None, **template_kwargs: Any) -> Any:
+                            return_tensors: str | None = None, **template_kwargs: Any) -> Any:
         """Render a conversation with the chat template and (by default) tokenize it, as transformers 5.
 
         The template sees ``messages``, ``tools``, ``documents``, ``add_generation_prompt``, the
@@ -1070,13 +567,9 @@ class Glm4Tokenizer:
                 ``content``, or the name of the field). Not together with ``add_generation_prompt``.
             tokenize: return ids instead of text.
             return_dict: return ``input_ids`` and ``attention_mask`` instead of the bare ids.
-            chat_template: a template text or the name of a named template (default: the checkpoint's).
+            chat_template: a template text (default: the checkpoint's).
             padding, truncation, max_length: as in ``__call__`` (for batches).
             return_tensors: None or ``"np"``, see above.
-            sanitize_control_tokens: encode control tokens that appear inside messages, tools,
-                documents or template kwargs as plain text, so only the template's own control
-                tokens become special ids (transformers 5's prompt-injection guard).
-            tokenizer_kwargs: extra ``__call__`` arguments.
             **template_kwargs: extra template variables (they override special-token variables).
         Returns:
             See above.
@@ -1087,113 +580,54 @@ class Glm4Tokenizer:
                 or without content (allowed in assistant messages only).
             TypeError: a conversation that is not a list of dicts, a role that is not a string, or
                 content that is neither a string nor a list of content-block dicts (None, int, bytes).
+            TokenizerError: a template that does not compile.
+            NotImplementedError: an option of transformers' that glm4rt does not take
+                (``UNSUPPORTED_CHAT_OPTIONS``).
         """
+        import jinja2
+
         if return_tensors not in (None, "np"):
             raise ValueError(f"glm4rt returns NumPy arrays; return_tensors={return_tensors!r} is not supported")
-        if template_kwargs.pop("return_assistant_tokens_mask", False):
-            raise NotImplementedError("return_assistant_tokens_mask is not supported by glm4rt")
-        if not tokenize:
-            return_dict = False
-        template = self.get_chat_template(chat_template, tools)
-        if isinstance(conversation, (list, tuple)) and len(conversation) == 0:
-            raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
-        if isinstance(conversation, (list, tuple)) and (
-                isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")):
-            conversations, batched = list(conversation), True
-        else:
-            conversations, batched = [conversation], False
-        conversations = [_normalize_messages(c) for c in conversations]
-        roles = _template_roles(template)
+        unsupported = sorted(set(template_kwargs) & set(UNSUPPORTED_CHAT_OPTIONS))
+        if unsupported:
+            raise NotImplementedError(f"apply_chat_template: transformers' {', '.join(unsupported)} is not supported "
+                                      "by glm4rt")
+        template = chat_template if chat_template is not None else self.chat_template
+        if template is None:
+            raise ValueError("Cannot use chat template functions because tokenizer.chat_template is not set and "
+                             "no template argument was passed!")
+        conversations, batched = to_conversations(conversation)
+        try:
+            roles = template_roles(template)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise TokenizerError(f"chat template does not compile: {e} (line {e.lineno})") from e
         for c in conversations:
-            _check_messages(c, roles)
+            check_messages(c, roles)
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt are not compatible. Use "
                              "continue_final_message to continue the final message, add_generation_prompt to "
                              "start a new assistant message.")
-        if sanitize_control_tokens:
-            if not tokenize:
-                raise ValueError("`sanitize_control_tokens=True` requires `tokenize=True` and is not compatible "
-                                 "with `return_assistant_tokens_mask=True`.")
-            tokens_re, _ = _control_token_patterns(self._control_tokens(template))
-            conversations = [_mark_control_tokens(c, tokens_re) for c in conversations]
-            tools = _mark_control_tokens(tools, tokens_re)
-            documents = _mark_control_tokens(documents, tokens_re)
-            template_kwargs = _mark_control_tokens(template_kwargs, tokens_re)
-
         variables = {**self.special_tokens_map, **template_kwargs}  # caller's kwargs win
         rendered = render_chat_template(template, conversations, tools=tools, documents=documents,
                                         add_generation_prompt=add_generation_prompt,
                                         continue_final_message=continue_final_message, **variables)
         if not tokenize:
             return rendered if batched else rendered[0]
-
-        call_kwargs = dict(tokenizer_kwargs or {})
         if return_dict or return_tensors == "np":
             encoded = self(rendered, padding=padding, truncation=truncation, max_length=max_length,
-                           add_special_tokens=False, sanitize_control_tokens=sanitize_control_tokens,
-                           **call_kwargs)
+                           add_special_tokens=False)
             return encoded if return_dict else encoded["input_ids"]
         # return_dict=False without tensors: Python lists, unpadded unless padding was asked for.
         pad, truncate_to = self._strategies(padding, truncation, max_length)
-        if sanitize_control_tokens:
-            ids = [self._encode_marked_chat(t) for t in rendered]
-            if truncate_to is not None:
-                ids = [x[:truncate_to] if self.truncation_side == "right" else x[-truncate_to:] for x in ids]
-        else:
-            ids = self._encode_ids(rendered, False, truncate_to)
+        ids = self._encode_ids(rendered, False, truncate_to)
         if pad is not None:
-            ids = self._pad(ids, pad, call_kwargs.get("padding_side"), call_kwargs.get("pad_to_multiple_of"))
-            ids = ids["input_ids"].tolist()
+            ids = self._pad(ids, pad, None)["input_ids"].tolist()
         return ids if batched else ids[0]
-
-    # sanitize_control_tokens machinery (transformers' mark_control_tokens / encode_marked_chat)
-    def _control_tokens(self, chat_template: str) -> tuple[str, ...]:
-        added = self.added_tokens_decoder.values()
-        if self.chat_control_tokens is not None:
-            chosen = set(self.chat_control_tokens)
-            return tuple(t.content for t in added if t.special or t.content in chosen)
-        literal = _template_literal_text(chat_template)
-        return tuple(t.content for t in added
-                     if t.special or (t.content in literal and not t.content.isspace()))
-
-    def _encode_without_added_tokens(self, text: str) -> list[int]:
-        tk = self._tk
-        if tk.normalizer is not None:
-            text = tk.normalizer.normalize_str(text)
-        splits = [text] if tk.pre_tokenizer is None else [s for s, _ in tk.pre_tokenizer.pre_tokenize_str(text)]
-        return [token.id for split in splits for token in tk.model.tokenize(split)]
-
-    def _encode_marked_chat(self, chat: str) -> list[int]:
-        _check_texts([chat])
-        _, markers_re = _control_token_patterns(tuple(self.added_tokens_encoder))
-        pieces = markers_re.split(chat)  # [text, marked token or None, text, ...]
-        newline_ids = self._tk.encode("\n", add_special_tokens=False).ids
-        ids = self._tk.encode(pieces[0], add_special_tokens=False).ids
-        for i, piece in enumerate(pieces[1:], start=1):
-            if not piece:
-                continue
-            as_text = i % 2 == 1  # odd pieces are marked tokens, encoded as plain text
-            encode = self._encode_without_added_tokens if as_text else \
-                (lambda s: self._tk.encode(s, add_special_tokens=False).ids)
-            # Encode after a newline and drop it again (avoids SentencePiece's prefix space).
-            piece_ids = encode("\n" + piece)
-            if piece_ids[:len(newline_ids)] == newline_ids:
-                piece_ids = piece_ids[len(newline_ids):]
-            else:
-                piece_ids = encode(piece)
-            if as_text and self.convert_tokens_to_ids(piece) in piece_ids:
-                raise ValueError(f"Can't sanitize {piece!r}: the tokenizer produces it from plain text")
-            ids += piece_ids
-        return ids
 
     def __repr__(self) -> str:
         return (f"Glm4Tokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, len={len(self)}, "
                 f"padding_side={self.padding_side!r}, special_tokens={self.special_tokens_map})")
 
-
-# --------------------------------------------------------------------------------------------------
-# Streaming
-# --------------------------------------------------------------------------------------------------
 
 class StreamDecoder:
     """Incremental detokenizer for streaming generation.
@@ -1223,7 +657,7 @@ class StreamDecoder:
         self._emitted = 0  # characters emitted so far
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(self.tokenizer._known_ids(ids), skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(self.tokenizer.known_ids(ids), skip_special_tokens=self.skip_special_tokens)
 
     def put(self, token_id: int) -> str:
         """Add one generated id.
