@@ -16,7 +16,6 @@ The rendered chat text is tokenized WITHOUT adding special tokens: GLM templates
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -26,7 +25,8 @@ import numpy as np
 
 from .chat_template import check_messages, render_chat_template, template_roles, to_conversations
 from .errors import Glm4rtError
-from .hub import HUB_KWARGS, resolve_model_dir
+from .hub import pop_hub_kwargs, resolve_model_dir
+from .jsonfile import read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -76,12 +76,12 @@ def _added_token(content: str, spec: Mapping | None = None):
     return AddedToken(content, **kwargs)
 
 
-def _read_file(path: str, parse=None) -> Any:
+def _read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read() if parse is None else parse(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid {'UTF-8' if parse is None else 'JSON'} ({e})") from e
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not valid UTF-8 ({e})") from e
 
 
 def _to_py(ids: Any) -> Any:
@@ -198,8 +198,7 @@ class Glm4Tokenizer:
         """
         from tokenizers import Tokenizer
 
-        hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        directory = resolve_model_dir(pretrained_model_name_or_path, **hub)
+        directory = resolve_model_dir(pretrained_model_name_or_path, **pop_hub_kwargs(kwargs))
         tok_path = os.path.join(directory, TOKENIZER_FILE)
         if not os.path.isfile(tok_path):
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory!r}: glm4rt reads the fast-tokenizer "
@@ -209,15 +208,11 @@ class Glm4Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise TokenizerError(f"{tok_path}: cannot be read by the tokenizers library ({e})") from e
 
-        config: dict = {}
         cfg_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
-        if os.path.isfile(cfg_path):
-            config = _read_file(cfg_path, json.load)
-            if not isinstance(config, dict):
-                raise TokenizerError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+        config = read_json(cfg_path, TokenizerError) if os.path.isfile(cfg_path) else {}
         jinja_path = os.path.join(directory, CHAT_TEMPLATE_FILE)
         if os.path.isfile(jinja_path):
-            config["chat_template"] = _read_file(jinja_path)
+            config["chat_template"] = _read_text(jinja_path)
         config.update(kwargs)
         return cls(tokenizer, config, name_or_path=os.fspath(pretrained_model_name_or_path))
 
