@@ -96,7 +96,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     c = model.config
     params = model.named_parameters()
     # Counted from the checkpoint tensors a Glm4ForCausalLM has (not the packed bytes it may hold).
-    n_params = sum(int(np.prod(spec.shape)) for spec in Glm4ForCausalLM._tensor_specs(c).values())
+    n_params = sum(int(np.prod(spec.shape)) for spec in Glm4ForCausalLM.tensor_specs(c).values())
     n_bytes = sum(a.nbytes for a in params.values())
     kv_per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
     quant = (getattr(c, "quantization_config", None) or {}).get("format")

@@ -8,7 +8,8 @@ import numpy as np
 
 from .config import Glm4Config
 from .generate import generate, load_generation_config
-from .model import Glm4Model, Glm4PreTrainedModel, Linear, TensorSpec, _base_model_specs, _make_linear
+from .loading import TensorSpec, base_model_specs
+from .model import Glm4Model, Glm4PreTrainedModel, Linear, make_linear
 from .quant import QuantLinear
 from .outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast, TokenClassifierOutput
 
@@ -67,20 +68,11 @@ def causal_lm_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return cross_entropy(logits, shifted)
 
 
-_BASE_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
-              "use_cache", "output_attentions", "output_hidden_states", "cache_position", "cache")
-
-
 def _input_shape(input_ids: Any, inputs_embeds: Any) -> tuple[int, int] | None:
     """``(batch, seq)`` of the given input, or None when it is missing or has too few dimensions
     (the decoder then raises the error that names the problem)."""
     src = input_ids if input_ids is not None else inputs_embeds
     return tuple(np.shape(src)[:2]) if src is not None and np.ndim(src) >= 2 else None
-
-
-def _run_base(model: Glm4Model, args: dict[str, Any], **extra: Any):
-    """Call the decoder with the base-model arguments picked out of a head's ``locals()``."""
-    return model.forward(**{k: args[k] for k in _BASE_ARGS}, return_dict=True, **extra)
 
 
 class Glm4ForCausalLM(Glm4PreTrainedModel):
@@ -89,19 +81,19 @@ class Glm4ForCausalLM(Glm4PreTrainedModel):
     The lm_head (``[vocab, H]``, no bias) is the embedding matrix when ``tie_word_embeddings``.
     """
 
-    _has_lm_head = True
+    has_lm_head = True
 
     @classmethod
-    def _tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
-        specs = _base_model_specs(config)
+    def tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
+        specs = base_model_specs(config)
         if not config.tie_word_embeddings:
             specs["lm_head.weight"] = TensorSpec((config.vocab_size, config.hidden_size), "matrix")
         return specs
 
     def _build(self, tensors: dict[str, np.ndarray]) -> None:
-        self.model = Glm4Model(self.config, _tensors=tensors)
+        self.model = Glm4Model(self.config, tensors=tensors)
         if "lm_head.qweight" in tensors:
-            self.lm_head = _make_linear(tensors, "lm_head", self.config, self.config.vocab_size,
+            self.lm_head = make_linear(tensors, "lm_head", self.config, self.config.vocab_size,
                                         self.config.hidden_size)
         else:
             self.lm_head = Linear(self.model.embed_tokens if self.config.tie_word_embeddings
@@ -167,7 +159,10 @@ class Glm4ForCausalLM(Glm4PreTrainedModel):
         # The decoder's last layer then computes the kept positions only (ascending, distinct ones:
         # any other index array is taken from the full output).
         ascending = keep.size > 0 and bool(np.all(np.diff(keep) > 0))
-        base = _run_base(self.model, locals(), keep_positions=keep if ascending else None)
+        base = self.model.forward(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            cache_position=cache_position, cache=cache, keep_positions=keep if ascending else None)
         hidden = base.last_hidden_state  # [B, K, H] when the decoder kept them, else [B, T, H]
         kept = hidden if ascending else hidden[:, keep]
         B, K, H = kept.shape
@@ -184,15 +179,15 @@ class _Glm4Classifier(Glm4PreTrainedModel):
     _score_bias = False
 
     @classmethod
-    def _tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
-        specs = _base_model_specs(config)
+    def tensor_specs(cls, config: Glm4Config) -> dict[str, TensorSpec]:
+        specs = base_model_specs(config)
         specs["score.weight"] = TensorSpec((config.num_labels, config.hidden_size), "matrix")
         if cls._score_bias:
             specs["score.bias"] = TensorSpec((config.num_labels,), "bias")
         return specs
 
     def _build(self, tensors: dict[str, np.ndarray]) -> None:
-        self.model = Glm4Model(self.config, _tensors=tensors)
+        self.model = Glm4Model(self.config, tensors=tensors)
         self.score = Linear(tensors["score.weight"], tensors.get("score.bias"))
 
     @property
@@ -213,7 +208,7 @@ class Glm4ForSequenceClassification(_Glm4Classifier):
     token that is not ``pad_token_id`` (left or right padding both work)."""
 
     _score_bias = False
-    _newly_initialisable = ("score.weight",)
+    newly_initialisable = ("score.weight",)
 
     def forward(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
                 past_key_values: Any = None, inputs_embeds: Any = None, labels: Any = None,
@@ -243,7 +238,10 @@ class Glm4ForSequenceClassification(_Glm4Classifier):
             keep = np.unique(last)  # the decoder's last layer computes these positions only
         else:
             last = keep = None
-        base = _run_base(self.model, locals(), keep_positions=keep)
+        base = self.model.forward(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            cache_position=cache_position, cache=cache, keep_positions=keep)
         hidden = base.last_hidden_state  # [B, K, H]: the kept positions
         if config.pad_token_id is None and B != 1:
             raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
@@ -276,7 +274,7 @@ class Glm4ForTokenClassification(_Glm4Classifier):
     inactive at inference, so none is applied."""
 
     _score_bias = True
-    _newly_initialisable = ("score.weight", "score.bias")
+    newly_initialisable = ("score.weight", "score.bias")
 
     def forward(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
                 past_key_values: Any = None, inputs_embeds: Any = None, labels: Any = None,
@@ -285,7 +283,10 @@ class Glm4ForTokenClassification(_Glm4Classifier):
                 return_dict: Optional[bool] = None, cache: Any = None) -> TokenClassifierOutput | tuple:
         """Per-token logits ``[batch, seq, num_labels]``; ``labels`` int ``[batch, seq]`` (-100 skipped)
         give the mean cross-entropy."""
-        base = _run_base(self.model, locals())
+        base = self.model.forward(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            cache_position=cache_position, cache=cache, keep_positions=None)
         hidden = base.last_hidden_state
         B, T, H = hidden.shape
         logits = self.score(hidden.reshape(B * T, H)).reshape(B, T, -1)

@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+from .bf16 import from_f32 as f32_to_bf16, to_f32 as bf16_to_f32  # noqa: F401 (public names)
+
 
 def _import_extension():
     """Import ``_C`` (and with it libgomp, which reads its wait policy once, as it loads).
@@ -128,21 +130,6 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_keys: int, q_pos: n
         out = np.empty(_dims("q", q, 4), dtype=np.float32)
     _C.attention(q, k, v, int(n_keys), q_pos, key_mask, float(scale), out, probs)
     return out
-
-
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """Widen bf16 bit patterns (uint16) to float32 exactly."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """Round float32 to bf16 bit patterns (uint16), round-to-nearest-even as PyTorch does."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
-    nan = np.isnan(x)
-    if nan.any():
-        rounded = np.where(nan, (u >> 16) | 0x40, rounded)
-    return rounded.astype(np.uint16)
 
 
 def memory_read_bandwidth(size_mib: int = 1024, repeats: int = 7) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
-from .ops import bf16_to_f32, f32_to_bf16
+from .bf16 import from_f32 as f32_to_bf16, to_f32 as bf16_to_f32
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

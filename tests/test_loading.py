@@ -96,7 +96,7 @@ def memmap_base(a):
 def matrices(model):
     """A sample of the causal LM's matrix weights: (name, array)."""
     layer = model.model.layers[0]
-    return [("model.layers.0.self_attn.q_proj.weight", layer.self_attn.q_proj.weight),
+    return [("model.layers.0.self_attn.q_proj.weight", layer.self_attn.qkv_proj.parts["q_proj"].weight),
             ("model.layers.0.self_attn.o_proj.weight", layer.self_attn.o_proj.weight),
             ("model.layers.0.mlp.gate_up_proj.weight", layer.mlp.gate_up_proj.weight),
             ("model.layers.1.mlp.down_proj.weight", model.model.layers[1].mlp.down_proj.weight),
@@ -112,8 +112,8 @@ def small_vectors(model):
             ("model.layers.0.post_attention_layernorm.weight", layer.post_attention_layernorm),
             ("model.layers.0.post_mlp_layernorm.weight", layer.post_mlp_layernorm),
             ("model.norm.weight", model.model.norm),
-            ("model.layers.0.self_attn.q_proj.bias", layer.self_attn.q_proj.bias),
-            ("model.layers.0.self_attn.k_proj.bias", layer.self_attn.k_proj.bias)]
+            ("model.layers.0.self_attn.q_proj.bias", layer.self_attn.qkv_proj.parts["q_proj"].bias),
+            ("model.layers.0.self_attn.k_proj.bias", layer.self_attn.qkv_proj.parts["k_proj"].bias)]
 
 
 # ---- weight formats ---------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_hub_id_from_offline_cache_env(tmp_path, monkeypatch):
     assert model.name_or_path == "org/tiny-glm"
     g = golden(CAUSAL)
     close(model(g["ids"]).logits, g["logits"], "hub-cache model logits")
-    assert model.model.layers[0].self_attn.q_proj.weight.shape == (64, 48)
+    assert model.model.layers[0].self_attn.qkv_proj.parts["q_proj"].weight.shape == (64, 48)
 
 
 def test_hub_id_with_explicit_cache_dir(tmp_path):

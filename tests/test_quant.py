@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import glm4rt
-import glm4rt.model as model_mod
+import glm4rt.loading as loading
 from conftest import fixture_dir, golden
 from glm4rt import _C, ops
 from glm4rt.quant import QuantLinear, packed_bytes, quantize_weight
@@ -260,7 +260,7 @@ def test_quantized_model_save_and_mmap_load(tmp_path, name, fmt):
 def test_streamed_quantization_equals_whole_matrix(monkeypatch):
     name = "gqa8_bf16_sharded"
     whole = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(name), quantization="int4")
-    monkeypatch.setattr(model_mod, "_QUANT_CHUNK_BYTES", 1)  # 16 rows at a time
+    monkeypatch.setattr(loading, "QUANT_CHUNK_BYTES", 1)  # 16 rows at a time
     chunked = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(name), quantization="int4")
     a, b = whole.named_parameters(), chunked.named_parameters()
     assert a.keys() == b.keys()
@@ -268,14 +268,18 @@ def test_streamed_quantization_equals_whole_matrix(monkeypatch):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_fused_qkv_equals_separate_projections():
-    name = "gqa1_official"
-    model = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(name), quantization="int8")
+@pytest.mark.parametrize("name", ["gqa1_official", "gqa8_bf16_sharded", "generation"])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_qkv_is_the_stacked_projections(name, fmt):
+    """q, k, v quantized as one stacked matrix, streamed by 16-row groups (gqa1: 64 + 64 + 64 rows)
+    or stacked in memory first where a part ends inside a group (gqa8: 64 + 8 + 8, generation:
+    72 + 24 + 24)."""
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(name), quantization=fmt)
     plain = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(name))
-    sa = model.model.layers[0].self_attn
-    assert sa.qkv_proj is not None and sa.q_proj is None
-    stacked = np.concatenate([getattr(plain.model.layers[0].self_attn, p).weight for p in ("q_proj", "k_proj", "v_proj")])
-    np.testing.assert_array_equal(sa.qkv_proj.dequantize(), _C.dequantize(quantize_weight(stacked, "int8"), 0, *stacked.shape))
+    for layer, plain_layer in zip(model.model.layers, plain.model.layers):
+        assert isinstance(layer.self_attn.qkv_proj, QuantLinear)
+        stacked = np.concatenate([part.weight for part in plain_layer.self_attn.qkv_proj.parts.values()])
+        np.testing.assert_array_equal(layer.self_attn.qkv_proj.packed, quantize_weight(stacked, fmt))
 
 
 def _scaled_random_model(seed=0):
