@@ -6,7 +6,6 @@ rules of transformers' ``generate`` (every eos id, max_length / max_new_tokens, 
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,15 +13,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .jsonfile import read_json
 from .kv_cache import Glm4Cache
-from .sampling import SamplingParams, process_logits, select_next
+from .sampling import GENERATION_DEFAULTS, SamplingParams, process_logits, select_next
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
-# transformers' GenerationConfig defaults, used where neither the call nor the checkpoint's
-# generation_config.json sets a value.
-_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-             "min_p": None, "repetition_penalty": 1.0}
 # What generate() / stream_text() accept as generation arguments.
 _CALL_KWARGS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
                 "repetition_penalty", "eos_token_id", "pad_token_id", "stop_strings", "seed"}
@@ -32,21 +28,12 @@ def load_generation_config(directory: Optional[str]) -> dict[str, Any]:
     """The checkpoint's ``generation_config.json`` as a dict ({} when absent).
 
     Raises:
-        ValueError: the file exists but is not a JSON object.
+        ConfigError: the file exists but is not a JSON object.
     """
     if directory is None:
         return {}
     path = os.path.join(directory, GENERATION_CONFIG_NAME)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
+    return read_json(path) if os.path.isfile(path) else {}
 
 
 def check_count(name: str, value: Any, minimum: int = 0) -> int:
@@ -108,7 +95,7 @@ def resolve_settings(model, prompt_len: int, overrides: dict[str, Any]) -> Gener
     given = {k: v for k, v in overrides.items() if v is not None}
     if "max_length" in given and "max_new_tokens" not in given:
         gen.pop("max_new_tokens", None)  # an explicit total length beats the config's new tokens
-    merged = {**_DEFAULTS, **{k: v for k, v in gen.items() if v is not None}, **given}
+    merged = {**GENERATION_DEFAULTS, **{k: v for k, v in gen.items() if v is not None}, **given}
     if merged.get("max_new_tokens") is not None:
         max_length = prompt_len + check_count("max_new_tokens", merged["max_new_tokens"])
     else:

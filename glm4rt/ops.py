@@ -40,6 +40,10 @@ def _import_extension():
 _GOMP_SPINCOUNT = "1000"
 _C = _import_extension()
 
+# Fewest tokens for which the amx kernel set runs quantized matmuls on AMX tiles (the VNNI kernels
+# below it); the kernel tests check both sides.
+AMX_MIN_TOKENS_QUANT = _C.AMX_MIN_TOKENS_QUANT
+
 __all__ = [
     "linear", "rms_norm", "rotary_", "silu_mul", "attention",
     "bf16_to_f32", "f32_to_bf16",
@@ -48,7 +52,7 @@ __all__ = [
 ]
 
 
-def _dims(name: str, a: np.ndarray, ndim: int) -> tuple[int, ...]:
+def check_dims(name: str, a: np.ndarray, ndim: int) -> tuple[int, ...]:
     """Shape of ``a`` after checking its rank (the kernels check everything else)."""
     if np.ndim(a) != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {np.shape(a)}")
@@ -69,7 +73,7 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
         ``out``.
     """
     if out is None:
-        out = np.empty((_dims("x", x, 2)[0], _dims("weight", weight, 2)[0]), dtype=np.float32)
+        out = np.empty((check_dims("x", x, 2)[0], check_dims("weight", weight, 2)[0]), dtype=np.float32)
     _C.matmul(x, weight, bias, out)
     return out
 
@@ -103,7 +107,7 @@ def rotary_(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, rot_dim:
 def silu_mul(gate_up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``up * silu(gate)`` where ``gate_up [n_tokens, 2 * I]`` holds gate then up. Returns ``out``."""
     if out is None:
-        rows, width = _dims("gate_up", gate_up, 2)
+        rows, width = check_dims("gate_up", gate_up, 2)
         out = np.empty((rows, width // 2), dtype=np.float32)
     _C.silu_mul(gate_up, out)
     return out
@@ -127,9 +131,37 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_keys: int, q_pos: n
         ``out``. Queries that see no key get zeros.
     """
     if out is None:
-        out = np.empty(_dims("q", q, 4), dtype=np.float32)
+        out = np.empty(check_dims("q", q, 4), dtype=np.float32)
     _C.attention(q, k, v, int(n_keys), q_pos, key_mask, float(scale), out, probs)
     return out
+
+
+def packed_bytes(fmt_id: int, out_features: int, in_features: int) -> int:
+    """Bytes of a packed ``[out_features, in_features]`` matrix of quantized format ``fmt_id``."""
+    return _C.packed_bytes(int(fmt_id), int(out_features), int(in_features))
+
+
+def quantize_pack(rows: np.ndarray, fmt_id: int, out_features: int, row0: int, packed: np.ndarray) -> None:
+    """Quantize ``rows [n, in_features]`` (float32 or bf16 bits), rows ``row0 ..`` of the matrix,
+    into ``packed`` (see ``glm4rt.quant.quantize_rows``)."""
+    _C.quantize_pack(np.ascontiguousarray(rows), int(fmt_id), int(out_features), int(row0), packed)
+
+
+def qmatmul(x: np.ndarray, packed: np.ndarray, fmt_id: int, out_features: int, bias: Optional[np.ndarray],
+            out: np.ndarray) -> np.ndarray:
+    """``out [n_tokens, out_features] = x [n_tokens, in] @ W.T (+ bias)``, W packed in ``fmt_id``."""
+    _C.qmatmul(x, packed, int(fmt_id), int(out_features), bias, out)
+    return out
+
+
+def dequantize(packed: np.ndarray, fmt_id: int, out_features: int, in_features: int) -> np.ndarray:
+    """The float32 ``[out_features, in_features]`` matrix that ``packed`` holds."""
+    return _C.dequantize(packed, int(fmt_id), int(out_features), int(in_features))
+
+
+def quantize_acts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activations ``[n, K]`` quantized as the int8/int4 kernels do: (int8 codes, scales, block sums)."""
+    return _C.quantize_acts(x)
 
 
 def memory_read_bandwidth(size_mib: int = 1024, repeats: int = 7) -> float:

@@ -18,7 +18,6 @@ from typing import Optional
 import numpy as np
 
 from . import ops
-from .ops import _C  # (ops loads the extension: see its wait policy)
 
 QUANT_FORMATS = {"int8": 0, "int4": 1}
 BLOCK_SIZE = 32  # weights of one row per block, under one scale (csrc/quant.h kQBlock)
@@ -38,14 +37,14 @@ def format_id(fmt: str) -> int:
 
 def packed_bytes(fmt: str, out_features: int, in_features: int) -> int:
     """Size of a packed ``[out_features, in_features]`` matrix in bytes."""
-    return _C.packed_bytes(format_id(fmt), int(out_features), int(in_features))
+    return ops.packed_bytes(format_id(fmt), out_features, in_features)
 
 
 def quantize_rows(rows: np.ndarray, fmt: str, out_features: int, row0: int, packed: np.ndarray) -> None:
     """Quantize ``rows`` (float32 or bf16-as-uint16 ``[n, in_features]``), which are rows
     ``row0 .. row0 + n`` of an ``[out_features, in_features]`` matrix, into ``packed``.
     ``row0`` is a multiple of 16 and ``n`` too unless the chunk ends the matrix."""
-    _C.quantize_pack(np.ascontiguousarray(rows), format_id(fmt), int(out_features), int(row0), packed)
+    ops.quantize_pack(rows, format_id(fmt), out_features, row0, packed)
 
 
 def quantize_weight(weight: np.ndarray, fmt: str) -> np.ndarray:
@@ -78,13 +77,12 @@ class QuantLinear:
 
     def __call__(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         """``x [n_tokens, in_features]`` float32 -> ``[n_tokens, out_features]``."""
-        n_tokens, k = ops._dims("x", x, 2)
+        n_tokens, k = ops.check_dims("x", x, 2)
         if k != self.in_features:  # the packed size only tells K to the next block of 32
             raise ValueError(f"x: dimension 1 must be {self.in_features} (in_features), got shape {x.shape}")
         if out is None:
             out = np.empty((n_tokens, self.out_features), dtype=np.float32)
-        _C.qmatmul(x, self.packed, self._fmt_id, self.out_features, self.bias, out)
-        return out
+        return ops.qmatmul(x, self.packed, self._fmt_id, self.out_features, self.bias, out)
 
     def parameters(self, name: str) -> dict[str, np.ndarray]:
         """Checkpoint tensors of this layer under module name ``name``."""
@@ -95,4 +93,4 @@ class QuantLinear:
 
     def dequantize(self) -> np.ndarray:
         """The float32 ``[out, in]`` matrix the packed bytes represent."""
-        return _C.dequantize(self.packed, self._fmt_id, self.out_features, self.in_features)
+        return ops.dequantize(self.packed, self._fmt_id, self.out_features, self.in_features)

@@ -27,9 +27,10 @@ import numpy as np
 
 from .errors import ConfigError, Glm4rtError
 
-# transformers' GenerationConfig._get_default_generation_params(): what an unset (missing or null)
-# field of generation_config.json becomes inside generate().
-_HF_DEFAULTS: dict[str, Any] = {
+# transformers' GenerationConfig._get_default_generation_params() (checked in test_sampling.py):
+# what an unset (missing or null) field of generation_config.json becomes inside generate().
+GENERATION_DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
     "do_sample": False,
     "temperature": 1.0,
     "top_k": 50,
@@ -37,6 +38,7 @@ _HF_DEFAULTS: dict[str, Any] = {
     "min_p": None,
     "repetition_penalty": 1.0,
 }
+_SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 # generation_config.json fields that would make generate() add a processor (or change the decoding
 # mode) that glm4rt does not implement -> field: predicate "this value is inactive".
@@ -153,9 +155,9 @@ class SamplingParams:
                               "implement (it supports greedy and sampling with temperature, top_k, "
                               "top_p, min_p and repetition_penalty)")
         fields = {}
-        for key, default in _HF_DEFAULTS.items():
+        for key in _SAMPLING_FIELDS:
             value = generation_config.get(key)
-            fields[key] = default if value is None else value
+            fields[key] = GENERATION_DEFAULTS[key] if value is None else value
         return cls(**fields)
 
 

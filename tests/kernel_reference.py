@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from glm4rt import _C
+from glm4rt import ops
 
 
 def widen_bf16(bits):
@@ -31,16 +31,16 @@ def ref_linear(x, w, bias=None):
 
 def takes_amx_tiles(isa: str, m: int) -> bool:
     """Whether a quantized matmul of m tokens runs on the AMX tiles (bf16 activations)."""
-    return isa == "amx" and m >= _C.AMX_MIN_TOKENS_QUANT
+    return isa == "amx" and m >= ops.AMX_MIN_TOKENS_QUANT
 
 
 def ref_qmatmul(x, packed, fmt, n, amx=False):
     """Quantized weights: activations quantized to int8 per block of 32 x the dequantized weights;
     on the AMX tiles, bf16 activations x the dequantized weights rounded to bf16."""
     k = x.shape[1]
-    wd = _C.dequantize(packed, 0 if fmt == "int8" else 1, n, k)
+    wd = ops.dequantize(packed, 0 if fmt == "int8" else 1, n, k)
     if amx:
         return round_bf16(x) @ round_bf16(wd).T
-    q, s, _ = _C.quantize_acts(x)
+    q, s, _ = ops.quantize_acts(x)
     xd = (q.reshape(x.shape[0], -1, 32) * s[..., None]).reshape(x.shape[0], -1)[:, :k]
     return xd.astype(np.float64) @ wd.T.astype(np.float64)

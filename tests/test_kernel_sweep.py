@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import glm4rt
-from glm4rt import _C, ops
+from glm4rt import ops
 from glm4rt.quant import QuantLinear, quantize_weight
 from kernel_reference import ref_linear, ref_qmatmul, takes_amx_tiles
 
@@ -102,8 +102,8 @@ def test_activation_quantizer_marks_non_finite_blocks(value):
     # The block holding NaN / inf gets scale NaN and codes 0; its neighbours are quantized as usual.
     x = np.random.default_rng(0).standard_normal((2, 70)).astype(np.float32)
     x[1, 40] = value
-    q, s, sums = _C.quantize_acts(x)
-    clean_q, clean_s, _ = _C.quantize_acts(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
+    q, s, sums = ops.quantize_acts(x)
+    clean_q, clean_s, _ = ops.quantize_acts(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
     assert np.isnan(s[1, 1]) and not np.isnan(np.delete(s, 4)).any()
     assert (q.reshape(2, 3, 32)[1, 1] == 0).all() and sums[1, 1] == 0
     np.testing.assert_array_equal(np.delete(s, 4), np.delete(clean_s, 4))

@@ -12,7 +12,7 @@ import pytest
 import glm4rt
 import glm4rt.loading as loading
 from conftest import fixture_dir, golden
-from glm4rt import _C, ops
+from glm4rt import ops
 from glm4rt.quant import QuantLinear, packed_bytes, quantize_weight
 from kernel_reference import ref_qmatmul, takes_amx_tiles
 
@@ -57,7 +57,7 @@ def test_int8_matches_its_specification(shape):
     expected_q = np.rint(b * (127 / amax)[..., None]).reshape(shape[0], -1)[:, :shape[1]]
     np.testing.assert_array_equal(q, expected_q)
     np.testing.assert_array_equal(d, _fp16(amax / 127))
-    np.testing.assert_array_equal(_C.dequantize(packed, 0, *shape), (np.repeat(d, 32, 1)[:, :shape[1]] * q))
+    np.testing.assert_array_equal(ops.dequantize(packed, 0, *shape), (np.repeat(d, 32, 1)[:, :shape[1]] * q))
 
 
 @pytest.mark.parametrize("shape", [(16, 32), (37, 100), (64, 4096)])
@@ -67,7 +67,7 @@ def test_int4_layout_scale_search_and_error(shape):
     q, d = _unpack(packed, "int4", *shape)
     assert q.min() >= -8 and q.max() <= 7
     deq = np.repeat(d, 32, 1)[:, :shape[1]] * q
-    np.testing.assert_array_equal(_C.dequantize(packed, 1, *shape), deq)
+    np.testing.assert_array_equal(ops.dequantize(packed, 1, *shape), deq)
     # llama.cpp's Q4_0 rule (d = max / -8, q = trunc(w / d + 8.5)) is one of the candidates, so the
     # searched scale is never worse per block, and clearly better overall.
     b = _blocks(w)
@@ -159,7 +159,7 @@ def test_zero_and_padded_blocks():
     w = np.zeros((20, 40), np.float32)
     w[3, 5] = 1.5
     for fmt, fid in (("int8", 0), ("int4", 1)):
-        deq = _C.dequantize(quantize_weight(w, fmt), fid, 20, 40)
+        deq = ops.dequantize(quantize_weight(w, fmt), fid, 20, 40)
         assert deq[3, 5] == pytest.approx(1.5, rel=1e-3) and np.count_nonzero(deq) == 1
 
 
@@ -172,7 +172,7 @@ def test_bf16_source_quantizes_like_its_fp32_widening():
 
 def test_activation_quantization_spec():
     x = np.random.default_rng(3).standard_normal((3, 70)).astype(np.float32)
-    q, s, sums = _C.quantize_acts(x)
+    q, s, sums = ops.quantize_acts(x)
     b = _blocks(x)
     amax = np.abs(b).max(-1)
     np.testing.assert_allclose(s, amax / 127, rtol=1e-7)
@@ -231,7 +231,7 @@ def test_bad_quantized_arguments():
     with pytest.raises(ValueError, match="packed"):
         QuantLinear(np.zeros(10, np.uint8), "int4", 16, 32)
     with pytest.raises(ValueError, match="multiple of 16"):
-        _C.quantize_pack(np.zeros((16, 32), np.float32), 1, 64, 8, np.zeros(packed_bytes("int4", 64, 32), np.uint8))
+        ops.quantize_pack(np.zeros((16, 32), np.float32), 1, 64, 8, np.zeros(packed_bytes("int4", 64, 32), np.uint8))
     with pytest.raises(ValueError, match="quantization"):
         glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir("gqa1_official"), quantization="int2")
 
@@ -349,7 +349,7 @@ def test_int4_beats_q4_0_rule_at_the_same_bits(tmp_path):
     errors = {}
     for rule in ("q4_0", "int4"):
         for k, w in originals.items():
-            params[k][:] = _q4_0_dequantized(w) if rule == "q4_0" else _C.dequantize(quantize_weight(w, "int4"), 1, *w.shape)
+            params[k][:] = _q4_0_dequantized(w) if rule == "q4_0" else ops.dequantize(quantize_weight(w, "int4"), 1, *w.shape)
         errors[rule] = _quality(ref, model(ids).logits[0])
     assert errors["int4"][0] < 0.95 * errors["q4_0"][0] and errors["int4"][1] < errors["q4_0"][1], errors
 

@@ -471,3 +471,14 @@ def test_greedy_ignores_temperature():
 def test_process_logits_checks_its_arguments(bad):
     with pytest.raises(ValueError):
         process_logits(params=SamplingParams(repetition_penalty=1.1), **bad)
+
+
+def test_generation_defaults_are_transformers_defaults():
+    """The one table of what an unset generation field means, against transformers itself."""
+    from transformers import GenerationConfig
+
+    from glm4rt.sampling import GENERATION_DEFAULTS
+
+    theirs = GenerationConfig()._get_default_generation_params()
+    assert GENERATION_DEFAULTS == {k: theirs.get(k) for k in GENERATION_DEFAULTS}
+    assert "min_p" not in theirs  # transformers leaves min_p unset (None): no min-p filtering
