@@ -6,6 +6,7 @@ at the GLM-4-9B-0414 geometry with a configurable layer count.
     python benchmarks/bench.py --layers 40          # the full 9B model (needs ~19 GB disk per format)
     python benchmarks/bench.py --quick              # 1 layer, 2 reps, no depth-4096: a functional check
     python benchmarks/bench.py --load idle,busy     # each thread count also with one core kept busy
+    python benchmarks/bench.py --baseline DIR       # also glm4rt of another commit, built in DIR
 
 What it does:
   1. builds (once, cached in benchmarks/cache/) a bf16 sharded safetensors checkpoint with random
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
@@ -50,7 +52,8 @@ sys.path.insert(0, HERE)
 import synth  # noqa: E402
 
 LLAMA_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
-ENGINE_LABEL = {"glm4rt": "glm4rt", "llama": "llama.cpp", "transformers": "transformers"}
+ENGINE_LABEL = {"glm4rt": "glm4rt", "glm4rt-base": "glm4rt base", "llama": "llama.cpp",
+                "transformers": "transformers"}
 
 
 def say(msg: str) -> None:
@@ -441,6 +444,8 @@ def render_markdown(results: dict) -> str:
         return f"{median(tb) / median(ta):.2f}x (not paired)"
 
     comp = []
+    if s.get("baseline"):
+        comp += [("glm4rt-base", fmt, fmt, f"glm4rt {fmt} / glm4rt base {fmt}") for fmt in s["formats"]]
     for fmt in s["formats"]:
         if fmt in LLAMA_TYPES:
             comp.append(("llama", fmt, fmt, f"glm4rt {fmt} / llama.cpp {LLAMA_TYPES[fmt]}"))
@@ -657,6 +662,8 @@ def plan_groups(args) -> list[list[tuple[str, str, str]]]:
     groups = []
     for fmt in args.formats:
         group = [("glm4rt", fmt, fmt)]
+        if args.baseline:
+            group.append(("glm4rt-base", fmt, fmt))
         if "llama" in args.peers and fmt in LLAMA_TYPES:
             group.append(("llama", fmt, LLAMA_TYPES[fmt]))
         if "transformers" in args.peers and fmt in args.tf_formats:
@@ -677,6 +684,8 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
         run = {"engine": engine, "format": fmt, "label": label, "group": index}
         runs.append(run)
         spec = dict(base, engine=engine, format=fmt)
+        if engine == "glm4rt-base":  # the same worker code, importing glm4rt from another tree
+            spec.update(engine="glm4rt", glm4rt_root=args.baseline)
         need, avail = estimate_rss_bytes(engine, fmt, g), meminfo().get("MemAvailable", 0)
         if avail and need > avail:
             run.update(status="n/a", reason=f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available "
@@ -816,6 +825,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="glm4rt formats and the matching llama.cpp GGUF types: bf16 (BF16), int8 (Q8_0), "
                         "int4 (Q4_0), fp32 (glm4rt only) (default bf16,int8,int4)")
     p.add_argument("--peers", default="llama,transformers", help="peers to run: llama, transformers, or none")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also run glm4rt from this source tree (another commit, built in place: e.g. "
+                        "`git worktree add DIR REV` and its extension built into DIR/glm4rt), in lockstep "
+                        "with the current one: before/after ratios in the same run")
     p.add_argument("--tf-formats", default="bf16,fp32", help="transformers dtypes (default bf16,fp32)")
     p.add_argument("--depth", type=int, default=None, help="context depth for the long decode (default 4096; "
                    "0 skips it; --quick: 0)")
@@ -855,6 +868,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.tf_formats = [f for f in a.tf_formats.split(",") if f]
     a.prompt_lengths = [int(n) for n in a.prompt_lengths.split(",") if n]
     a.peers = [x for x in a.peers.split(",") if x and x != "none"]
+    if a.baseline:
+        a.baseline = os.path.abspath(a.baseline)
+        if not glob.glob(os.path.join(a.baseline, "glm4rt", "_C*")):
+            p.error(f"--baseline {a.baseline}: no glm4rt/_C* extension built in place there")
     for f in a.formats:
         if f not in ("bf16", "int8", "int4", "fp32"):
             p.error(f"unknown format {f!r}")
@@ -901,7 +918,7 @@ def main(argv=None) -> int:
                      "decode_steps": args.decode_steps, "decode_slices": args.decode_slices,
                      "quick": args.quick, "seed": args.seed,
                      "llama_n_ctx": n_ctx, "llama_flash_attn": args.llama_flash_attn == "on",
-                     "gguf": ggufs},
+                     "gguf": ggufs, "baseline": args.baseline},
         "runs": [],
     }
 

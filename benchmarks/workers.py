@@ -64,10 +64,25 @@ def fixed_threads(n) -> int:
     return (os.cpu_count() or 1) if n == "auto" else int(n)
 
 
+def use_glm4rt_from(root: str) -> None:
+    """Import glm4rt from the source tree ``root`` (built in place: ``glm4rt/_C*.so`` there) instead
+    of the installed package: bench.py --baseline runs an older commit next to the current one.
+    An editable install's import hook would take ``glm4rt`` back to its own tree, so it goes."""
+    sys.meta_path[:] = [f for f in sys.meta_path if "glm4rt" not in repr(f) and "Redirect" not in type(f).__name__]
+    sys.path.insert(0, root)
+    import glm4rt
+
+    found = os.path.dirname(os.path.dirname(os.path.abspath(glm4rt.__file__)))
+    if os.path.realpath(found) != os.path.realpath(root):
+        raise NotAvailable(f"glm4rt imported from {found}, not from the baseline {root}")
+
+
 class Glm4rtEngine:
     name = "glm4rt"
 
     def __init__(self, spec: dict) -> None:
+        if spec.get("glm4rt_root"):
+            use_glm4rt_from(spec["glm4rt_root"])
         import glm4rt
 
         self.glm4rt = glm4rt
