@@ -21,6 +21,7 @@ import numpy as np
 from .errors import ConfigError
 from .jsonfile import read_json
 from .quant import BLOCK_SIZE, GROUP_ROWS, QUANT_FORMATS
+from .checks import is_int
 
 CONFIG_NAME = "config.json"
 
@@ -271,12 +272,8 @@ class Glm4Config:
         return f"Glm4Config {self.to_json_string()}"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if not _is_int(value) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r:.80}")
 
 
@@ -295,7 +292,7 @@ def _check_token_ids(name: str, value: Any) -> None:
     ``Glm4Config(vocab_size=...)`` keeps (as transformers')."""
     many = name == "eos_token_id"
     ids = value if many and isinstance(value, list) else [] if value is None else [value]
-    if not all(_is_int(i) and 0 <= i <= MAX_DIM for i in ids):
+    if not all(is_int(i) and 0 <= i <= MAX_DIM for i in ids):
         what = "a token id or a list of token ids" if many else "a token id"
         raise ConfigError(f"{name} must be null or {what} (integers in [0, {MAX_DIM}]), got {value!r:.80}")
 
@@ -323,13 +320,13 @@ def _check_labels(num_labels: Any, id2label: Any, label2id: Any
         if not isinstance(id2label, dict) or not 1 <= len(id2label) <= MAX_LABELS:
             raise ConfigError(f"id2label must be an object of 1 to {MAX_LABELS} labels, got {id2label!r:.80}")
         ids = {k: int(k) if isinstance(k, str) and re.fullmatch(r"\d{1,9}", k) else k for k in id2label}
-        if not all(_is_int(i) and i >= 0 for i in ids.values()) or not all(
+        if not all(is_int(i) and i >= 0 for i in ids.values()) or not all(
                 isinstance(v, str) for v in id2label.values()):
             raise ConfigError(f"id2label must map label ids (integers >= 0) to names, got {id2label!r:.80}")
         id2label = {ids[k]: v for k, v in id2label.items()}
     if label2id is not None:
         if not isinstance(label2id, dict) or len(label2id) > MAX_LABELS or not all(
-                _is_int(i) and i >= 0 for i in label2id.values()):
+                is_int(i) and i >= 0 for i in label2id.values()):
             raise ConfigError(f"label2id must map label names to ids (integers >= 0), got {label2id!r:.80}")
     return id2label, label2id
 
@@ -348,6 +345,6 @@ def _check_quantization_config(value: Any) -> None:
     if not isinstance(fmt, str) or fmt not in QUANT_FORMATS:
         raise ConfigError(f"quantization_config.format {fmt!r:.80} is not one of {sorted(QUANT_FORMATS)}")
     for key, expected in (("block_size", BLOCK_SIZE), ("group_rows", GROUP_ROWS)):
-        if key in value and (not _is_int(value[key]) or value[key] != expected):
+        if key in value and (not is_int(value[key]) or value[key] != expected):
             raise ConfigError(f"quantization_config.{key} must be {expected} (the layout glm4rt writes), "
                               f"got {value[key]!r:.80}")

@@ -16,6 +16,7 @@ import numpy as np
 from .jsonfile import read_json
 from .kv_cache import Glm4Cache
 from .sampling import GENERATION_DEFAULTS, SamplingParams, process_logits, select_next
+from .checks import is_int, is_real
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -44,7 +45,7 @@ def check_count(name: str, value: Any, minimum: int = 0) -> int:
         TypeError: not a number (a string is not parsed, a bool is not a count).
         ValueError: a fraction, or less than ``minimum``.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if not is_real(value):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if not float(value).is_integer() or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
@@ -52,7 +53,7 @@ def check_count(name: str, value: Any, minimum: int = 0) -> int:
 
 
 def _check_token_id(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise TypeError(f"{name} must be a token id (an integer), got {value!r} ({type(value).__name__})")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from .bf16 import from_f32 as f32_to_bf16, to_f32 as bf16_to_f32  # noqa: F401 (public names)
+from .checks import is_int
 
 
 def _import_extension():
@@ -228,7 +229,7 @@ def set_num_threads(n: Optional[int]) -> None:
     if n is None:
         _C.set_num_threads(0)
         return
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+    if not is_int(n):
         raise TypeError(f"number of threads must be an integer, got {n!r} ({type(n).__name__})")
     if n < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .errors import ConfigError, Glm4rtError
+from .checks import is_real
 
 # transformers' GenerationConfig._get_default_generation_params() (checked in test_sampling.py):
 # what an unset (missing or null) field of generation_config.json becomes inside generate().
@@ -100,7 +101,7 @@ class SamplingParams:
     def __post_init__(self):
         if not isinstance(self.do_sample, (bool, np.bool_)):
             raise Glm4rtError(f"do_sample must be True or False, got {self.do_sample!r}")
-        if not _is_real(self.temperature):  # checked when greedy too, where its value is unused
+        if not is_real(self.temperature):  # checked when greedy too, where its value is unused
             raise Glm4rtError(f"temperature must be a number, got {self.temperature!r}")
         if self.do_sample and not _real(self.temperature) > 0:
             raise Glm4rtError(
@@ -325,11 +326,6 @@ def _softmax_f32(x):
         return e * (np.float32(1.0) / e.sum(axis=-1, keepdims=True, dtype=np.float32))
 
 
-def _is_real(value) -> bool:
-    """Whether ``value`` is a real number (a string is not parsed, a bool is not a number)."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
 def _real(value) -> float:
     """``value`` as a float for range checks; NaN for anything that is not a real number."""
-    return float(value) if _is_real(value) else math.nan
+    return float(value) if is_real(value) else math.nan

@@ -27,6 +27,7 @@ from .chat_template import check_messages, render_chat_template, template_roles,
 from .errors import Glm4rtError
 from .hub import pop_hub_kwargs, resolve_model_dir
 from .jsonfile import read_json
+from .checks import is_int
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -665,7 +666,7 @@ class StreamDecoder:
             TypeError: ``token_id`` is not an integer.
             ValueError: ``token_id`` is negative.
         """
-        if isinstance(token_id, (bool, np.bool_)) or not isinstance(token_id, (int, np.integer)):
+        if not is_int(token_id):
             raise TypeError(f"token_id must be an integer, got {token_id!r} ({type(token_id).__name__})")
         if token_id < 0:
             raise ValueError(f"token_id must be >= 0, got {token_id}")
