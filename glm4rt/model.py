@@ -462,14 +462,13 @@ class Glm4Model(Glm4PreTrainedModel):
             # Attention block: x = x + post_self_attn_layernorm(o_proj(attn(input_layernorm(x))))
             h = ops.rms_norm(x, layer.input_layernorm, eps, out=h_buf)
             qkv = sa.qkv_proj(h, out=qkv_buf)                 # [N, (n_h + 2 n_kv) d]
-            q = q_buf.reshape(N, n_h * d)
-            np.copyto(q, qkv[:, :n_h * d])
-            q = q_buf                                          # [N, n_h, d]
+            np.copyto(q_buf.reshape(N, n_h * d), qkv[:, :n_h * d])
             np.copyto(k_buf.reshape(N, n_kv * d), qkv[:, n_h * d:(n_h + n_kv) * d])
-            v = qkv[:, (n_h + n_kv) * d:]                      # [N, n_kv * d]
+            q, k = q_buf, k_buf                                # [N, n_h, d], [N, n_kv, d]
+            v = qkv[:, (n_h + n_kv) * d:]                      # [N, n_kv * d], a strided view
             ops.rotary_(q, inp.positions, self.inv_freq, R)    # first R dims, adjacent pairs
-            ops.rotary_(k_buf, inp.positions, self.inv_freq, R)
-            kv.write(i, k_buf.reshape(B, T, n_kv, d), v.reshape(B, T, n_kv, d), past)
+            ops.rotary_(k, inp.positions, self.inv_freq, R)
+            kv.write(i, k.reshape(B, T, n_kv, d), v.reshape(B, T, n_kv, d), past)
             if inp.prune and i == len(self.layers) - 1:
                 # Every key and value is cached; the rest of the layer runs for the kept positions.
                 q, x, q_rows = _kept_rows(inp.keep, B, q, x, q_rows)
