@@ -48,6 +48,7 @@ import time
 from typing import Callable, Optional
 
 import fuzz_worker
+from helpers import by_offset
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(TESTS, "fixtures")
@@ -115,10 +116,6 @@ def write_st(path: str, header: dict, data: bytes, spaces: int = 0, blob: Option
         blob += b" " * (-len(blob) % 8 + spaces)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", max(0, len(blob) + length_delta)) + blob + data)
-
-
-def by_offset(header: dict) -> list[str]:
-    return sorted((k for k in header if k != "__metadata__"), key=lambda k: tuple(header[k]["data_offsets"]))
 
 
 def oracle_rejects(path: str) -> bool:

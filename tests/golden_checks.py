@@ -1,20 +1,29 @@
 """Checks of glm4rt against named reference arrays from transformers (golden.npz or live).
 
 Shared by test_golden.py (committed fixtures, no torch needed) and test_live_transformers.py
-(fresh checkpoints built by transformers in the same run). Tolerance: 1e-4 abs + 1e-4 rel."""
+(fresh checkpoints built by transformers in the same run), and by the other tests that compare
+logits with a golden or with another glm4rt path.
+
+Tolerances are absolute (rtol 0), about twice the largest difference measured on every ISA (the
+committed fixtures and 48 other seeds of each geometry, logits up to |30|): glm4rt and transformers
+both compute in fp32 with their own summation orders, so they differ by fp32 rounding carried
+through the layers, not by an amount proportional to each value."""
 from __future__ import annotations
 
 import numpy as np
 
 import glm4rt
 
-ATOL = RTOL = 1e-4
+LOGITS_ATOL = 5e-5     # logits and losses: measured <= 2.4e-5 (fixtures), 4.1e-5 (other seeds)
+HIDDEN_ATOL = 1.5e-5   # hidden states, |h| <= 10: measured <= 4.7e-6 (fixtures), 7.0e-6
+ATTENTION_ATOL = 3e-6  # attention probabilities: measured <= 8.3e-7 (fixtures), 1.1e-6
 HEADS = {"causal": glm4rt.Glm4ForCausalLM, "seqcls": glm4rt.Glm4ForSequenceClassification,
          "tokcls": glm4rt.Glm4ForTokenClassification}
 
 
-def close(actual, expected, what: str) -> None:
-    np.testing.assert_allclose(actual, expected, atol=ATOL, rtol=RTOL, err_msg=what)
+def close(actual, expected, what: str = "", atol: float = LOGITS_ATOL) -> None:
+    """``actual`` equals ``expected`` to ``atol`` (absolute; no relative term)."""
+    np.testing.assert_allclose(actual, expected, atol=atol, rtol=0, err_msg=what)
 
 
 def check_full_forward(model, g) -> None:
@@ -24,10 +33,10 @@ def check_full_forward(model, g) -> None:
     n_hidden = len([k for k in g.keys() if k.startswith("hidden_states.")])
     assert len(out.hidden_states) == n_hidden == model.config.num_hidden_layers + 1
     for i, h in enumerate(out.hidden_states):
-        close(h, g[f"hidden_states.{i}"], f"hidden_states[{i}]")
+        close(h, g[f"hidden_states.{i}"], f"hidden_states[{i}]", atol=HIDDEN_ATOL)
     assert len(out.attentions) == model.config.num_hidden_layers
     for i, a in enumerate(out.attentions):
-        close(a, g[f"attentions.{i}"], f"attentions[{i}]")
+        close(a, g[f"attentions.{i}"], f"attentions[{i}]", atol=ATTENTION_ATOL)
 
 
 def _valid_positions(mask: np.ndarray):

@@ -5,17 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from glm4rt import ops
-
-
-def widen_bf16(bits):
-    """bf16 bit patterns (uint16) -> float64, exactly: bf16 is the top half of an fp32."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
-def round_bf16(x):
-    """float32 -> the nearest bf16 value (ties to even), as float64."""
-    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return widen_bf16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16))
+from helpers import round_bf16, widen_bf16
 
 
 def ref_linear(x, w, bias=None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from glm4rt.weights import Checkpoint
+from helpers import round_bf16
 
 
 def load_float64(directory: str) -> dict[str, np.ndarray]:
@@ -26,13 +27,6 @@ def rotary_interleaved(x, pos, rot_dim, theta):
     y[..., 0:rot_dim:2] = x0 * cos - x1 * sin
     y[..., 1:rot_dim:2] = x1 * cos + x0 * sin
     return y
-
-
-def round_bf16(x: np.ndarray) -> np.ndarray:
-    """x rounded to float32, then to bfloat16 (nearest, ties to even), as float64."""
-    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return r.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
 def forward_logits(w: dict[str, np.ndarray], cfg, ids: np.ndarray, pos: np.ndarray | None = None,

@@ -2,10 +2,8 @@
 on a tiny random checkpoint at the real vocab size with the GLM-style test tokenizer."""
 import os
 import select
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 import glm4rt
 from chat_model import build_chat_checkpoint
 from glm4rt import ChatSession, ContextFullError
+from helpers import glm4rt_command
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +163,7 @@ def test_stop_strings(model, tok):
 # ---- CLI -----------------------------------------------------------------------------------------
 
 def _cli(args, cwd, stdin=None, timeout=120):
-    exe = shutil.which("glm4rt")
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "glm4rt", *args]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return subprocess.run(glm4rt_command(*args), input=stdin, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_cli_generate_prints_the_reply(ckpt, model, tok, tmp_path):
@@ -193,9 +190,7 @@ def test_cli_chat_shows_z1_thinking_apart(z1_ckpt, tmp_path):
 
 
 def test_cli_ctrl_c_stops_the_reply_not_the_session(ckpt, tmp_path):
-    exe = shutil.which("glm4rt")
-    cmd = [exe] if exe else [sys.executable, "-m", "glm4rt"]
-    proc = subprocess.Popen(cmd + ["chat", "--model", ckpt, "--greedy", "--max-new-tokens", "3000"],
+    proc = subprocess.Popen(glm4rt_command("chat", "--model", ckpt, "--greedy", "--max-new-tokens", "3000"),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=tmp_path)
     try:

@@ -2,19 +2,17 @@
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 import glm4rt
 from chat_model import build_chat_checkpoint
 from conftest import fixture_dir
+from helpers import glm4rt_command
 
 
 def _glm4rt(*args, cwd, stdin=None):
-    exe = shutil.which("glm4rt")
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "glm4rt", *args]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run(glm4rt_command(*args), input=stdin, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def test_info_describes_checkpoint_and_runs_it(tmp_path):
@@ -46,9 +44,7 @@ def chat_ckpt(tmp_path_factory):
 
 def _run_bytes(*args, cwd, stdin=b"", env=None):
     """The console script with raw bytes in argv and on stdin."""
-    exe = shutil.which("glm4rt")
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "glm4rt", *args]
-    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=120, cwd=cwd,
+    return subprocess.run(glm4rt_command(*args), input=stdin, capture_output=True, timeout=120, cwd=cwd,
                           env={**os.environ, **(env or {})})
 
 
@@ -142,9 +138,7 @@ def test_quantize_draws_no_progress_bar_off_a_terminal(tmp_path):
 
 def test_info_into_a_closed_pipe_stops_quietly(tmp_path):
     # `glm4rt info ... | head`: the reader is gone before glm4rt writes. No traceback, no error line.
-    exe = shutil.which("glm4rt")
-    cmd = [exe] if exe else [sys.executable, "-m", "glm4rt"]
-    p = subprocess.Popen([*cmd, "--threads", "1", "info", "--model", fixture_dir("gqa8_bf16_sharded")],
+    p = subprocess.Popen([*glm4rt_command(), "--threads", "1", "info", "--model", fixture_dir("gqa8_bf16_sharded")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     p.stdout.close()
     err = p.stderr.read().decode()

@@ -11,13 +11,9 @@ import pytest
 import glm4rt
 from glm4rt import Glm4Cache, Glm4ForCausalLM
 from conftest import fixture_dir, golden
+from golden_checks import close
 
 NAME = "gqa1_official"
-ATOL = 1e-4
-
-
-def close(actual, expected, what="", atol=ATOL, rtol=0.0):
-    np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +29,7 @@ def g():
 @pytest.fixture(scope="module")
 def full_logits(model, g):
     logits = model(g["ids"], use_cache=False).logits
-    np.testing.assert_allclose(logits, g["logits"], atol=1e-4, rtol=0)  # the reference itself is right
+    close(logits, g["logits"], "the reference itself is right")
     return logits
 
 
@@ -85,7 +81,7 @@ def test_inputs_embeds_equal_ids(model, g, full_logits):
     embeds = model.model.embed_tokens[g["ids"]].astype(np.float32)
     assert embeds.shape == (2, 9, 48)
     out = model(inputs_embeds=embeds)
-    close(out.logits, full_logits, "inputs_embeds vs input_ids", atol=1e-5)
+    close(out.logits, full_logits, "inputs_embeds vs input_ids", atol=0)
 
 
 # ---- max_position_embeddings ------------------------------------------------------------------
@@ -254,7 +250,7 @@ def test_thread_count_does_not_change_results(model, g):
         glm4rt.set_num_threads(before)
     assert glm4rt.get_num_threads() == before
     np.testing.assert_array_equal(one, two)
-    np.testing.assert_allclose(one, g["logits"], atol=1e-4, rtol=0)
+    close(one, g["logits"])
 
 
 def test_set_num_threads_1000_is_refused_not_fatal():
@@ -348,7 +344,7 @@ def test_sequence_classification_prunes_the_last_layer(monkeypatch):
         ids, mask = g[f"{side}_ids"], g[f"{side}_mask"]
         pos = g[f"{side}_pos"] if side == "left" else None
         out = model(ids, attention_mask=mask, position_ids=pos)
-        np.testing.assert_allclose(out.logits, g[f"{side}_logits"], atol=1e-4, rtol=1e-4, err_msg=side)
+        close(out.logits, g[f"{side}_logits"], side)
         pooled = (np.arange(ids.shape[1]) * (ids != model.config.pad_token_id)).argmax(-1)
         assert rows[-1] == ids.shape[0] * np.unique(pooled).size < ids.size, (side, rows)
 

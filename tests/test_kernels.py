@@ -13,7 +13,8 @@ import pytest
 
 import glm4rt
 from glm4rt import ops
-from kernel_reference import ref_linear, round_bf16, widen_bf16
+from helpers import round_bf16, widen_bf16
+from kernel_reference import ref_linear
 
 ISAS = glm4rt.supported_isas()
 

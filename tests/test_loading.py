@@ -17,17 +17,15 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import glm4rt
+from glm4rt import bf16
 from glm4rt import (CheckpointError, ConfigError, Glm4ForCausalLM, Glm4ForSequenceClassification,
                     Glm4ForTokenClassification, Glm4Model)
 from conftest import TESTS, fixture_dir, golden
+from golden_checks import LOGITS_ATOL, close
+from helpers import by_offset
 
-ATOL, RTOL = 1e-4, 0.0  # measured differences to transformers are ~5e-6
 CAUSAL = "gqa1_official"
 BF16 = "gqa8_bf16_sharded"
-
-
-def close(actual, expected, what="", atol=ATOL, rtol=RTOL):
-    np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)
 
 
 def copy_fixture(name, tmp_path, dest="ckpt"):
@@ -134,8 +132,7 @@ def test_bf16_checkpoint_keeps_bf16_matrices_memory_mapped(dtype):
         np.testing.assert_array_equal(w, raw_array(stored[name]), err_msg=name)
     for name, v in small_vectors(model):
         assert v.dtype == np.float32, name
-        bits = raw_array(stored[name]).astype(np.uint32) << 16
-        np.testing.assert_array_equal(v, bits.view(np.float32), err_msg=name)
+        np.testing.assert_array_equal(v, bf16.to_f32(raw_array(stored[name])), err_msg=name)
     g = golden(BF16)  # bf16 compute (activations rounded to bf16): within bf16 rounding
     close(model(g["ids"]).logits, g["logits"], f"logits with dtype={dtype}", atol=1e-2 * np.abs(g["logits"]).max())
 
@@ -145,8 +142,7 @@ def test_bf16_checkpoint_as_float32():
     stored = bf16_shard_tensors()
     for name, w in matrices(model) + small_vectors(model):
         assert w.dtype == np.float32, name
-        widened = (raw_array(stored[name]).astype(np.uint32) << 16).view(np.float32)
-        np.testing.assert_array_equal(w, widened, err_msg=name)  # bf16 -> fp32 is exact
+        np.testing.assert_array_equal(w, bf16.to_f32(raw_array(stored[name])), err_msg=name)  # exact
     g = golden(BF16)
     close(model(g["ids"]).logits, g["logits"], "logits with dtype=float32")
 
@@ -158,7 +154,7 @@ def test_bf16_dtypes_agree_with_each_other():
     np.testing.assert_array_equal(logits["auto"], logits["bfloat16"])  # auto keeps bf16 as bf16
     close(logits["float32"], g["logits"], "float32 vs transformers")     # widened: exact fp32 compute
     scale = np.abs(g["logits"]).max()
-    close(logits["bfloat16"], logits["float32"], "bfloat16 vs float32", atol=1e-2 * scale, rtol=0)
+    close(logits["bfloat16"], logits["float32"], "bfloat16 vs float32", atol=1e-2 * scale)
 
 
 def test_fp32_checkpoint_matrices_are_float32_views():
@@ -195,9 +191,9 @@ def test_fp16_checkpoint(tmp_path):
     got = fp16(ids).logits
     exact = Glm4ForCausalLM.from_pretrained(fixture_dir(CAUSAL))(ids).logits
     rounded = Glm4ForCausalLM.from_pretrained(rounded_dir)(ids).logits
-    close(got, rounded, "fp16 checkpoint vs fp32 weights rounded to fp16", atol=1e-4, rtol=0)
+    close(got, rounded, "fp16 checkpoint vs fp32 weights rounded to fp16")
     # fp16 rounding (relative 2**-11) moves logits of magnitude ~10 by ~0.01 (measured 0.008) ...
-    close(got, exact, "fp16 checkpoint vs the fp32 model", atol=3e-2, rtol=0)
+    close(got, exact, "fp16 checkpoint vs the fp32 model", atol=3e-2)
     # ... but does move them: the rounded weights really were used.
     assert np.abs(got - exact).max() > 1e-6
 
@@ -275,7 +271,7 @@ def test_hub_id_env_only_in_fresh_process(tmp_path):
     code = ("import sys, numpy as np, glm4rt\n"
             "m = glm4rt.Glm4ForCausalLM.from_pretrained('org/tiny-glm')\n"
             "g = np.load(sys.argv[1])\n"
-            "np.testing.assert_allclose(m(g['ids']).logits, g['logits'], atol=1e-4, rtol=1e-4)\n"
+            f"np.testing.assert_allclose(m(g['ids']).logits, g['logits'], atol={LOGITS_ATOL}, rtol=0)\n"
             "print('OK', m.config.vocab_size)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
     env.pop("HF_HOME", None)
@@ -535,11 +531,6 @@ def write_header(path, header, data, extra_spaces=0):
     blob += b" " * (-len(blob) % 8 + extra_spaces)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob + data)
-
-
-def by_offset(header):
-    """Tensor names in data order."""
-    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
 
 
 def safetensors_rejects(path):
