@@ -209,15 +209,21 @@ struct KernelTable {
   AmxAttnRowsFn amx_attn_rows = nullptr;
 };
 
-// CPU tuning that never changes results, from CPUID (dispatch.cpp): whether the AVX-512 decode
-// GEMVs prefetch their weight streams into L1 (~3-4 KiB ahead: AMD Zen 5 and later) or, the
-// default tuned on Zen 4, the quantized ones into L2 (~2 KiB ahead) and bf16 not at all.
-// GLM4RT_DECODE_PREFETCH=l1|l2 overrides it.
-bool decode_prefetch_into_l1();
-// Whether the AVX512-BF16 decode GEMV streams rows of any length 4 at a time (Intel; a 2-core
-// Xeon with AMX, GLM-4-9B bf16 decode: +16% with 2 threads, +10% with 1) or only rows longer than
-// 8192 (the default, tuned on AMD Zen 4). GLM4RT_BF16_GEMV_ROWS=1|4 overrides it.
-bool bf16_gemv_four_rows();
+// CPU tunings: settings that change speed, never results, chosen from CPUID (dispatch.cpp) and
+// read by the table functions. Developers may override them for benchmarking with the
+// GLM4RT_DEV_* environment variables, which dispatch.cpp reads and validates when the module is
+// imported (cpu_tuning()).
+struct CpuTuning {
+  // Where the AVX-512 decode GEMVs prefetch their weight streams: into L1, ~3-4 KiB ahead (the
+  // int8 / int4 / bf16 ones; AMD Zen 5 and later, with a 48 KiB L1), or into L2, ~2 KiB ahead
+  // (the quantized ones; bf16 none). GLM4RT_DEV_DECODE_PREFETCH=l1|l2.
+  bool decode_prefetch_l1;
+  // Whether the AVX512-BF16 decode GEMV streams rows of any length 4 at a time (Intel) or only
+  // rows longer than 8192 (AMD: shorter rows stream faster one at a time there).
+  // GLM4RT_DEV_BF16_GEMV_ROWS=1|4.
+  bool bf16_gemv_four_rows;
+};
+const CpuTuning& cpu_tuning();
 
 // One function per ISA file; each returns its static table.
 const KernelTable& generic_kernels();

@@ -336,7 +336,7 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 
 const KernelTable& avx512_kernels() {
   static const KernelTable table = [] {
-    const bool l1 = decode_prefetch_into_l1();
+    const bool l1 = cpu_tuning().decode_prefetch_l1;
     KernelTable t;
     t.name = "avx512";
     t.mr = 4;

@@ -211,7 +211,7 @@ const KernelTable& avx512_bf16_kernels() {
   static const KernelTable table = [] {
     KernelTable t = avx512_kernels();
     t.name = "avx512_bf16";
-    const bool l1 = decode_prefetch_into_l1(), four = bf16_gemv_four_rows();
+    const bool l1 = cpu_tuning().decode_prefetch_l1, four = cpu_tuning().bf16_gemv_four_rows;
     t.gemm_tile_bf16x = l1 ? (four ? avx512_bf16::gemm_tile_bf16x<true, true> : avx512_bf16::gemm_tile_bf16x<true, false>)
                            : (four ? avx512_bf16::gemm_tile_bf16x<false, true> : avx512_bf16::gemm_tile_bf16x<false, false>);
     t.bf16_panel = avx512_bf16::bf16_panel;
