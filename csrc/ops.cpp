@@ -172,9 +172,9 @@ T* align64(T* p) {
 // Many tokens with the fp32 panel form (kernels.h; AVX2): each thread takes panels of 16 weight
 // rows; per block of kF32PanelK columns it packs them once ([kc, 16] fp32, 24 KiB, in L1) and
 // runs every tile of 6 tokens of a block of kF32BlockTokens tokens over it (their [192, kc]
-// slice of x, 288 KiB, stays in L2). Zen 3, bf16 weights, 512 tokens: kc 256-512 measured
-// alike, 128 and 768 slower. Blocks of tokens bound what a panel meets to L2 / L3 for
-// long prompts; the weights are then read once per block (a 512-token prompt: 3 times).
+// slice of x, 288 KiB, stays in L2; kc from 256 to 512 runs alike, benchmarks/kernel-notes.md).
+// Blocks of tokens bound what a panel meets to L2 / L3 for long prompts; the weights are then
+// read once per block (a 512-token prompt: 3 times).
 constexpr int kF32PanelK = 384;
 constexpr int kF32BlockTokens = 32 * kF32PanelTokens;
 
@@ -225,10 +225,9 @@ void matmul_f32_panels(const KernelTable& kt, Pack pack, const float* x, int M, 
 // dequantized to bf16) once per kAmxTokens tokens. The span changes no result (C tiles carry
 // fp32 sums from one span to the next unrounded): kAmxKBlocks (8), except for row-major bf16
 // weights and at most kAmxFewTokens tokens, which take kAmxKBlocksFewTokens (64): their rows
-// are then read 4 KiB at a time rather than 512 bytes (a 2-core Xeon with AMX, GLM-4-9B
-// matrices, 2 threads, GFLOP/s span 8 -> 64: 64 tokens 480 -> 723, 128 tokens 879 -> 1086,
-// 256 tokens 1207 -> 1446; 320 and more tokens and the quantized groups, which are contiguous,
-// lose with it: 512 tokens 1653 -> 1285, int8 128 tokens 1319 -> 1185).
+// are then read 4 KiB at a time rather than 512 bytes, which few tokens need more than they lose
+// in L1 reuse; more tokens, and the quantized groups (contiguous already), run faster with 8
+// (benchmarks/kernel-notes.md).
 constexpr int kAmxTokens = 512;
 constexpr int kAmxChunkRows = 256;
 constexpr int kAmxKBlocks = 8;

@@ -9,21 +9,18 @@
 
 namespace glm4rt {
 
-// The thresholds of the path choice (ops.cpp, matmul_path and attention_path).
+// The thresholds of the path choice (ops.cpp, matmul_path and attention_path); the measurements
+// behind them are in benchmarks/kernel-notes.md.
 // From this many tokens on, matmuls run on packed weight panels where the ISA has them: below,
 // packing a panel costs about as much as a few tokens' products in the dot form.
 constexpr int kPanelMinTokens = 16;
 // From this many tokens on, matmul_bf16 and qmatmul run on the AMX tiles where the ISA has them.
-// Quantized weights are dequantized to bf16 on every call, which fewer tokens do not repay: on
-// a 2-core Xeon with AMX, GLM-4-9B matrices, 2 threads, speed of the int8 / int4 VNNI tiles over
-// AMX's: 16 tokens 1.3-1.8, 32 tokens 0.9-1.4, 40 tokens 0.9-1.0, 48 tokens 0.65-0.85.
+// Quantized weights are dequantized to bf16 on every call, which fewer tokens do not repay.
 constexpr int kAmxMinTokensBf16 = 16;
 constexpr int kAmxMinTokensQuant = 40;
 // From this many query tokens and visible keys on (and without probabilities asked for), attention
-// runs on the AMX tiles as split products, as exact as fp32 (kernels.h), where the ISA has them.
-// A 2-core Xeon, GLM-4-9B heads, speed over the fp32 kernel (1 / 2 threads): 16 tokens x 16 keys
-// 0.8 / 0.65, 64 x 64 1.2 / 1.0, 16-128 tokens x 128 keys 1.4-1.6, 16 x 1024 2.0 / 1.9,
-// 128 x 4096 2.3.
+// runs on the AMX tiles as split products, as exact as fp32 (kernels.h), where the ISA has them:
+// fewer do not repay packing K and V into tiles and the three-part products.
 constexpr int kAmxMinQueriesAttn = 16;
 constexpr int kAmxMinKeysAttn = 128;
 

@@ -280,7 +280,7 @@ void silu_mul(const float* gate, const float* up, float* out, int n) {
 // feeding both: 12 FMAs to 8 loads, within Zen 3's / Haswell's 2 FMAs + 2-3 loads per cycle.
 // Six tokens always: a tile of m < 6 repeats its last row in the missing ones and stores only m.
 // The 12 accumulators are named variables: as an array (acc[M][2], M >= 5) GCC keeps them in
-// memory and stores every one of them on every k, which halved the speed.
+// memory and stores every one of them on every k.
 void f32_panel(const float* x, size_t ldx, const float* wp, int kc, float* c, size_t ldc, int m,
                int n, bool accumulate) {
   const float* x0 = x;
@@ -344,9 +344,7 @@ void f32_pack(const W* w, size_t ldw, int n, int kc, float* wp) {
 // No VNNI here: vpmaddubsw (u8 x s8 -> pairs of i16) + vpmaddwd. int4 quants (0..15) are the
 // unsigned operand directly (no saturation: 2 * 15 * 127 < 32767) and a block's products are
 // summed in int16 before one vpmaddwd; int8 uses the sign trick |x| * sign(w, x), which keeps
-// both operands within 127. Sharing the broadcasts between the 2 groups of a decode tile (the
-// old loop took one group at a time) raised Zen 3's int4 GEMV from memory from ~14 to ~20 GB/s
-// on 1 thread (the probe's bandwidth) and int8 from ~15 to ~19.
+// both operands within 127.
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -370,8 +368,8 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
     for (int m = 0; m < MT; ++m) acc[g][0][m] = acc[g][1][m] = _mm256_setzero_ps();
   for (int b = 0; b < n_blocks; ++b) {
     // Decoding one int4 token: software prefetch 8 blocks (2.3 KiB) ahead into L1 in every group
-    // stream. Zen 3, GLM-4-9B matrices streamed from memory: +5-10% with 1 thread; int8 (none:
-    // 4 or 6 blocks ahead was 0-15% slower) and 2 threads within the machine's noise.
+    // stream, which the hardware prefetchers alone leave short of the memory bandwidth; int8
+    // gains nothing from it (benchmarks/kernel-notes.md).
     constexpr int kAhead = 8;
     if (kInt4 && MT == 1)
       for (int g = 0; g < G; ++g)

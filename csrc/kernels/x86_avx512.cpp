@@ -236,13 +236,10 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
     for (int m = 0; m < MT; ++m) acc[g][m] = _mm512_setzero_ps();
   for (int b = 0; b < n_blocks; ++b) {
     // Software prefetch a few blocks ahead in every group stream: decoding one token, the hardware
-    // prefetchers alone leave bandwidth unused. Two settings, chosen per CPU (kernels.h):
-    //  - into L2, ~2 KiB ahead (the default). Zen 4, lm_head GEMV, share of the probe's bandwidth,
-    //    2 threads: int4 0.81 (8 blocks ahead into L1) -> 0.89-0.92 (6 into L2); int8 0.99 (none)
-    //    -> 1.00-1.03 (4 into L2; 1 thread 0.92 -> 1.00); farther (8+ blocks) was worse for both.
-    //  - into L1, ~3 KiB ahead (Zen 5, 48 KiB L1). Zen 5, GLM-4-9B matrices streamed from memory,
-    //    against the L2 setting: int4 +13% (1 thread) and +12% (2 threads, 54 -> 59 GB/s);
-    //    int8 +12% (1 thread), level with 2.
+    // prefetchers alone leave bandwidth unused. Two settings, chosen per CPU (CpuTuning in
+    // kernels.h), each the distance that streamed fastest where it was tuned
+    // (benchmarks/kernel-notes.md): into L2, ~2 KiB ahead (the default, Zen 4), or into L1,
+    // ~3 KiB ahead (Zen 5, whose 48 KiB L1 holds that much next to the working set).
     constexpr int kAhead = kPrefetchL1 ? (kInt4 ? 10 : 6) : (kInt4 ? 6 : 4);
     for (int g = 0; g < G; ++g)
       for (size_t off = 0; off < sizeof(Block); off += 64)
