@@ -105,37 +105,32 @@ void quantize_block_int4_ref(const float* w, uint8_t* q, uint16_t* d) {
 
 namespace {
 
-// Row r of a block tile wt [32][16] (k-major), the input of the per-row reference quantizers.
-inline void block_row(const float* wt, int r, float* w) {
-  for (int k = 0; k < kQBlock; ++k) w[k] = wt[k * kQGroupRows + r];
+// One packed block from its tile wt [32][16] (k-major), row by row with the reference quantizer:
+// int8 codes stored as q + 128, int4 codes k and k + 16 in the low and high nibble of one byte.
+template <bool kInt4>
+void quantize_group(const float* wt, QBlock<kInt4>* blk) {
+  for (int r = 0; r < kQGroupRows; ++r) {
+    float w[kQBlock];
+    for (int k = 0; k < kQBlock; ++k) w[k] = wt[k * kQGroupRows + r];
+    uint16_t d;
+    if constexpr (kInt4) {
+      uint8_t q[kQBlock];
+      quantize_block_int4_ref(w, q, &d);
+      for (int k = 0; k < kQBlock / 2; ++k)
+        blk->codes[Q4Block::code_byte(r, k)] = static_cast<uint8_t>(q[k] | (q[k + 16] << 4));
+    } else {
+      int8_t q[kQBlock];
+      quantize_block_int8_ref(w, q, &d);
+      for (int k = 0; k < kQBlock; ++k) blk->codes[Q8Block::code_byte(r, k)] = static_cast<uint8_t>(q[k] + 128);
+    }
+    std::memcpy(blk->scales + sizeof d * r, &d, sizeof d);
+  }
 }
 
 }  // namespace
 
-void quantize_int8_group_ref(const float* wt, Q8Block* blk) {
-  for (int r = 0; r < kQGroupRows; ++r) {
-    float w[kQBlock];
-    block_row(wt, r, w);
-    int8_t q[kQBlock];
-    uint16_t d;
-    quantize_block_int8_ref(w, q, &d);
-    std::memcpy(blk->scales + sizeof d * r, &d, sizeof d);
-    for (int k = 0; k < kQBlock; ++k) blk->codes[Q8Block::code_byte(r, k)] = static_cast<uint8_t>(q[k] + Q8Block::kCodeOffset);
-  }
-}
-
-void quantize_int4_group_ref(const float* wt, Q4Block* blk) {
-  for (int r = 0; r < kQGroupRows; ++r) {
-    float w[kQBlock];
-    block_row(wt, r, w);
-    uint8_t q[kQBlock];
-    uint16_t d;
-    quantize_block_int4_ref(w, q, &d);
-    std::memcpy(blk->scales + sizeof d * r, &d, sizeof d);
-    for (int k = 0; k < kQBlock / 2; ++k)
-      blk->codes[Q4Block::code_byte(r, k)] = static_cast<uint8_t>(q[k] | (q[k + 16] << 4));
-  }
-}
+void quantize_int8_group_ref(const float* wt, Q8Block* blk) { quantize_group(wt, blk); }
+void quantize_int4_group_ref(const float* wt, Q4Block* blk) { quantize_group(wt, blk); }
 
 namespace {
 
