@@ -235,8 +235,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, int n
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "glm4rt C++ kernels (import through glm4rt.ops)";
-  glm4rt::kernels();  // resolve GLM4RT_ISA now: a bad value fails the import with its message
-  glm4rt::decode_prefetch_into_l1();  // the same for GLM4RT_DECODE_PREFETCH
+  glm4rt::read_settings();  // GLM4RT_ISA, GLM4RT_DEV_*: a bad value fails the import with its message
 
   m.def("matmul", &matmul, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
         "out[M, N] = x[M, K] @ weight[N, K]^T (+ bias); weight fp32 or bf16 bits (uint16).");

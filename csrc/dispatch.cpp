@@ -15,7 +15,9 @@
 #endif
 #if defined(GLM4RT_AMX)
 #include <sys/syscall.h>
-#include <unistd.h>
+#endif
+#if defined(__unix__)
+#include <unistd.h>  // environ (and syscall)
 #endif
 
 namespace glm4rt {
@@ -157,23 +159,56 @@ thread_local int t_thread_cap = 0;
 
 }  // namespace
 
-// A CPU tuning read once from the environment variable `var`, one of the settings a and b: true
-// when it is `yes` (a or b), unset or empty -> cpu_default; anything else throws.
-bool tuning(const char* var, const char* a, const char* b, const char* yes, bool cpu_default) {
+namespace {
+
+// A developer override of a CPU tuning: the environment variable `var`, one of the settings a and
+// b; true when it is `yes` (a or b), unset or empty -> cpu_default; anything else throws.
+bool dev_setting(const char* var, const char* a, const char* b, const char* yes, bool cpu_default) {
   const char* env = std::getenv(var);
   const std::string v = env != nullptr ? env : "";
   GLM4RT_CHECK(v.empty() || v == a || v == b) << var << " must be " << a << " or " << b << ", got '" << v << "'";
   return v.empty() ? cpu_default : v == yes;
 }
 
-bool decode_prefetch_into_l1() {
-  static const bool l1 = tuning("GLM4RT_DECODE_PREFETCH", "l1", "l2", "l1", detect_zen5_or_later());
-  return l1;
+constexpr const char* kDevSettings[] = {"GLM4RT_DEV_DECODE_PREFETCH", "GLM4RT_DEV_BF16_GEMV_ROWS"};
+
+// Every GLM4RT_DEV_* variable must be one of kDevSettings: a misspelt override would otherwise
+// be ignored, and a benchmark would measure the default without saying so.
+void reject_unknown_dev_settings() {
+#if defined(__unix__)
+  constexpr char kPrefix[] = "GLM4RT_DEV_";
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    if (std::strncmp(*e, kPrefix, sizeof kPrefix - 1) != 0) continue;
+    const std::string name(*e, std::strcspn(*e, "="));
+    bool known = false;
+    std::string list;
+    for (const char* s : kDevSettings) {
+      known = known || name == s;
+      list += (list.empty() ? "" : ", ") + std::string(s);
+    }
+    GLM4RT_CHECK(known) << "unknown developer setting " << name << " (known: " << list << ")";
+  }
+#endif
 }
 
-bool bf16_gemv_four_rows() {
-  static const bool four = tuning("GLM4RT_BF16_GEMV_ROWS", "1", "4", "4", vendor_is("GenuineIntel"));
-  return four;
+CpuTuning read_cpu_tuning() {
+  reject_unknown_dev_settings();
+  CpuTuning t;
+  t.decode_prefetch_l1 = dev_setting(kDevSettings[0], "l1", "l2", "l1", detect_zen5_or_later());
+  t.bf16_gemv_four_rows = dev_setting(kDevSettings[1], "1", "4", "4", vendor_is("GenuineIntel"));
+  return t;
+}
+
+}  // namespace
+
+const CpuTuning& cpu_tuning() {
+  static const CpuTuning tuning = read_cpu_tuning();
+  return tuning;
+}
+
+void read_settings() {
+  cpu_tuning();
+  kernels();
 }
 
 std::vector<std::string> supported_isas() {

@@ -17,6 +17,11 @@ void set_isa(const std::string& name);
 std::string active_isa();
 // The active table (chosen on first use from GLM4RT_ISA or the best supported ISA).
 const KernelTable& kernels();
+// Reads and validates every environment setting of this file now (GLM4RT_ISA and the developer
+// overrides GLM4RT_DEV_*, cpu_tuning() in kernels.h); throws on a bad value. Called when the
+// module is imported, so that a bad value fails the import on every CPU, whichever table it
+// concerns.
+void read_settings();
 
 // Threads used by every parallel kernel: a process-wide setting (0 = the OpenMP default, all
 // CPUs), lowered for the calling thread only by set_thread_cap (the decode loop's load-following

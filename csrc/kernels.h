@@ -1,9 +1,11 @@
 // The table of ISA-specific primitives. Every ISA (generic, avx2, avx_vnni, avx512, avx512_bf16,
-// amx) fills one table; dispatch.cpp picks one at import time. The drivers in ops.cpp (threads,
-// tiling, attention, norms) are ISA-neutral and call through this table.
+// amx) fills one table, member by member; dispatch.cpp picks one at import time. The drivers in
+// ops.cpp (threads, tiling, attention, norms) are ISA-neutral and call through this table.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+
+#include "quant.h"
 
 namespace glm4rt {
 
@@ -17,8 +19,6 @@ using GemmTileBF16 = void (*)(const float* x, size_t ldx, const uint16_t* w, siz
                               size_t ldc, int m, int n, int k, bool accumulate);
 // sum_i a[i] * b[i]
 using DotF32 = float (*)(const float* a, const float* b, int n);
-// y[i] += alpha * x[i]
-using AxpyF32 = void (*)(float alpha, const float* x, float* y, int n);
 
 // Quantized weights (formats in quant.h): y[m, r] for mt tokens and the 16 rows of one packed
 // group, over all n_blocks blocks of K:
@@ -160,41 +160,45 @@ using SoftmaxF32 = void (*)(float* x, int n);
 using SiluMulF32 = void (*)(const float* gate, const float* up, float* out, int n);
 
 // int4 quantization of one packed block (16 rows x 32 weights) by the specification,
-// quantize_block_int4_ref in quant.cpp, bit for bit (the SIMD versions run one row per lane).
+// quantize_int4_group_ref in quant.cpp, bit for bit (the SIMD versions run one row per lane).
 //   wt [32][16] k-major: wt[k * 16 + r] (rows past the matrix and k past K are zeros)
-//   blk: the block's 256 quant bytes, then its 16 fp16 scales (layout in quant.h)
-using QuantizeInt4 = void (*)(const float* wt, uint8_t* blk);
+using QuantizeInt4 = void (*)(const float* wt, Q4Block* blk);
 
 // XOR of every 8-byte word of data[n_bytes] (n_bytes a multiple of 64): the bandwidth probe, with
 // the widest loads of the ISA so that it measures the memory, not the loop.
 using ReadXor = uint64_t (*)(const uint8_t* data, size_t n_bytes);
 
+// Filled by name in each ISA file's table function (generic_kernels() and so on); an entry an ISA
+// lacks stays null and the drivers take another path (ops.cpp, matmul_path / attention_path).
 struct KernelTable {
-  const char* name;  // "generic", "avx2", "avx_vnni", "avx512", "avx512_bf16", "amx"
-  int mr;            // tokens per gemm tile
-  int nr;            // weight rows per gemm tile
-  GemmTileF32 gemm_tile_f32;
-  GemmTileBF16 gemm_tile_bf16;
-  DotF32 dot_f32;
-  AxpyF32 axpy_f32;
-  ReadXor read_xor;
-  AttnQK attn_qk;
-  AttnPV attn_pv;
-  SoftmaxF32 softmax;
-  SiluMulF32 silu_mul;
-  int qmt;  // tokens per quantized tile
-  QGemmTile qgemm_int8;
-  QGemmTile qgemm_int4;
-  GemmTileBF16x gemm_tile_bf16x;  // null without AVX512-BF16
-  Bf16Panel bf16_panel;           // null without AVX512-BF16
-  Bf16Pack bf16_pack;             // with bf16_panel
-  Bf16PackX bf16_pack_x;          // with bf16_panel
-  QuantizeInt4 quantize_int4;
-  AttnDecode attn_decode;
-  F32Panel f32_panel = nullptr;         // avx2 (and avx512, avx_vnni, which take avx2's); null in generic
-  F32PackF32 f32_pack = nullptr;        // with f32_panel
-  F32PackBF16 f32_pack_bf16 = nullptr;  // with f32_panel
-  AmxThread amx_begin = nullptr;        // amx only; all null elsewhere
+  const char* name = nullptr;  // "generic", "avx2", "avx_vnni", "avx512", "avx512_bf16", "amx"
+  // Every table:
+  int mr = 0;  // tokens per gemm tile
+  int nr = 0;  // weight rows per gemm tile
+  GemmTileF32 gemm_tile_f32 = nullptr;
+  GemmTileBF16 gemm_tile_bf16 = nullptr;
+  DotF32 dot_f32 = nullptr;
+  ReadXor read_xor = nullptr;
+  AttnQK attn_qk = nullptr;
+  AttnPV attn_pv = nullptr;
+  AttnDecode attn_decode = nullptr;
+  SoftmaxF32 softmax = nullptr;
+  SiluMulF32 silu_mul = nullptr;
+  int qmt = 0;  // tokens per quantized tile
+  QGemmTile qgemm_int8 = nullptr;
+  QGemmTile qgemm_int4 = nullptr;
+  QuantizeInt4 quantize_int4 = nullptr;
+  // fp32 panels: avx2 (and avx_vnni, avx512, avx512_bf16, amx, which take avx2's); null in generic.
+  F32Panel f32_panel = nullptr;
+  F32PackF32 f32_pack = nullptr;
+  F32PackBF16 f32_pack_bf16 = nullptr;
+  // AVX512-BF16: avx512_bf16 and amx only.
+  GemmTileBF16x gemm_tile_bf16x = nullptr;
+  Bf16Panel bf16_panel = nullptr;
+  Bf16Pack bf16_pack = nullptr;
+  Bf16PackX bf16_pack_x = nullptr;
+  // AMX tiles: amx only.
+  AmxThread amx_begin = nullptr;
   AmxThread amx_end = nullptr;
   AmxGemm amx_gemm = nullptr;
   AmxPackX amx_pack_x = nullptr;
@@ -205,22 +209,27 @@ struct KernelTable {
   AmxAttnRowsFn amx_attn_rows = nullptr;
 };
 
-// CPU tuning that never changes results, from CPUID (dispatch.cpp): whether the AVX-512 decode
-// GEMVs prefetch their weight streams into L1 (~3-4 KiB ahead: AMD Zen 5 and later) or, the
-// default tuned on Zen 4, the quantized ones into L2 (~2 KiB ahead) and bf16 not at all.
-// GLM4RT_DECODE_PREFETCH=l1|l2 overrides it.
-bool decode_prefetch_into_l1();
-// Whether the AVX512-BF16 decode GEMV streams rows of any length 4 at a time (Intel; a 2-core
-// Xeon with AMX, GLM-4-9B bf16 decode: +16% with 2 threads, +10% with 1) or only rows longer than
-// 8192 (the default, tuned on AMD Zen 4). GLM4RT_BF16_GEMV_ROWS=1|4 overrides it.
-bool bf16_gemv_four_rows();
+// CPU tunings: settings that change speed, never results, chosen from CPUID (dispatch.cpp) and
+// read by the table functions. Developers may override them for benchmarking with the
+// GLM4RT_DEV_* environment variables, which dispatch.cpp reads and validates when the module is
+// imported (cpu_tuning()).
+struct CpuTuning {
+  // Where the AVX-512 decode GEMVs prefetch their weight streams: into L1, ~3-4 KiB ahead (the
+  // int8 / int4 / bf16 ones; AMD Zen 5 and later, with a 48 KiB L1), or into L2, ~2 KiB ahead
+  // (the quantized ones; bf16 none). GLM4RT_DEV_DECODE_PREFETCH=l1|l2.
+  bool decode_prefetch_l1;
+  // Whether the AVX512-BF16 decode GEMV streams rows of any length 4 at a time (Intel) or only
+  // rows longer than 8192 (AMD: shorter rows stream faster one at a time there).
+  // GLM4RT_DEV_BF16_GEMV_ROWS=1|4.
+  bool bf16_gemv_four_rows;
+};
+const CpuTuning& cpu_tuning();
 
 // One function per ISA file; each returns its static table.
 const KernelTable& generic_kernels();
-void quantize_int4_group_ref(const float* wt, uint8_t* blk);  // quant.cpp: the specification
 #if defined(GLM4RT_X86)
-void quantize_int4_avx2(const float* wt, uint8_t* blk);    // x86_avx2_quant.cpp
-void quantize_int4_avx512(const float* wt, uint8_t* blk);  // x86_avx512_quant.cpp
+void quantize_int4_avx2(const float* wt, Q4Block* blk);    // x86_avx2_quant.cpp
+void quantize_int4_avx512(const float* wt, Q4Block* blk);  // x86_avx512_quant.cpp
 const KernelTable& avx2_kernels();
 const KernelTable& avx_vnni_kernels();       // the avx2 table + 256-bit VNNI quantized tiles (VEX)
 const KernelTable& avx_vnni_evex_kernels();  // the same tiles in EVEX encoding (AVX512-VNNI CPUs)

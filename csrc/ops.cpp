@@ -172,9 +172,9 @@ T* align64(T* p) {
 // Many tokens with the fp32 panel form (kernels.h; AVX2): each thread takes panels of 16 weight
 // rows; per block of kF32PanelK columns it packs them once ([kc, 16] fp32, 24 KiB, in L1) and
 // runs every tile of 6 tokens of a block of kF32BlockTokens tokens over it (their [192, kc]
-// slice of x, 288 KiB, stays in L2). Zen 3, bf16 weights, 512 tokens: kc 256-512 measured
-// alike, 128 and 768 slower. Blocks of tokens bound what a panel meets to L2 / L3 for
-// long prompts; the weights are then read once per block (a 512-token prompt: 3 times).
+// slice of x, 288 KiB, stays in L2; kc from 256 to 512 runs alike, benchmarks/kernel-notes.md).
+// Blocks of tokens bound what a panel meets to L2 / L3 for long prompts; the weights are then
+// read once per block (a 512-token prompt: 3 times).
 constexpr int kF32PanelK = 384;
 constexpr int kF32BlockTokens = 32 * kF32PanelTokens;
 
@@ -225,10 +225,9 @@ void matmul_f32_panels(const KernelTable& kt, Pack pack, const float* x, int M, 
 // dequantized to bf16) once per kAmxTokens tokens. The span changes no result (C tiles carry
 // fp32 sums from one span to the next unrounded): kAmxKBlocks (8), except for row-major bf16
 // weights and at most kAmxFewTokens tokens, which take kAmxKBlocksFewTokens (64): their rows
-// are then read 4 KiB at a time rather than 512 bytes (a 2-core Xeon with AMX, GLM-4-9B
-// matrices, 2 threads, GFLOP/s span 8 -> 64: 64 tokens 480 -> 723, 128 tokens 879 -> 1086,
-// 256 tokens 1207 -> 1446; 320 and more tokens and the quantized groups, which are contiguous,
-// lose with it: 512 tokens 1653 -> 1285, int8 128 tokens 1319 -> 1185).
+// are then read 4 KiB at a time rather than 512 bytes, which few tokens need more than they lose
+// in L1 reuse; more tokens, and the quantized groups (contiguous already), run faster with 8
+// (benchmarks/kernel-notes.md).
 constexpr int kAmxTokens = 512;
 constexpr int kAmxChunkRows = 256;
 constexpr int kAmxKBlocks = 8;
@@ -314,15 +313,61 @@ void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, int 
   }
 }
 
-// Below this many tokens the dot form wins: packing the weight panels costs about as much as a
-// few tokens' products.
-constexpr int kPanelMinTokens = 16;
+// ---- the path choice ------------------------------------------------------------------------
+
+// How a matmul runs, by the weights' format, the number of tokens M and what the ISA's table has
+// (the thresholds are in ops.h; what each path computes, in the comments of matmul_bf16 and
+// qmatmul there).
+enum class MatmulPath {
+  kTiles,       // dot-form tiles of mr tokens x nr rows over blocks of k (one token: a GEMV)
+  kBf16Tiles,   // the same with bf16 x bf16 dot products along whole rows (AVX512-BF16)
+  kF32Panels,   // packed panels of 16 weight rows, fp32 FMAs (AVX2)
+  kBf16Panels,  // packed panels of 32 weight rows, bf16 pair dot products (AVX512-BF16)
+  kAmx,         // AMX tiles, weights packed (quantized ones dequantized) to bf16
+  kQuantTiles,  // int8 activations x the packed quantized groups (quant.h)
+};
+enum class Weights { kF32, kBf16, kQuant };
+
+MatmulPath matmul_path(const KernelTable& kt, Weights w, int M) {
+  const bool panels = M >= kPanelMinTokens;
+  switch (w) {
+    case Weights::kF32:
+      return kt.f32_panel != nullptr && panels ? MatmulPath::kF32Panels : MatmulPath::kTiles;
+    case Weights::kBf16:
+      if (kt.amx_gemm != nullptr && M >= kAmxMinTokensBf16) return MatmulPath::kAmx;
+      if (kt.bf16_panel != nullptr && panels) return MatmulPath::kBf16Panels;
+      if (kt.f32_panel != nullptr && panels) return MatmulPath::kF32Panels;
+      return kt.gemm_tile_bf16x != nullptr ? MatmulPath::kBf16Tiles : MatmulPath::kTiles;
+    case Weights::kQuant:
+      return kt.amx_gemm != nullptr && M >= kAmxMinTokensQuant ? MatmulPath::kAmx : MatmulPath::kQuantTiles;
+  }
+  return MatmulPath::kTiles;
+}
+
+// How attention runs: decode (one query token, no probabilities asked for), the AMX split
+// products (prompts on AMX, kernels.h), or the fp32 kernels.
+enum class AttentionPath { kDecode, kAmx, kF32 };
+
+// Keys 0 .. visible_keys(a) - 1 are visible (by causality) to at least one query.
+int visible_keys(const AttentionArgs& a) {
+  int64_t last = -1;
+  for (int t = 0; t < a.n_queries; ++t) last = std::max(last, a.q_pos[t]);
+  return static_cast<int>(std::clamp<int64_t>(last + 1, 0, a.n_keys));
+}
+
+AttentionPath attention_path(const KernelTable& kt, const AttentionArgs& a) {
+  if (a.n_queries == 1 && a.probs == nullptr) return AttentionPath::kDecode;
+  if (kt.amx_attn_rows != nullptr && a.probs == nullptr && a.n_queries >= kAmxMinQueriesAttn &&
+      a.head_dim % 32 == 0 && visible_keys(a) >= kAmxMinKeysAttn)
+    return AttentionPath::kAmx;
+  return AttentionPath::kF32;
+}
 
 }  // namespace
 
 void matmul_f32(const float* x, int M, int K, const float* w, int N, const float* bias, float* y) {
   const KernelTable& kt = kernels();
-  if (kt.f32_panel != nullptr && M >= kPanelMinTokens)
+  if (matmul_path(kt, Weights::kF32, M) == MatmulPath::kF32Panels)
     matmul_f32_panels(kt, kt.f32_pack, x, M, K, w, N, bias, y);
   else
     matmul_impl(x, M, K, w, N, bias, y, kt.gemm_tile_f32, kt.mr, kt.nr, kBlockK);
@@ -331,28 +376,34 @@ void matmul_f32(const float* x, int M, int K, const float* w, int N, const float
 void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const float* bias,
                  float* y) {
   const KernelTable& kt = kernels();
-  if (kt.amx_gemm != nullptr && M >= kAmxMinTokensBf16) {
-    matmul_amx(kt, x, M, K, N, M <= kAmxFewTokens ? kAmxKBlocksFewTokens : kAmxKBlocks,
-               [&](int row0, int n, int b0, int kb, uint16_t* wa) {
-      kt.amx_pack_bf16(w + static_cast<size_t>(row0) * K, K, n, K, b0, kb, wa);
-    }, [&](int row0, int n, int b) {  // 64 bytes of each row (w rows are not 64-byte aligned: 2 lines)
-      for (int r = 0; r < n; ++r) {
-        const char* p = reinterpret_cast<const char*>(w + static_cast<size_t>(row0 + r) * K + 32 * b);
-        __builtin_prefetch(p, 0, 2);
-        __builtin_prefetch(p + 63, 0, 2);
-      }
-    }, bias, y);
-  } else if (kt.bf16_panel != nullptr && M >= kPanelMinTokens) {
-    matmul_bf16_panels(kt, x, M, K, w, N, bias, y);
-  } else if (kt.f32_panel != nullptr && M >= kPanelMinTokens) {
-    matmul_f32_panels(kt, kt.f32_pack_bf16, bf16_rounded(x, M, K), M, K, w, N, bias, y);
-  } else if (kt.gemm_tile_bf16x != nullptr) {
-    const size_t n = static_cast<size_t>(M) * K;
-    uint16_t* xb = reused_scratch<uint16_t, 0>(n);
-    for (size_t i = 0; i < n; ++i) xb[i] = to_bf16(x[i]);
-    matmul_impl(xb, M, K, w, N, bias, y, kt.gemm_tile_bf16x, kt.mr, kt.nr, K);
-  } else {  // the same products in fp32
-    matmul_impl(bf16_rounded(x, M, K), M, K, w, N, bias, y, kt.gemm_tile_bf16, kt.mr, kt.nr, kBlockK);
+  switch (matmul_path(kt, Weights::kBf16, M)) {
+    case MatmulPath::kAmx:
+      matmul_amx(kt, x, M, K, N, M <= kAmxFewTokens ? kAmxKBlocksFewTokens : kAmxKBlocks,
+                 [&](int row0, int n, int b0, int kb, uint16_t* wa) {
+        kt.amx_pack_bf16(w + static_cast<size_t>(row0) * K, K, n, K, b0, kb, wa);
+      }, [&](int row0, int n, int b) {  // 64 bytes of each row (w rows are not 64-byte aligned: 2 lines)
+        for (int r = 0; r < n; ++r) {
+          const char* p = reinterpret_cast<const char*>(w + static_cast<size_t>(row0 + r) * K + 32 * b);
+          __builtin_prefetch(p, 0, 2);
+          __builtin_prefetch(p + 63, 0, 2);
+        }
+      }, bias, y);
+      break;
+    case MatmulPath::kBf16Panels:
+      matmul_bf16_panels(kt, x, M, K, w, N, bias, y);
+      break;
+    case MatmulPath::kF32Panels:
+      matmul_f32_panels(kt, kt.f32_pack_bf16, bf16_rounded(x, M, K), M, K, w, N, bias, y);
+      break;
+    case MatmulPath::kBf16Tiles: {
+      const size_t n = static_cast<size_t>(M) * K;
+      uint16_t* xb = reused_scratch<uint16_t, 0>(n);
+      for (size_t i = 0; i < n; ++i) xb[i] = to_bf16(x[i]);
+      matmul_impl(xb, M, K, w, N, bias, y, kt.gemm_tile_bf16x, kt.mr, kt.nr, K);
+      break;
+    }
+    default:  // the same products in fp32
+      matmul_impl(bf16_rounded(x, M, K), M, K, w, N, bias, y, kt.gemm_tile_bf16, kt.mr, kt.nr, kBlockK);
   }
 }
 
@@ -360,10 +411,9 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
              const float* bias, float* y) {
   const KernelTable& kt = kernels();
   const int nb = q_blocks(K), Kp = nb * kQBlock, n_groups = q_groups(N);
-  const size_t group_bytes = static_cast<size_t>(nb) * q_block_bytes(f);
-  if (kt.amx_gemm != nullptr && M >= kAmxMinTokensQuant) {  // bf16 activations x weights dequantized to bf16
+  const size_t block_bytes = q_block_bytes(f), group_bytes = nb * block_bytes;
+  if (matmul_path(kt, Weights::kQuant, M) == MatmulPath::kAmx) {  // bf16 activations x weights dequantized to bf16
     const AmxPackQ pack = f == QFormat::Int8 ? kt.amx_pack_int8 : kt.amx_pack_int4;
-    const size_t block_bytes = q_block_bytes(f);
     matmul_amx(kt, x, M, K, N, kAmxKBlocks, [&](int row0, int, int b0, int kb, uint16_t* wa) {
       const int g = row0 / kQGroupRows;
       pack(packed + g * group_bytes, group_bytes, std::min(2, n_groups - g), b0, kb, wa);
@@ -403,6 +453,48 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
           for (int r = 0; r < rows; ++r) yg[static_cast<size_t>(i) * N + r] += bias[g * kQGroupRows + r];
     }
   }
+}
+
+void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N, int K, int row0,
+                   int n_rows, uint8_t* packed) {
+  const int nb = q_blocks(K);
+  const size_t bb = q_block_bytes(f);
+  const int g0 = row0 / kQGroupRows, g1 = q_groups(row0 + n_rows);
+  const QuantizeInt4 quantize_int4 = kernels().quantize_int4;  // the reference or its SIMD twin
+#pragma omp parallel for num_threads(get_num_threads()) schedule(dynamic, 1)
+  for (int g = g0; g < g1; ++g) {
+    for (int b = 0; b < nb; ++b) {
+      uint8_t* blk = packed + (static_cast<size_t>(g) * nb + b) * bb;
+      // wt [32][16]: the block's weights k-major, zeros past the matrix and past K
+      float wt[kQBlock * kQGroupRows] = {};
+      for (int r = 0; r < kQGroupRows; ++r) {
+        const int row = g * kQGroupRows + r;
+        if (row >= N || row >= row0 + n_rows) continue;
+        for (int k = 0; k < kQBlock && b * kQBlock + k < K; ++k) {
+          const size_t idx = static_cast<size_t>(row - row0) * K + b * kQBlock + k;
+          if (w_f32 != nullptr) {
+            wt[k * kQGroupRows + r] = w_f32[idx];
+          } else {
+            const uint32_t bits = static_cast<uint32_t>(w_bf16[idx]) << 16;
+            std::memcpy(&wt[k * kQGroupRows + r], &bits, sizeof bits);
+          }
+        }
+      }
+      if (f == QFormat::Int4)
+        quantize_int4(wt, reinterpret_cast<Q4Block*>(blk));
+      else
+        quantize_int8_group_ref(wt, reinterpret_cast<Q8Block*>(blk));
+    }
+  }
+}
+
+void quantize_acts(const float* x, int M, int K, int8_t* q, float* scale, int32_t* sum) {
+  const int nb = q_blocks(K);
+  const size_t Kp = static_cast<size_t>(nb) * kQBlock;
+#pragma omp parallel for num_threads(get_num_threads()) schedule(dynamic) if (static_cast<long long>(M) * K >= (1 << 16))
+  for (int m = 0; m < M; ++m)
+    quantize_acts_row_ref(x + static_cast<size_t>(m) * K, K, q + m * Kp, scale + static_cast<size_t>(m) * nb,
+                          sum + static_cast<size_t>(m) * nb);
 }
 
 void rms_norm(const float* x, const float* weight, float* y, int M, int H, float eps) {
@@ -520,13 +612,6 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
   }
 }
 
-// Keys 0 .. visible_keys(a) - 1 are visible (by causality) to at least one query.
-int visible_keys(const AttentionArgs& a) {
-  int64_t last = -1;
-  for (int t = 0; t < a.n_queries; ++t) last = std::max(last, a.q_pos[t]);
-  return static_cast<int>(std::clamp<int64_t>(last + 1, 0, a.n_keys));
-}
-
 // Prompts on AMX (kernels.h: the split products are as exact as fp32): K and V of every
 // (sequence, kv head) are packed once into blocks of 32 keys, then each work item -- up to
 // kAmxAttnRows query rows (token, head) of one kv head, the group's heads of consecutive tokens --
@@ -581,14 +666,15 @@ void attention_amx(const KernelTable& kt, const AttentionArgs& a) {
 
 void attention(const AttentionArgs& a) {
   const KernelTable& kt = kernels();
-  if (a.n_queries == 1 && a.probs == nullptr) {
-    attention_decode(kt, a);
-    return;
-  }
-  if (kt.amx_attn_rows != nullptr && a.probs == nullptr && a.n_queries >= kAmxMinQueriesAttn &&
-      a.head_dim % 32 == 0 && visible_keys(a) >= kAmxMinKeysAttn) {
-    attention_amx(kt, a);
-    return;
+  switch (attention_path(kt, a)) {
+    case AttentionPath::kDecode:
+      attention_decode(kt, a);
+      return;
+    case AttentionPath::kAmx:
+      attention_amx(kt, a);
+      return;
+    case AttentionPath::kF32:
+      break;
   }
   const int group = a.n_heads / a.n_kv_heads;  // query heads sharing one kv head
   const int d = a.head_dim, S = a.n_keys;

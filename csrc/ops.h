@@ -9,17 +9,18 @@
 
 namespace glm4rt {
 
+// The thresholds of the path choice (ops.cpp, matmul_path and attention_path); the measurements
+// behind them are in benchmarks/kernel-notes.md.
+// From this many tokens on, matmuls run on packed weight panels where the ISA has them: below,
+// packing a panel costs about as much as a few tokens' products in the dot form.
+constexpr int kPanelMinTokens = 16;
 // From this many tokens on, matmul_bf16 and qmatmul run on the AMX tiles where the ISA has them.
-// Quantized weights are dequantized to bf16 on every call, which fewer tokens do not repay: on
-// a 2-core Xeon with AMX, GLM-4-9B matrices, 2 threads, speed of the int8 / int4 VNNI tiles over
-// AMX's: 16 tokens 1.3-1.8, 32 tokens 0.9-1.4, 40 tokens 0.9-1.0, 48 tokens 0.65-0.85.
+// Quantized weights are dequantized to bf16 on every call, which fewer tokens do not repay.
 constexpr int kAmxMinTokensBf16 = 16;
 constexpr int kAmxMinTokensQuant = 40;
 // From this many query tokens and visible keys on (and without probabilities asked for), attention
-// runs on the AMX tiles as split products, as exact as fp32 (kernels.h), where the ISA has them.
-// A 2-core Xeon, GLM-4-9B heads, speed over the fp32 kernel (1 / 2 threads): 16 tokens x 16 keys
-// 0.8 / 0.65, 64 x 64 1.2 / 1.0, 16-128 tokens x 128 keys 1.4-1.6, 16 x 1024 2.0 / 1.9,
-// 128 x 4096 2.3.
+// runs on the AMX tiles as split products, as exact as fp32 (kernels.h), where the ISA has them:
+// fewer do not repay packing K and V into tiles and the three-part products.
 constexpr int kAmxMinQueriesAttn = 16;
 constexpr int kAmxMinKeysAttn = 128;
 
@@ -39,6 +40,17 @@ void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const f
 // exact product (an activation rounded to bf16 errs far less than one quantized to int8 per block).
 void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int N,
              const float* bias, float* y);
+
+// Quantize rows [row0, row0 + n_rows) of an [N, K] matrix into `packed` (the whole matrix's
+// buffer of q_packed_bytes), block by block with the active table's quantize_int4 (int4) or
+// quantize_int8_group_ref (int8). Exactly one of w_f32 / w_bf16 is given and points at row row0.
+// row0 must be a multiple of kQGroupRows; rows past N in the last group are zero.
+void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N, int K, int row0,
+                   int n_rows, uint8_t* packed);
+
+// Activations quantized for the integer dot products, quantize_acts_row_ref (quant.h) per token:
+//   q [M, n_blocks * 32] (zero past K), scale [M, n_blocks], sum [M, n_blocks]
+void quantize_acts(const float* x, int M, int K, int8_t* q, float* scale, int32_t* sum);
 
 // y[M, H] = weight * (x * rsqrt(mean(x^2) + eps)); statistics in fp32; y may alias x.
 void rms_norm(const float* x, const float* weight, float* y, int M, int H, float eps);

@@ -1,14 +1,12 @@
-// Scalar reference quantizers, packing and activation quantization (the specification of the
-// int8 / int4 formats described in quant.h).
+// The specification of the int8 / int4 formats (quant.h): scalar reference quantizers for weights
+// and activations, and the reading of a packed matrix. Plain scalar code, no threads and no
+// dispatch: the drivers (ops.cpp) and the SIMD twins are tested against it bit for bit.
 #include "quant.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
-
-#include "dispatch.h"
-#include "kernels.h"
 
 namespace glm4rt {
 
@@ -107,116 +105,82 @@ void quantize_block_int4_ref(const float* w, uint8_t* q, uint16_t* d) {
 
 namespace {
 
-// Row r of a block tile wt [32][16] (k-major), the input of the per-row reference quantizers.
-inline void block_row(const float* wt, int r, float* w) {
-  for (int k = 0; k < kQBlock; ++k) w[k] = wt[k * kQGroupRows + r];
+// One packed block from its tile wt [32][16] (k-major), row by row with the reference quantizer:
+// int8 codes stored as q + 128, int4 codes k and k + 16 in the low and high nibble of one byte.
+template <bool kInt4>
+void quantize_group(const float* wt, QBlock<kInt4>* blk) {
+  for (int r = 0; r < kQGroupRows; ++r) {
+    float w[kQBlock];
+    for (int k = 0; k < kQBlock; ++k) w[k] = wt[k * kQGroupRows + r];
+    uint16_t d;
+    if constexpr (kInt4) {
+      uint8_t q[kQBlock];
+      quantize_block_int4_ref(w, q, &d);
+      for (int k = 0; k < kQBlock / 2; ++k)
+        blk->codes[Q4Block::code_byte(r, k)] = static_cast<uint8_t>(q[k] | (q[k + 16] << 4));
+    } else {
+      int8_t q[kQBlock];
+      quantize_block_int8_ref(w, q, &d);
+      for (int k = 0; k < kQBlock; ++k) blk->codes[Q8Block::code_byte(r, k)] = static_cast<uint8_t>(q[k] + 128);
+    }
+    std::memcpy(blk->scales + sizeof d * r, &d, sizeof d);
+  }
 }
 
 }  // namespace
 
-void quantize_int4_group_ref(const float* wt, uint8_t* blk) {
-  uint16_t* scales = reinterpret_cast<uint16_t*>(blk + kQ4QuantBytes);
-  for (int r = 0; r < kQGroupRows; ++r) {
-    float w[kQBlock];
-    block_row(wt, r, w);
-    uint8_t q[kQBlock];
-    quantize_block_int4_ref(w, q, &scales[r]);
-    for (int k = 0; k < kQBlock / 2; ++k)
-      blk[(k / 4) * 64 + r * 4 + k % 4] = static_cast<uint8_t>(q[k] | (q[k + 16] << 4));
-  }
-}
+void quantize_int8_group_ref(const float* wt, Q8Block* blk) { quantize_group(wt, blk); }
+void quantize_int4_group_ref(const float* wt, Q4Block* blk) { quantize_group(wt, blk); }
 
-void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N, int K, int row0,
-                   int n_rows, uint8_t* packed) {
-  const int nb = q_blocks(K);
-  const size_t bb = q_block_bytes(f);
-  const int g0 = row0 / kQGroupRows, g1 = q_groups(row0 + n_rows);
-  const QuantizeInt4 quantize_int4 = kernels().quantize_int4;  // the reference or its SIMD twin
-#pragma omp parallel for num_threads(get_num_threads()) schedule(dynamic, 1)
-  for (int g = g0; g < g1; ++g) {
-    for (int b = 0; b < nb; ++b) {
-      uint8_t* blk = packed + (static_cast<size_t>(g) * nb + b) * bb;
-      // wt [32][16]: the block's weights k-major, zeros past the matrix and past K
-      float wt[kQBlock * kQGroupRows] = {};
-      for (int r = 0; r < kQGroupRows; ++r) {
-        const int row = g * kQGroupRows + r;
-        if (row >= N || row >= row0 + n_rows) continue;
-        for (int k = 0; k < kQBlock && b * kQBlock + k < K; ++k) {
-          const size_t idx = static_cast<size_t>(row - row0) * K + b * kQBlock + k;
-          if (w_f32 != nullptr) {
-            wt[k * kQGroupRows + r] = w_f32[idx];
-          } else {
-            const uint32_t bits = static_cast<uint32_t>(w_bf16[idx]) << 16;
-            std::memcpy(&wt[k * kQGroupRows + r], &bits, sizeof bits);
-          }
-        }
-      }
-      if (f == QFormat::Int4) {
-        quantize_int4(wt, blk);
-        continue;
-      }
-      uint16_t* scales = reinterpret_cast<uint16_t*>(blk + kQ8QuantBytes);
-      for (int r = 0; r < kQGroupRows; ++r) {
-        float w[kQBlock];
-        block_row(wt, r, w);
-        int8_t q[kQBlock];
-        quantize_block_int8_ref(w, q, &scales[r]);
-        for (int k = 0; k < kQBlock; ++k) blk[(k / 4) * 64 + r * 4 + k % 4] = static_cast<uint8_t>(q[k] + 128);
-      }
-    }
-  }
-}
+namespace {
 
-void dequantize_packed(QFormat f, const uint8_t* packed, int N, int K, float* out) {
+template <bool kInt4>
+void dequantize_blocks(const uint8_t* packed, int N, int K, float* out) {
   const int nb = q_blocks(K);
-  const size_t bb = q_block_bytes(f);
   for (int row = 0; row < N; ++row) {
-    const int g = row / kQGroupRows, r = row % kQGroupRows;
+    const int r = row % kQGroupRows;
+    const uint8_t* group = packed + static_cast<size_t>(row / kQGroupRows) * nb * sizeof(QBlock<kInt4>);
     for (int b = 0; b < nb; ++b) {
-      const uint8_t* blk = packed + (static_cast<size_t>(g) * nb + b) * bb;
-      const float d = fp16_to_f32(reinterpret_cast<const uint16_t*>(blk + bb - kQScaleBytes)[r]);
+      const QBlock<kInt4>* blk = q_block<kInt4>(group, b);
+      const float d = blk->scale(r);
       for (int k = 0; k < kQBlock && b * kQBlock + k < K; ++k) {
-        int q;
-        if (f == QFormat::Int8) {
-          q = static_cast<int>(blk[(k / 4) * 64 + r * 4 + k % 4]) - 128;
-        } else {
-          const uint8_t byte = blk[((k % 16) / 4) * 64 + r * 4 + k % 4];
-          q = static_cast<int>(k < 16 ? byte & 0x0f : byte >> 4) - 8;
-        }
+        const int q = blk->code(r, k) - (kInt4 ? 8 : 0);
         out[static_cast<size_t>(row) * K + b * kQBlock + k] = d * static_cast<float>(q);
       }
     }
   }
 }
 
-void quantize_acts(const float* x, int M, int K, int8_t* q, float* scale, int32_t* sum) {
-  const int nb = q_blocks(K);
-  const int Kp = nb * kQBlock;
-#pragma omp parallel for num_threads(get_num_threads()) schedule(dynamic) if (static_cast<long long>(M) * K >= (1 << 16))
-  for (int m = 0; m < M; ++m) {
-    const float* xr = x + static_cast<size_t>(m) * K;
-    for (int b = 0; b < nb; ++b) {
-      const int k0 = b * kQBlock, n = std::min(kQBlock, K - k0);
-      float amax = 0.0f;
-      bool finite = true;
-      for (int k = 0; k < n; ++k) {
-        const float a = std::fabs(xr[k0 + k]);
-        finite = finite && a <= std::numeric_limits<float>::max();  // false for NaN and inf
-        amax = std::max(amax, a);
-      }
-      // A block with NaN or inf gets the scale NaN and codes 0: every product it enters is then
-      // NaN, as in fp32 (converting NaN or inf * 0 to int would be undefined behaviour).
-      const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
-      int8_t* qb = q + static_cast<size_t>(m) * Kp + k0;
-      int32_t s = 0;
-      for (int k = 0; k < kQBlock; ++k) {
-        const int v = k < n && finite ? static_cast<int>(round_even(xr[k0 + k] * inv)) : 0;
-        qb[k] = static_cast<int8_t>(v);
-        s += v;
-      }
-      scale[static_cast<size_t>(m) * nb + b] = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
-      sum[static_cast<size_t>(m) * nb + b] = s;
+}  // namespace
+
+void dequantize_packed(QFormat f, const uint8_t* packed, int N, int K, float* out) {
+  if (f == QFormat::Int8)
+    dequantize_blocks<false>(packed, N, K, out);
+  else
+    dequantize_blocks<true>(packed, N, K, out);
+}
+
+void quantize_acts_row_ref(const float* x, int K, int8_t* q, float* scale, int32_t* sum) {
+  for (int b = 0; b < q_blocks(K); ++b) {
+    const int k0 = b * kQBlock, n = std::min(kQBlock, K - k0);
+    float amax = 0.0f;
+    bool finite = true;
+    for (int k = 0; k < n; ++k) {
+      const float a = std::fabs(x[k0 + k]);
+      finite = finite && a <= std::numeric_limits<float>::max();  // false for NaN and inf
+      amax = std::max(amax, a);
     }
+    // A block with NaN or inf gets the scale NaN and codes 0: every product it enters is then
+    // NaN, as in fp32 (converting NaN or inf * 0 to int would be undefined behaviour).
+    const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+    int32_t s = 0;
+    for (int k = 0; k < kQBlock; ++k) {
+      const int v = k < n && finite ? static_cast<int>(round_even(x[k0 + k] * inv)) : 0;
+      q[k0 + k] = static_cast<int8_t>(v);
+      s += v;
+    }
+    scale[b] = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    sum[b] = s;
   }
 }
 

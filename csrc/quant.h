@@ -1,59 +1,104 @@
 // Quantized weight formats: blocks of 32 weights along K with one fp16 scale per row and block,
-// and the packed layout the kernels read (16 rows interleaved, so one activation load feeds 16
-// rows). The scalar functions here are the specification; the SIMD kernels are tested against them.
+// packed 16 rows at a time so that one activation load feeds 16 rows. This header defines the
+// layout (QBlock, the only place that knows a code's byte position) and declares the scalar
+// specification (quant.cpp); the SIMD kernels are tested against it bit for bit.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace glm4rt {
 
 constexpr int kQBlock = 32;      // weights per block along K (one scale each)
 constexpr int kQGroupRows = 16;  // weight rows interleaved in one packed group
+constexpr int kQChunkBytes = 64;  // one chunk: 4 bytes (4 codes, or 8 int4 codes) of each of 16 rows
 
 // int8: q in [-127, 127], w = d * q, d = amax / 127                                (8.5 bits/weight)
 // int4: q in [0, 15],     w = d * (q - 8), d chosen per block by a least-squares
 //       search over candidate scales (same storage as llama.cpp's Q4_0)             (4.5 bits/weight)
 enum class QFormat : int { Int8 = 0, Int4 = 1 };
 
-// One packed block = kQGroupRows rows x kQBlock weights: the quants, then 16 fp16 scales.
-//   Int8 quants: 8 chunks of [16 rows][4 bytes], byte = q + 128 (unsigned for VNNI's u8 operand)
-//   Int4 quants: 4 chunks of [16 rows][4 bytes]; byte j of row r in chunk c holds
-//                q[r][4c + j] in its low nibble and q[r][4(c + 4) + j] in its high nibble
-// Blocks of one group are contiguous (K order), groups follow each other (row order).
-constexpr size_t kQ8QuantBytes = kQGroupRows * kQBlock;
-constexpr size_t kQ4QuantBytes = kQGroupRows * kQBlock / 2;
-constexpr size_t kQScaleBytes = kQGroupRows * sizeof(uint16_t);
-constexpr size_t kQ8BlockBytes = kQ8QuantBytes + kQScaleBytes;
-constexpr size_t kQ4BlockBytes = kQ4QuantBytes + kQScaleBytes;
-static_assert(kQ8BlockBytes == 544, "int8 block: 512 quant bytes + 16 fp16 scales");
-static_assert(kQ4BlockBytes == 288, "int4 block: 256 quant bytes + 16 fp16 scales");
+// IEEE half <-> float, round to nearest even (scalar, exact).
+float fp16_to_f32(uint16_t h);
+uint16_t f32_to_fp16(float f);
 
-inline size_t q_block_bytes(QFormat f) { return f == QFormat::Int8 ? kQ8BlockBytes : kQ4BlockBytes; }
+// One packed block: kQGroupRows rows x kQBlock weights, the codes in 64-byte chunks, then the 16
+// rows' fp16 scales. Chunk c holds 4 bytes of every row, row r at bytes 4r .. 4r + 3 (one row per
+// 32-bit lane of a 512-bit load, rows 0-7 / 8-15 in the two halves of a 256-bit one):
+//   int8 (QBlock<false>, Q8Block): 8 chunks; byte j of row r in chunk c holds k = 4c + j, stored
+//        as q + 128 (unsigned, for VNNI's u8 operand)
+//   int4 (QBlock<true>,  Q4Block): 4 chunks; byte j of row r in chunk c holds k = 4c + j in its low
+//        nibble and k = 16 + 4c + j in its high nibble
+// The blocks of a group (its 16 rows over all of K) are contiguous in K order, and groups follow
+// each other in row order. Only bytes: a packed matrix may sit at any address (a memory map of a
+// saved checkpoint), so the struct needs no alignment, and scales are read with memcpy.
+// The ISA files use only code_byte and q_block, integer arithmetic: the copy of an inline function
+// that the linker keeps may come from any file, and these have no ISA-specific instruction to leak.
+template <bool kInt4>
+struct QBlock {
+  static constexpr int kChunks = kInt4 ? 4 : 8;
+  static constexpr int kCodeOffset = kInt4 ? 8 : 128;  // stored code = q + kCodeOffset
+
+  uint8_t codes[kChunks * kQChunkBytes];
+  uint8_t scales[kQGroupRows * sizeof(uint16_t)];  // fp16 bits, row r at bytes 2r and 2r + 1
+
+  // Byte of `codes` that holds row r's code for weight k of the block (0 <= k < 32; an int4 code
+  // for k >= 16 is the high nibble of the byte of k - 16). With r a multiple of 8 and k of 4, the
+  // first byte of a vector of rows r .. r + 7 (or + 15) and codes k .. k + 3.
+  static constexpr int code_byte(int r, int k) {
+    const int kk = kInt4 ? k % 16 : k;
+    return kk / 4 * kQChunkBytes + r * 4 + kk % 4;
+  }
+  // Row r's q for weight k (int8: -127 .. 127; int4: 0 .. 15, the stored nibble).
+  int code(int r, int k) const {
+    const uint8_t byte = codes[code_byte(r, k)];
+    if (kInt4) return k < 16 ? byte & 0x0f : byte >> 4;
+    return static_cast<int>(byte) - 128;
+  }
+  // Row r's scale d, widened from fp16.
+  float scale(int r) const {
+    uint16_t bits;
+    std::memcpy(&bits, scales + sizeof(uint16_t) * r, sizeof bits);
+    return fp16_to_f32(bits);
+  }
+};
+using Q8Block = QBlock<false>;
+using Q4Block = QBlock<true>;
+static_assert(sizeof(Q8Block) == 544 && alignof(Q8Block) == 1, "int8 block: 512 code bytes + 16 fp16 scales");
+static_assert(sizeof(Q4Block) == 288 && alignof(Q4Block) == 1, "int4 block: 256 code bytes + 16 fp16 scales");
+
+// Block b of the group at `group` (the group's blocks are contiguous).
+template <bool kInt4>
+inline const QBlock<kInt4>* q_block(const uint8_t* group, int b) {
+  return reinterpret_cast<const QBlock<kInt4>*>(group) + b;
+}
+
+inline size_t q_block_bytes(QFormat f) { return f == QFormat::Int8 ? sizeof(Q8Block) : sizeof(Q4Block); }
 inline int q_blocks(int K) { return (K + kQBlock - 1) / kQBlock; }
 inline int q_groups(int N) { return (N + kQGroupRows - 1) / kQGroupRows; }
 inline size_t q_packed_bytes(QFormat f, int N, int K) {
   return static_cast<size_t>(q_groups(N)) * q_blocks(K) * q_block_bytes(f);
 }
 
-// IEEE half <-> float, round to nearest even (scalar, exact).
-float fp16_to_f32(uint16_t h);
-uint16_t f32_to_fp16(float f);
+// ---- the specification (quant.cpp) -----------------------------------------------------------
 
-// Reference block quantizers (the specification). w: 32 floats.
+// Reference block quantizers. w: 32 floats of one row.
 void quantize_block_int8_ref(const float* w, int8_t* q, uint16_t* d);
 void quantize_block_int4_ref(const float* w, uint8_t* q, uint16_t* d);
 
-// Quantize rows [row0, row0 + n_rows) of an [N, K] matrix into `packed` (the whole matrix's
-// buffer of q_packed_bytes). Exactly one of w_f32 / w_bf16 is given and points at row row0.
-// row0 must be a multiple of kQGroupRows; rows past N in the last group are zero.
-void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N, int K, int row0,
-                   int n_rows, uint8_t* packed);
-// out[N, K] = the weights the packed matrix represents.
+// One packed block from its weights wt [32][16], k-major: wt[k * 16 + r] (rows past the matrix
+// and k past K are zeros), by the reference quantizers row by row. The int4 one has SIMD twins
+// (the kernel table's quantize_int4) that must give the same bytes.
+void quantize_int8_group_ref(const float* wt, Q8Block* blk);
+void quantize_int4_group_ref(const float* wt, Q4Block* blk);
+
+// out[N, K] = the weights the packed matrix represents: d * q (int4: d * (q - 8)).
 void dequantize_packed(QFormat f, const uint8_t* packed, int N, int K, float* out);
 
-// Activations quantized for the integer dot products: per token and block of 32,
-// scale = amax / 127, q = round(x / scale) in [-127, 127], sum = sum of the block's q.
-//   q [M, n_blocks * 32] (zero past K), scale [M, n_blocks], sum [M, n_blocks]
-void quantize_acts(const float* x, int M, int K, int8_t* q, float* scale, int32_t* sum);
+// Activations quantized for the integer dot products, one token (row) of K values: per block of
+// 32, scale = amax / 127, q = round(x / scale) in [-127, 127], sum = sum of the block's q; a block
+// with NaN or inf gets the scale NaN and codes 0.
+//   q [n_blocks * 32] (zero past K), scale [n_blocks], sum [n_blocks]
+void quantize_acts_row_ref(const float* x, int K, int8_t* q, float* scale, int32_t* sum);
 
 }  // namespace glm4rt

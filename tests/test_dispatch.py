@@ -60,22 +60,35 @@ print(h.hexdigest())
 """
 
 
-# CPU tunings of the one-token GEMVs: both settings of each must give the bits of the default.
-#  GLM4RT_DECODE_PREFETCH: where the int8, int4 and bf16 GEMVs prefetch their weights;
-#  GLM4RT_BF16_GEMV_ROWS: whether the bf16 GEMV streams 1 or 4 rows at a time for K <= 8192
+# CPU tunings of the one-token GEMVs, chosen from CPUID; the GLM4RT_DEV_* variables override them
+# for benchmarking (csrc/kernels.h, CpuTuning). Both settings of each must give the bits of the
+# default:
+#  GLM4RT_DEV_DECODE_PREFETCH: where the int8, int4 and bf16 GEMVs prefetch their weights;
+#  GLM4RT_DEV_BF16_GEMV_ROWS: whether the bf16 GEMV streams 1 or 4 rows at a time for K <= 8192
 #  (every row is summed in the same order either way).
-@pytest.mark.parametrize("var, values, bad, message", [
-    ("GLM4RT_DECODE_PREFETCH", ("l1", "l2"), "l3", "GLM4RT_DECODE_PREFETCH must be l1 or l2"),
-    ("GLM4RT_BF16_GEMV_ROWS", ("1", "4"), "2", "GLM4RT_BF16_GEMV_ROWS must be 1 or 4"),
+# All are read when the module is imported, so a bad value fails the import on every CPU, also
+# where no kernel uses the setting (an AVX2-only CPU).
+@pytest.mark.parametrize("var, values, bad", [
+    ("GLM4RT_DEV_DECODE_PREFETCH", ("l1", "l2"), "l3"),
+    ("GLM4RT_DEV_BF16_GEMV_ROWS", ("1", "4"), "2"),
 ])
-def test_decode_tuning_changes_no_bits(var, values, bad, message):
+def test_decode_tuning_changes_no_bits(var, values, bad):
     runs = {v: _run(_DECODE_CODE, **({var: v} if v else {})) for v in ("",) + values}
     for v, r in runs.items():
         assert r.returncode == 0, (v, r.stderr)
     assert len({r.stdout for r in runs.values()}) == 1
     bad_run = _run("import glm4rt", **{var: bad})
-    assert bad_run.returncode != 0 and message in bad_run.stderr
+    assert bad_run.returncode != 0
+    assert f"{var} must be {values[0]} or {values[1]}, got '{bad}'" in bad_run.stderr
     assert "Traceback" in bad_run.stderr
+
+
+def test_unknown_dev_setting_fails_import():
+    # A misspelt override must not let a benchmark measure the default unawares.
+    r = _run("import glm4rt", GLM4RT_DEV_DECODE_PREFECTH="l1")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    assert "unknown developer setting GLM4RT_DEV_DECODE_PREFECTH" in r.stderr
+    assert "GLM4RT_DEV_DECODE_PREFETCH" in r.stderr
 
 
 def test_env_sets_threads():

@@ -118,34 +118,19 @@ void silu_mul(const float* gate, const float* up, float* out, int n) {
 
 // ---- quantized weights: the scalar reading of the packed layout (quant.h) -------------------
 
-constexpr int kRows = 16, kBlock = 32;
-
 template <bool kInt4>
 void qgemm_group(const uint8_t* group, int n_blocks, const int8_t* xq, const float* xs,
                  const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y, size_t ldy, int rows) {
-  const size_t quant_bytes = kInt4 ? kRows * kBlock / 2 : kRows * kBlock;
-  const size_t block_bytes = quant_bytes + kRows * 2;
   for (int m = 0; m < mt; ++m)
     for (int r = 0; r < rows; ++r) {
       float acc = 0.0f;
       for (int b = 0; b < n_blocks; ++b) {
-        const uint8_t* blk = group + b * block_bytes;
-        const int8_t* x = xq + m * ldq + b * kBlock;
+        const QBlock<kInt4>* blk = q_block<kInt4>(group, b);
+        const int8_t* x = xq + m * ldq + b * kQBlock;
         int32_t isum = 0;
-        for (int k = 0; k < kBlock; ++k) {
-          int q;
-          if (kInt4) {
-            const uint8_t byte = blk[((k % 16) / 4) * 64 + r * 4 + k % 4];
-            q = k < 16 ? byte & 0x0f : byte >> 4;
-          } else {
-            q = static_cast<int>(blk[(k / 4) * 64 + r * 4 + k % 4]) - 128;
-          }
-          isum += q * x[k];
-        }
+        for (int k = 0; k < kQBlock; ++k) isum += blk->code(r, k) * x[k];
         if (kInt4) isum -= 8 * xsum[m * lds + b];
-        uint16_t dbits;
-        std::memcpy(&dbits, blk + quant_bytes + 2 * r, sizeof dbits);
-        acc += static_cast<float>(isum) * (fp16_to_f32(dbits) * xs[m * lds + b]);
+        acc += static_cast<float>(isum) * (blk->scale(r) * xs[m * lds + b]);
       }
       y[m * ldy + r] = acc;
     }
@@ -155,21 +140,35 @@ template <bool kInt4>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y,
                 size_t ldy, int rows) {
-  for (int g = 0; g < n_groups && rows > g * kRows; ++g)
-    qgemm_group<kInt4>(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, mt, y + g * kRows, ldy,
-                       rows - g * kRows < kRows ? rows - g * kRows : kRows);
+  for (int g = 0; g < n_groups && rows > g * kQGroupRows; ++g)
+    qgemm_group<kInt4>(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, mt, y + g * kQGroupRows, ldy,
+                       rows - g * kQGroupRows < kQGroupRows ? rows - g * kQGroupRows : kQGroupRows);
 }
 
 }  // namespace
 }  // namespace generic
 
 const KernelTable& generic_kernels() {
-  static const KernelTable table = {
-      "generic", 4, 4, generic::gemm_tile<float>, generic::gemm_tile<uint16_t>,
-      generic::dot_f32, generic::axpy_f32, generic::read_xor, generic::attn_qk, generic::attn_pv, generic::softmax, generic::silu_mul, 4, generic::qgemm_tile<false>, generic::qgemm_tile<true>,
-      nullptr, nullptr, nullptr, nullptr, quantize_int4_group_ref,
-      attn_decode::attn_decode<generic::Vec1, 16>,
-  };
+  static const KernelTable table = [] {
+    KernelTable t;
+    t.name = "generic";
+    t.mr = 4;
+    t.nr = 4;
+    t.gemm_tile_f32 = generic::gemm_tile<float>;
+    t.gemm_tile_bf16 = generic::gemm_tile<uint16_t>;
+    t.dot_f32 = generic::dot_f32;
+    t.read_xor = generic::read_xor;
+    t.attn_qk = generic::attn_qk;
+    t.attn_pv = generic::attn_pv;
+    t.attn_decode = attn_decode::attn_decode<generic::Vec1, 16>;
+    t.softmax = generic::softmax;
+    t.silu_mul = generic::silu_mul;
+    t.qmt = 4;
+    t.qgemm_int8 = generic::qgemm_tile<false>;
+    t.qgemm_int4 = generic::qgemm_tile<true>;
+    t.quantize_int4 = quantize_int4_group_ref;
+    return t;
+  }();
   return table;
 }
 

@@ -11,9 +11,11 @@
 // so every tile load is one contiguous KiB.
 #include <immintrin.h>
 
-#include "../kernels.h"
 #include <algorithm>
 #include <cmath>
+
+#include "../kernels.h"
+#include "../quant.h"
 
 #include "x86_avx512_exp.h"
 #include "x86_avx512_transpose.h"
@@ -162,7 +164,7 @@ inline __m512i pair_row(__m512 a, __m512 b) {
 // group: the first of n_groups (1 or 2) groups of 16 rows, group_bytes apart; blocks b0 .. b0+kb.
 template <bool kInt4>
 void pack_q(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int kb, uint16_t* wa) {
-  constexpr size_t kQuant = kInt4 ? 256 : 512, kBlockBytes = kQuant + 32;
+  using Block = QBlock<kInt4>;
   for (int b = 0; b < kb; ++b)
     for (int h = 0; h < 2; ++h) {
       uint16_t* dst = wa + (static_cast<size_t>(b) * 2 + h) * kTile;  // row p at dst + 32 p
@@ -170,12 +172,12 @@ void pack_q(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int 
         for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + 32 * p, _mm512_setzero_si512());
         continue;
       }
-      const uint8_t* blk = group + h * group_bytes + static_cast<size_t>(b0 + b) * kBlockBytes;
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQuant)));
+      const Block* blk = q_block<kInt4>(group + h * group_bytes, b0 + b);
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk->scales)));
       if (kInt4) {
         // chunk c: byte j of lane r holds k = 4c + j (low nibble) and 16 + 4c + j (high nibble).
         for (int c = 0; c < 4; ++c) {
-          const __m512i v = _mm512_loadu_si512(blk + 64 * c);
+          const __m512i v = _mm512_loadu_si512(blk->codes + Block::code_byte(0, 4 * c));
           __m512 f[8];  // f[j] = k 4c + j (j < 4), f[4 + j] = k 16 + 4c + j
           for (int j = 0; j < 4; ++j) {
             const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), _mm512_set1_epi32(0xF));
@@ -191,7 +193,8 @@ void pack_q(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int 
       } else {
         // chunk c: byte j of lane r holds k = 4c + j, stored as q + 128.
         for (int c = 0; c < 8; ++c) {
-          const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(blk + 64 * c), _mm512_set1_epi8(static_cast<char>(0x80)));
+          const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(blk->codes + Block::code_byte(0, 4 * c)),
+                                             _mm512_set1_epi8(static_cast<char>(0x80)));
           __m512 f[4];
           for (int j = 0; j < 4; ++j)  // sign-extend byte j of every lane
             f[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24)), d);

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "../kernels.h"
+#include "../quant.h"
 #include "attn_decode_impl.h"
 
 namespace glm4rt {
@@ -279,7 +280,7 @@ void silu_mul(const float* gate, const float* up, float* out, int n) {
 // feeding both: 12 FMAs to 8 loads, within Zen 3's / Haswell's 2 FMAs + 2-3 loads per cycle.
 // Six tokens always: a tile of m < 6 repeats its last row in the missing ones and stores only m.
 // The 12 accumulators are named variables: as an array (acc[M][2], M >= 5) GCC keeps them in
-// memory and stores every one of them on every k, which halved the speed.
+// memory and stores every one of them on every k.
 void f32_panel(const float* x, size_t ldx, const float* wp, int kc, float* c, size_t ldc, int m,
                int n, bool accumulate) {
   const float* x0 = x;
@@ -343,9 +344,7 @@ void f32_pack(const W* w, size_t ldw, int n, int kc, float* wp) {
 // No VNNI here: vpmaddubsw (u8 x s8 -> pairs of i16) + vpmaddwd. int4 quants (0..15) are the
 // unsigned operand directly (no saturation: 2 * 15 * 127 < 32767) and a block's products are
 // summed in int16 before one vpmaddwd; int8 uses the sign trick |x| * sign(w, x), which keeps
-// both operands within 127. Sharing the broadcasts between the 2 groups of a decode tile (the
-// old loop took one group at a time) raised Zen 3's int4 GEMV from memory from ~14 to ~20 GB/s
-// on 1 thread (the probe's bandwidth) and int8 from ~15 to ~19.
+// both operands within 127.
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -360,7 +359,8 @@ inline int32_t load_i32(const int8_t* p) {
 template <int MT, int G, bool kInt4>
 void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t* xq, const float* xs,
            const int32_t* xsum, size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
-  constexpr size_t kQuant = kInt4 ? 256 : 512, kBlockBytes = kQuant + 32;
+  using Block = QBlock<kInt4>;
+  auto block = [&](int g, int b) { return q_block<kInt4>(group + g * group_bytes, b); };  // of group g
   const __m256i low4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[G][2][MT];
@@ -368,13 +368,13 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
     for (int m = 0; m < MT; ++m) acc[g][0][m] = acc[g][1][m] = _mm256_setzero_ps();
   for (int b = 0; b < n_blocks; ++b) {
     // Decoding one int4 token: software prefetch 8 blocks (2.3 KiB) ahead into L1 in every group
-    // stream. Zen 3, GLM-4-9B matrices streamed from memory: +5-10% with 1 thread; int8 (none:
-    // 4 or 6 blocks ahead was 0-15% slower) and 2 threads within the machine's noise.
+    // stream, which the hardware prefetchers alone leave short of the memory bandwidth; int8
+    // gains nothing from it (benchmarks/kernel-notes.md).
     constexpr int kAhead = 8;
     if (kInt4 && MT == 1)
       for (int g = 0; g < G; ++g)
-        for (size_t off = 0; off < kBlockBytes; off += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(group + g * group_bytes + (b + kAhead) * kBlockBytes + off), _MM_HINT_T0);
+        for (size_t off = 0; off < sizeof(Block); off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(block(g, b + kAhead)) + off, _MM_HINT_T0);
     __m256i isum[G][2][MT];
     if (kInt4) {
       // int16 sums over the 4 chunks: each chunk adds at most 4 * 15 * 127 = 7620 per lane.
@@ -391,7 +391,7 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
         }
         for (int g = 0; g < G; ++g)
           for (int h = 0; h < 2; ++h) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + g * group_bytes + b * kBlockBytes + c * 64 + h * 32));
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block(g, b)->codes + Block::code_byte(8 * h, 4 * c)));
             const __m256i lo = _mm256_and_si256(v, low4);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
             for (int m = 0; m < MT; ++m)
@@ -416,7 +416,7 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
         for (int g = 0; g < G; ++g)
           for (int h = 0; h < 2; ++h) {
             const __m256i w = _mm256_xor_si256(
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + g * group_bytes + b * kBlockBytes + c * 64 + h * 32)), flip);  // s8 q
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block(g, b)->codes + Block::code_byte(8 * h, 4 * c))), flip);  // s8 q
             for (int m = 0; m < MT; ++m) {
               const __m256i p = _mm256_maddubs_epi16(xa[m], _mm256_sign_epi8(w, xv[m]));
               isum[g][h][m] = _mm256_add_epi32(isum[g][h][m], _mm256_madd_epi16(p, ones));
@@ -426,7 +426,7 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
     }
     for (int g = 0; g < G; ++g)
       for (int h = 0; h < 2; ++h) {
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + g * group_bytes + b * kBlockBytes + kQuant + h * 16)));
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block(g, b)->scales + sizeof(uint16_t) * 8 * h)));
         for (int m = 0; m < MT; ++m)
           acc[g][h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g][h][m]),
                                          _mm256_mul_ps(d, _mm256_set1_ps(xs[m * lds + b])), acc[g][h][m]);
@@ -465,12 +465,29 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 }  // namespace avx2
 
 const KernelTable& avx2_kernels() {
-  static const KernelTable table = {
-      "avx2", 3, 4, avx2::gemm_tile<float>, avx2::gemm_tile<uint16_t>,
-      avx2::dot_f32, avx2::axpy_f32, avx2::read_xor, avx2::attn_qk, avx2::attn_pv, avx2::softmax, avx2::silu_mul, 2, avx2::qgemm_tile<false>, avx2::qgemm_tile<true>,
-      nullptr, nullptr, nullptr, nullptr, quantize_int4_avx2,
-      attn_decode::attn_decode<avx2::Vec8, 8>, avx2::f32_panel, avx2::f32_pack<float>, avx2::f32_pack<uint16_t>,
-  };
+  static const KernelTable table = [] {
+    KernelTable t;
+    t.name = "avx2";
+    t.mr = 3;
+    t.nr = 4;
+    t.gemm_tile_f32 = avx2::gemm_tile<float>;
+    t.gemm_tile_bf16 = avx2::gemm_tile<uint16_t>;
+    t.dot_f32 = avx2::dot_f32;
+    t.read_xor = avx2::read_xor;
+    t.attn_qk = avx2::attn_qk;
+    t.attn_pv = avx2::attn_pv;
+    t.attn_decode = attn_decode::attn_decode<avx2::Vec8, 8>;
+    t.softmax = avx2::softmax;
+    t.silu_mul = avx2::silu_mul;
+    t.qmt = 2;
+    t.qgemm_int8 = avx2::qgemm_tile<false>;
+    t.qgemm_int4 = avx2::qgemm_tile<true>;
+    t.quantize_int4 = quantize_int4_avx2;
+    t.f32_panel = avx2::f32_panel;
+    t.f32_pack = avx2::f32_pack<float>;
+    t.f32_pack_bf16 = avx2::f32_pack<uint16_t>;
+    return t;
+  }();
   return table;
 }
 

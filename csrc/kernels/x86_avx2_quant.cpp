@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "../kernels.h"
+#include "../quant.h"
 
 namespace glm4rt {
 namespace {
@@ -21,9 +22,9 @@ inline __m256 quant_level(__m256 iscale, __m256 w) {
                        _mm256_set1_ps(7.0f));
 }
 
-// Rows 8h .. 8h + 7 of the block: wt [32][16] k-major; quants into the bytes 32h .. 32h + 31 of
-// each 64-byte chunk, scales into blk + 256 + 16h.
-void quantize_half(const float* wt, int h, uint8_t* blk) {
+// Rows 8h .. 8h + 7 of the block: wt [32][16] k-major; their codes are the bytes 32h .. 32h + 31
+// of each 64-byte chunk (quant.h).
+void quantize_half(const float* wt, int h, Q4Block* blk) {
   const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
   __m256 m = zero, abs_m = zero, sum_ww = zero;
   for (int k = 0; k < 32; ++k) {
@@ -63,15 +64,15 @@ void quantize_half(const float* wt, int h, uint8_t* blk) {
       const __m256i hi = _mm256_add_epi32(_mm256_cvttps_epi32(quant_level(best_iscale, _mm256_loadu_ps(wt + 16 * (k + 16) + 8 * h))), eight);
       bytes = _mm256_or_si256(bytes, _mm256_slli_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), 8 * j));
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk + 64 * c + 32 * h), bytes);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk->codes + Q4Block::code_byte(8 * h, 4 * c)), bytes);
   }
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 256 + 16 * h),
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(blk->scales + sizeof(uint16_t) * 8 * h),
                    _mm256_cvtps_ph(best_dq, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 }  // namespace
 
-void quantize_int4_avx2(const float* wt, uint8_t* blk) {
+void quantize_int4_avx2(const float* wt, Q4Block* blk) {
   quantize_half(wt, 0, blk);
   quantize_half(wt, 1, blk);
 }

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "../kernels.h"
+#include "../quant.h"
 #include "attn_decode_impl.h"
 #include "x86_avx512_exp.h"
 #include "x86_avx512_transpose.h"
@@ -74,15 +75,6 @@ float dot_f32(const float* a, const float* b, int n) {
     acc = _mm512_fmadd_ps(load_f32(a + p, mask), load_f32(b + p, mask), acc);
   }
   return _mm512_reduce_add_ps(acc);
-}
-
-void axpy_f32(float alpha, const float* x, float* y, int n) {
-  __m512 av = _mm512_set1_ps(alpha);
-  for (int p = 0; p < n; p += 16) {
-    __mmask16 mask = n - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - p)) - 1u);
-    __m512 yv = _mm512_fmadd_ps(av, load_f32(x + p, mask), load_f32(y + p, mask));
-    _mm512_mask_storeu_ps(y + p, mask, yv);
-  }
 }
 
 uint64_t read_xor(const uint8_t* data, size_t n_bytes) {
@@ -232,8 +224,8 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* x) {
 template <int MT, int G, bool kInt4, bool kPrefetchL1 = false>
 void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t* xq, const float* xs,
            const int32_t* xsum, size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
-  constexpr size_t kQuant = kInt4 ? 256 : 512, kBlockBytes = kQuant + 32;
-  constexpr int kOffset = kInt4 ? 8 : 128;  // stored q = true q + offset
+  using Block = QBlock<kInt4>;
+  auto block = [&](int g, int b) { return q_block<kInt4>(group + g * group_bytes, b); };  // of group g
   // Few rows x tokens leave vpdpbusd's latency exposed: split each sum into independent chains
   // (at least one: int4 with MT * G = 3 would otherwise round 2 / 3 down to none).
   constexpr int kChains = MT * G >= (kInt4 ? 2 : 4) ? 1 : (kInt4 ? 2 : 4) / (MT * G);
@@ -244,17 +236,14 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
     for (int m = 0; m < MT; ++m) acc[g][m] = _mm512_setzero_ps();
   for (int b = 0; b < n_blocks; ++b) {
     // Software prefetch a few blocks ahead in every group stream: decoding one token, the hardware
-    // prefetchers alone leave bandwidth unused. Two settings, chosen per CPU (kernels.h):
-    //  - into L2, ~2 KiB ahead (the default). Zen 4, lm_head GEMV, share of the probe's bandwidth,
-    //    2 threads: int4 0.81 (8 blocks ahead into L1) -> 0.89-0.92 (6 into L2); int8 0.99 (none)
-    //    -> 1.00-1.03 (4 into L2; 1 thread 0.92 -> 1.00); farther (8+ blocks) was worse for both.
-    //  - into L1, ~3 KiB ahead (Zen 5, 48 KiB L1). Zen 5, GLM-4-9B matrices streamed from memory,
-    //    against the L2 setting: int4 +13% (1 thread) and +12% (2 threads, 54 -> 59 GB/s);
-    //    int8 +12% (1 thread), level with 2.
+    // prefetchers alone leave bandwidth unused. Two settings, chosen per CPU (CpuTuning in
+    // kernels.h), each the distance that streamed fastest where it was tuned
+    // (benchmarks/kernel-notes.md): into L2, ~2 KiB ahead (the default, Zen 4), or into L1,
+    // ~3 KiB ahead (Zen 5, whose 48 KiB L1 holds that much next to the working set).
     constexpr int kAhead = kPrefetchL1 ? (kInt4 ? 10 : 6) : (kInt4 ? 6 : 4);
     for (int g = 0; g < G; ++g)
-      for (size_t off = 0; off < kBlockBytes; off += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(group + g * group_bytes + (b + kAhead) * kBlockBytes + off),
+      for (size_t off = 0; off < sizeof(Block); off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(block(g, b + kAhead)) + off,
                      kPrefetchL1 ? _MM_HINT_T0 : _MM_HINT_T1);
     __m512i isum[G][MT][kChains], isum_hi[G][MT][kChains];
     for (int g = 0; g < G; ++g)
@@ -266,7 +255,7 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
       for (int c = 0; c < 4; ++c) {
         __m512i lo[G], hi16[G];
         for (int g = 0; g < G; ++g) {
-          const __m512i v = _mm512_loadu_si512(group + g * group_bytes + b * kBlockBytes + c * 64);
+          const __m512i v = _mm512_loadu_si512(block(g, b)->codes + Block::code_byte(0, 4 * c));
           lo[g] = _mm512_and_si512(v, low4);     // k = 4c .. 4c+3
           hi16[g] = _mm512_and_si512(v, high4);  // 16 x (k = 16+4c ..)
         }
@@ -287,7 +276,7 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
     } else {
       for (int c = 0; c < 8; ++c) {
         __m512i v[G];
-        for (int g = 0; g < G; ++g) v[g] = _mm512_loadu_si512(group + g * group_bytes + b * kBlockBytes + c * 64);
+        for (int g = 0; g < G; ++g) v[g] = _mm512_loadu_si512(block(g, b)->codes + Block::code_byte(0, 4 * c));
         for (int m = 0; m < MT; ++m)
           for (int g = 0; g < G; ++g)
             isum[g][m][c % kChains] = dpbusd_bcast(isum[g][m][c % kChains], v[g], xq + m * ldq + b * 32 + 4 * c);
@@ -295,9 +284,9 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
     }
     for (int g = 0; g < G; ++g) {
       const __m512 d = _mm512_cvtph_ps(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + g * group_bytes + b * kBlockBytes + kQuant)));
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block(g, b)->scales)));
       for (int m = 0; m < MT; ++m) {
-        __m512i s = _mm512_set1_epi32(-kOffset * xsum[m * lds + b]);
+        __m512i s = _mm512_set1_epi32(-Block::kCodeOffset * xsum[m * lds + b]);
         for (int j = 0; j < kChains; ++j) s = _mm512_add_epi32(s, isum[g][m][j]);
         acc[g][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xs[m * lds + b])),
                                     acc[g][m]);
@@ -343,17 +332,32 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
 }  // namespace avx512
 
 const KernelTable& avx512_kernels() {
-  static const KernelTable table = {
-      "avx512", 4, 4, avx512::gemm_tile<float>, avx512::gemm_tile<uint16_t>,
-      avx512::dot_f32, avx512::axpy_f32, avx512::read_xor, avx512::attn_qk, avx512::attn_pv, avx512::softmax, avx512::silu_mul, 8,
-      decode_prefetch_into_l1() ? avx512::qgemm_tile<false, true> : avx512::qgemm_tile<false, false>,
-      decode_prefetch_into_l1() ? avx512::qgemm_tile<true, true> : avx512::qgemm_tile<true, false>,
-      nullptr, nullptr, nullptr, nullptr, quantize_int4_avx512,
-      attn_decode::attn_decode<avx512::Vec16, 16>,
-      // Prefill with fp32 / bf16 weights (where AVX512-BF16 is absent): the AVX2 panel GEMM (its
-      // 6 x 16 ymm tile; every AVX-512 CPU runs AVX2 code).
-      avx2_kernels().f32_panel, avx2_kernels().f32_pack, avx2_kernels().f32_pack_bf16,
-  };
+  static const KernelTable table = [] {
+    const bool l1 = cpu_tuning().decode_prefetch_l1;
+    KernelTable t;
+    t.name = "avx512";
+    t.mr = 4;
+    t.nr = 4;
+    t.gemm_tile_f32 = avx512::gemm_tile<float>;
+    t.gemm_tile_bf16 = avx512::gemm_tile<uint16_t>;
+    t.dot_f32 = avx512::dot_f32;
+    t.read_xor = avx512::read_xor;
+    t.attn_qk = avx512::attn_qk;
+    t.attn_pv = avx512::attn_pv;
+    t.attn_decode = attn_decode::attn_decode<avx512::Vec16, 16>;
+    t.softmax = avx512::softmax;
+    t.silu_mul = avx512::silu_mul;
+    t.qmt = 8;
+    t.qgemm_int8 = l1 ? avx512::qgemm_tile<false, true> : avx512::qgemm_tile<false, false>;
+    t.qgemm_int4 = l1 ? avx512::qgemm_tile<true, true> : avx512::qgemm_tile<true, false>;
+    t.quantize_int4 = quantize_int4_avx512;
+    // Prefill with fp32 / bf16 weights (where AVX512-BF16 is absent): the AVX2 panel GEMM (its
+    // 6 x 16 ymm tile; every AVX-512 CPU runs AVX2 code).
+    t.f32_panel = avx2_kernels().f32_panel;
+    t.f32_pack = avx2_kernels().f32_pack;
+    t.f32_pack_bf16 = avx2_kernels().f32_pack_bf16;
+    return t;
+  }();
   return table;
 }
 

@@ -52,8 +52,8 @@ void dtile_m(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw, float
 
 // One token: R rows at a time, one after another, so that the weights are read as (nearly) one
 // sequential stream (what the hardware prefetchers follow best); 4 chains per row.
-// kPrefetchL1 (the CPU setting of kernels.h): also prefetch each row's stream 4 KiB ahead into L1
-// (Zen 5, GLM-4-9B decode GEMVs from memory: +4-6% with 2 threads, +5-7% with 1; into L2 was -3%).
+// kPrefetchL1 (CpuTuning in kernels.h): also prefetch each row's stream 4 KiB ahead into L1, where
+// Zen 5's prefetchers alone leave bandwidth unused (into L2 did not help: benchmarks/kernel-notes.md).
 constexpr int kPrefetchAhead = 2048;  // bf16 values (4 KiB)
 
 template <int R, bool kPrefetchL1>
@@ -84,9 +84,9 @@ void gemv_rows(const uint16_t* x, const uint16_t* w, size_t ldw, float* c, int k
 }
 
 // Rows longer than 8192 weights go 4 at a time, each stream then long enough by itself, and x
-// (which no longer fits L1 next to the weight stream) is loaded once for 4 rows. Shorter rows go
-// one at a time on AMD (Zen 4, GLM-4-9B matrices: K = 4096 one row 28 GB/s vs 4 rows 18; K = 13696
-// one row 19 GB/s vs 4 rows 25, one thread) and 4 at a time on Intel (kFourRows, kernels.h).
+// (which no longer fits L1 next to the weight stream) is loaded once for 4 rows. Shorter rows
+// stream faster one at a time on AMD and 4 at a time on Intel (kFourRows, CpuTuning in kernels.h;
+// benchmarks/kernel-notes.md).
 template <bool kPrefetchL1, bool kFourRows>
 void gemv(const uint16_t* x, const uint16_t* w, size_t ldw, float* c, int n, int k, bool accumulate) {
   int j = 0;
@@ -115,8 +115,7 @@ inline __m512 dot2_bcast(__m512 acc, __m512i w, const uint32_t* x) {
 
 // Per pair of k: two 64-byte loads of the packed weights (32 rows), then for each token one
 // broadcast of its bf16 pair feeding both. The tokens' pairs come from L3 (a panel meets every
-// chunk of tokens in turn) and are prefetched into L1 32 pairs (1.5 KiB) ahead: 193 -> 207
-// GFLOP/s on one core, 388 -> 418 on two (512 tokens, the MLP and attention matrices of GLM-4-9B).
+// chunk of tokens in turn), so they are prefetched into L1 32 pairs (1.5 KiB) ahead.
 constexpr int kPrefetchPairs = 32;
 
 template <int M>
@@ -211,7 +210,7 @@ const KernelTable& avx512_bf16_kernels() {
   static const KernelTable table = [] {
     KernelTable t = avx512_kernels();
     t.name = "avx512_bf16";
-    const bool l1 = decode_prefetch_into_l1(), four = bf16_gemv_four_rows();
+    const bool l1 = cpu_tuning().decode_prefetch_l1, four = cpu_tuning().bf16_gemv_four_rows;
     t.gemm_tile_bf16x = l1 ? (four ? avx512_bf16::gemm_tile_bf16x<true, true> : avx512_bf16::gemm_tile_bf16x<true, false>)
                            : (four ? avx512_bf16::gemm_tile_bf16x<false, true> : avx512_bf16::gemm_tile_bf16x<false, false>);
     t.bf16_panel = avx512_bf16::bf16_panel;

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "../kernels.h"
+#include "../quant.h"
 
 namespace glm4rt {
 namespace {
@@ -25,7 +26,7 @@ inline __m512 quant_level(__m512 iscale, __m512 w) {
 
 }  // namespace
 
-void quantize_int4_avx512(const float* wt, uint8_t* blk) {
+void quantize_int4_avx512(const float* wt, Q4Block* blk) {
   const __m512 zero = _mm512_setzero_ps(), sign = _mm512_set1_ps(-0.0f);
   __m512 m = zero, abs_m = zero, sum_ww = zero;
   for (int k = 0; k < 32; ++k) {
@@ -66,9 +67,9 @@ void quantize_int4_avx512(const float* wt, uint8_t* blk) {
       const __m512i hi = _mm512_add_epi32(_mm512_cvttps_epi32(quant_level(best_iscale, _mm512_loadu_ps(wt + 16 * (k + 16)))), eight);
       bytes = _mm512_or_si512(bytes, _mm512_slli_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), 8 * j));
     }
-    _mm512_storeu_si512(blk + 64 * c, bytes);
+    _mm512_storeu_si512(blk->codes + Q4Block::code_byte(0, 4 * c), bytes);
   }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk + 256),
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk->scales),
                       _mm512_cvtps_ph(best_dq, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 

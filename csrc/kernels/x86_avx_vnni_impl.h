@@ -11,6 +11,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../quant.h"
+
 #ifndef GLM4RT_DPBUSD
 #error "define GLM4RT_DPBUSD before including x86_avx_vnni_impl.h"
 #endif
@@ -32,19 +34,18 @@ inline int32_t load_i32(const int8_t* p) {
 template <int MT, bool kInt4>
 void qtile(const uint8_t* group, int n_blocks, const int8_t* xq, const float* xs, const int32_t* xsum,
            size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
-  constexpr size_t kQuant = kInt4 ? 256 : 512, kBlockBytes = kQuant + 32;
-  constexpr int kOffset = kInt4 ? 8 : 128;
+  using Block = QBlock<kInt4>;
   const __m256i low4 = _mm256_set1_epi8(0x0f);
   __m256 acc[MT][2];
   for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int b = 0; b < n_blocks; ++b) {
-    const uint8_t* blk = group + b * kBlockBytes;
+    const Block* blk = q_block<kInt4>(group, b);
     for (int h = 0; h < 2; ++h) {  // rows 0-7, then rows 8-15
       __m256i isum[MT];
       for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
       if (kInt4) {
         for (int c = 0; c < 4; ++c) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + c * 64 + h * 32));
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk->codes + Block::code_byte(8 * h, 4 * c)));
           const __m256i lo = _mm256_and_si256(v, low4);                         // k = 4c .. 4c+3
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);  // k = 16+4c ..
           for (int m = 0; m < MT; ++m) {
@@ -55,14 +56,14 @@ void qtile(const uint8_t* group, int n_blocks, const int8_t* xq, const float* xs
         }
       } else {
         for (int c = 0; c < 8; ++c) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + c * 64 + h * 32));
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk->codes + Block::code_byte(8 * h, 4 * c)));
           for (int m = 0; m < MT; ++m)
             isum[m] = GLM4RT_DPBUSD(isum[m], v, _mm256_set1_epi32(load_i32(xq + m * ldq + b * 32 + 4 * c)));
         }
       }
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + kQuant + h * 16)));
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->scales + sizeof(uint16_t) * 8 * h)));
       for (int m = 0; m < MT; ++m) {
-        const __m256i s = _mm256_sub_epi32(isum[m], _mm256_set1_epi32(kOffset * xsum[m * lds + b]));
+        const __m256i s = _mm256_sub_epi32(isum[m], _mm256_set1_epi32(Block::kCodeOffset * xsum[m * lds + b]));
         acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xs[m * lds + b])),
                                     acc[m][h]);
       }
