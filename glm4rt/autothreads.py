@@ -28,8 +28,10 @@ from . import ops
 
 MIN_INTERVAL = 16        # decode steps between checks at first and after a change
 MAX_INTERVAL = 256       # ... doubling up to this while nothing changes
-PROBE_ROUNDS = 3         # each probe runs every candidate this many times, interleaved
-MIN_GAIN = 0.97          # a neighbour must take at most 97% of current's median step time
+PROBE_ROUNDS = 4         # each probe runs every candidate this many times, interleaved
+MIN_GAIN = 0.97          # a neighbour must take at most 97% of current's median step time ...
+                         # ... and be faster in every round (next to each other: a burst of
+                         # load elsewhere slows both, and cannot make a slower count look faster)
 IDLE_OTHERS_CPUS = 0.25  # other processes using less than this many CPUs = an idle machine
 
 log = logging.getLogger(__name__)  # each probe's result at DEBUG level
@@ -116,15 +118,18 @@ class DecodeThreads:
             log.debug("others use %.2f CPUs: idle, %d threads", others, self.current)
             return
         candidates = [c for c in (self.current, self.current - 1, self.current + 1) if 1 <= c <= self.n_max]
-        self.plan = candidates * PROBE_ROUNDS
+        # rounds in alternating order, so that no count is always first after current's step
+        self.plan = [c for i in range(PROBE_ROUNDS) for c in (candidates if i % 2 == 0 else candidates[::-1])]
         self.times = {}
 
     def _decide(self) -> None:
         medians = {c: sorted(ts)[len(ts) // 2] for c, ts in self.times.items()}
-        best = min(medians, key=medians.get)
+        mine = self.times[self.current]
+        better = [c for c, ts in self.times.items() if c != self.current
+                  and all(t < m for t, m in zip(ts, mine)) and medians[c] <= MIN_GAIN * medians[self.current]]
         log.debug("probe: median ms per step %s", {c: round(1e3 * t, 2) for c, t in sorted(medians.items())})
-        if best != self.current and medians[best] <= MIN_GAIN * medians[self.current]:
-            self.current, self.interval = best, MIN_INTERVAL
+        if better:
+            self.current, self.interval = min(better, key=medians.get), MIN_INTERVAL
         else:
             self.interval = min(2 * self.interval, MAX_INTERVAL)
         self.countdown = self.interval
