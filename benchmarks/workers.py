@@ -112,6 +112,14 @@ class Glm4rtEngine:
 
     def set_threads(self, n) -> None:
         self.glm4rt.set_num_threads(None if n == "auto" else n)  # "auto": the default
+        if n == "auto":  # what the load-following thread count decided, on stderr (the bench log)
+            import logging
+
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("    [glm4rt auto threads] %(message)s"))
+            logger = logging.getLogger("glm4rt.autothreads")
+            logger.addHandler(handler)
+            logger.setLevel(logging.DEBUG)
 
     def reset(self, n_keep: int) -> None:
         self.cache.crop(n_keep)
