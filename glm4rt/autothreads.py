@@ -9,11 +9,12 @@ gain from every thread, so only single-token steps are tuned.
 While the thread count is the default (``set_num_threads`` never called, or called with ``None``),
 each decode step runs with ``current`` threads, and from time to time a short probe interleaves
 steps at ``current`` with steps at its neighbours (``current - 1``, ``current + 1``); a neighbour
-whose median step is clearly faster becomes ``current``. The time between probes doubles while
-nothing changes. On Linux, the CPU time other processes used since the last check (``/proc/stat``
-minus our own) tells whether the machine is idle: then the default thread count is kept and no
-probe runs, so an idle machine decodes at full speed. The state is per calling thread (and the
-kernel thread cap set with it), so concurrent generations each tune their own steps.
+that is clearly faster, step next to step, becomes ``current``. The time between probes doubles
+while nothing changes. On Linux, the CPU time other processes used (``/proc/stat`` minus our own,
+read every 16 steps) tells whether the machine is idle: then the default thread count is used and
+no probe runs, so an idle machine decodes at full speed; when load arrives, a probe runs at once.
+The state is per calling thread (and the kernel thread cap set with it), so concurrent generations
+each tune their own steps.
 """
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ from typing import Iterator, Optional
 
 from . import ops
 
-MIN_INTERVAL = 16        # decode steps between checks at first and after a change
+METER_STEPS = 16         # decode steps between readings of the machine's load
+MIN_INTERVAL = 16        # decode steps between probes at first and after a change ...
 MAX_INTERVAL = 256       # ... doubling up to this while nothing changes
-PROBE_ROUNDS = 4         # each probe runs every candidate this many times, interleaved
+PROBE_ROUNDS = 5         # each probe runs every candidate this many times, interleaved
 MIN_GAIN = 0.97          # a neighbour must take at most 97% of current's median step time ...
-                         # ... and be faster in every round (next to each other: a burst of
-                         # load elsewhere slows both, and cannot make a slower count look faster)
+MIN_WINS = 4             # ... and beat current's step next to it in this many rounds (a burst of
+                         # load elsewhere slows both steps of a round, so it cannot make a slower
+                         # count win the rounds, where it could move a median)
 IDLE_OTHERS_CPUS = 0.25  # other processes using less than this many CPUs = an idle machine
 
 log = logging.getLogger(__name__)  # each probe's result at DEBUG level
@@ -93,14 +96,31 @@ class DecodeThreads:
         self.plan: list[int] = []               # thread counts of the probe's remaining steps
         self.times: dict[int, list[float]] = {}  # probe step times per thread count
         self.meter = meter
+        self.until_meter = METER_STEPS
+        self.idle = False  # the last reading: no other program kept a CPU busy
 
     def next_threads(self) -> int:
         """Threads for the next step."""
         if not self.plan:
+            self.until_meter -= 1
+            if self.until_meter <= 0:
+                self._read_meter()
             self.countdown -= 1
-            if self.countdown <= 0:
+            if self.countdown <= 0 and not self.idle:
                 self._start_probe()
         return self.plan[0] if self.plan else self.current
+
+    def _read_meter(self) -> None:
+        self.until_meter = METER_STEPS
+        others = self.meter.others() if self.meter is not None else None
+        idle = others is not None and others < IDLE_OTHERS_CPUS
+        if idle and not self.idle:  # every CPU is ours again: the default thread count is right
+            self.current = self.n_max
+            log.debug("others use %.2f CPUs: idle, %d threads", others, self.current)
+        elif self.idle and not idle:  # load arrived: probe now
+            self.interval, self.countdown = MIN_INTERVAL, 0
+            log.debug("others use %.2f CPUs: probing", others)
+        self.idle = idle
 
     def record(self, threads: int, seconds: float) -> None:
         """The step just run with ``threads`` took ``seconds``."""
@@ -111,12 +131,6 @@ class DecodeThreads:
                 self._decide()
 
     def _start_probe(self) -> None:
-        others = self.meter.others() if self.meter is not None else None
-        if others is not None and others < IDLE_OTHERS_CPUS:
-            # Idle machine: every CPU is ours, and the default thread count is right.
-            self.current, self.countdown = self.n_max, self.interval
-            log.debug("others use %.2f CPUs: idle, %d threads", others, self.current)
-            return
         candidates = [c for c in (self.current, self.current - 1, self.current + 1) if 1 <= c <= self.n_max]
         # rounds in alternating order, so that no count is always first after current's step
         self.plan = [c for i in range(PROBE_ROUNDS) for c in (candidates if i % 2 == 0 else candidates[::-1])]
@@ -126,7 +140,8 @@ class DecodeThreads:
         medians = {c: sorted(ts)[len(ts) // 2] for c, ts in self.times.items()}
         mine = self.times[self.current]
         better = [c for c, ts in self.times.items() if c != self.current
-                  and all(t < m for t, m in zip(ts, mine)) and medians[c] <= MIN_GAIN * medians[self.current]]
+                  and sum(t < m for t, m in zip(ts, mine)) >= MIN_WINS
+                  and medians[c] <= MIN_GAIN * medians[self.current]]
         log.debug("probe: median ms per step %s", {c: round(1e3 * t, 2) for c, t in sorted(medians.items())})
         if better:
             self.current, self.interval = min(better, key=medians.get), MIN_INTERVAL
