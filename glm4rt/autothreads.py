@@ -12,7 +12,8 @@ steps at ``current`` with steps at its neighbours (``current - 1``, ``current + 
 that is clearly faster, step next to step, becomes ``current``. The time between probes doubles
 while nothing changes. On Linux, the CPU time other processes used (``/proc/stat`` minus our own,
 read every 16 steps) tells whether the machine is idle: then the default thread count is used and
-no probe runs, so an idle machine decodes at full speed; when load arrives, a probe runs at once.
+no probe runs, so an idle machine decodes at full speed; when the load changes, a probe runs at
+once.
 The state is per calling thread (and the kernel thread cap set with it), so concurrent generations
 each tune their own steps.
 """
@@ -36,6 +37,7 @@ MIN_WINS = 4             # ... and beat current's step next to it in this many r
                          # load elsewhere slows both steps of a round, so it cannot make a slower
                          # count win the rounds, where it could move a median)
 IDLE_OTHERS_CPUS = 0.25  # other processes using less than this many CPUs = an idle machine
+LOAD_CHANGE_CPUS = 0.5   # a change of the others' use by this many CPUs: probe at once
 
 log = logging.getLogger(__name__)  # each probe's result at DEBUG level
 
@@ -98,6 +100,7 @@ class DecodeThreads:
         self.meter = meter
         self.until_meter = METER_STEPS
         self.idle = False  # the last reading: no other program kept a CPU busy
+        self.others: Optional[float] = None  # the last reading, in CPUs
 
     def next_threads(self) -> int:
         """Threads for the next step."""
@@ -117,10 +120,11 @@ class DecodeThreads:
         if idle and not self.idle:  # every CPU is ours again: the default thread count is right
             self.current = self.n_max
             log.debug("others use %.2f CPUs: idle, %d threads", others, self.current)
-        elif self.idle and not idle:  # load arrived: probe now
-            self.interval, self.countdown = MIN_INTERVAL, 0
+        elif not idle and (self.idle or others is not None and self.others is not None
+                           and abs(others - self.others) >= LOAD_CHANGE_CPUS):
+            self.interval, self.countdown = MIN_INTERVAL, 0  # the load changed: probe now
             log.debug("others use %.2f CPUs: probing", others)
-        self.idle = idle
+        self.idle, self.others = idle, others
 
     def record(self, threads: int, seconds: float) -> None:
         """The step just run with ``threads`` took ``seconds``."""

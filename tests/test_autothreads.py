@@ -88,6 +88,18 @@ def test_idle_machine_runs_every_thread_without_probes():
     assert tuner.current == 2 and used[-1] == 2
 
 
+def test_a_change_of_load_probes_at_once():
+    """Half a CPU more (or less) used by others starts a probe at the next reading, however long
+    the interval between probes had grown."""
+    meter = FixedMeter(0.6)  # loaded, with 2 threads the faster
+    tuner = DecodeThreads(2, meter)
+    run_steps(tuner, {1: 0.045, 2: 0.030}.get, 600)
+    assert tuner.current == 2 and tuner.interval == autothreads.MAX_INTERVAL
+    meter.value = 1.6  # one more CPU busy elsewhere: now 1 thread is faster
+    run_steps(tuner, {1: 0.040, 2: 0.050}.get, autothreads.METER_STEPS + 2 * autothreads.PROBE_ROUNDS)
+    assert tuner.current == 1
+
+
 def test_unknown_load_probes():
     tuner = DecodeThreads(2, FixedMeter(None))  # no /proc/stat: measure instead
     run_steps(tuner, {1: 0.038, 2: 0.042}.get, 100)
