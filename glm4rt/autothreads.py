@@ -99,8 +99,12 @@ class DecodeThreads:
         self.times: dict[int, list[float]] = {}  # probe step times per thread count
         self.meter = meter
         self.until_meter = METER_STEPS
-        self.idle = False  # the last reading: no other program kept a CPU busy
-        self.others: Optional[float] = None  # the last reading, in CPUs
+        self.others: Optional[float] = None  # the last reading, in CPUs (None: unknown)
+
+    @property
+    def idle(self) -> bool:
+        """The last reading found no other program keeping a CPU busy."""
+        return self.others is not None and self.others < IDLE_OTHERS_CPUS
 
     def next_threads(self) -> int:
         """Threads for the next step."""
@@ -115,16 +119,15 @@ class DecodeThreads:
 
     def _read_meter(self) -> None:
         self.until_meter = METER_STEPS
-        others = self.meter.others() if self.meter is not None else None
-        idle = others is not None and others < IDLE_OTHERS_CPUS
-        if idle and not self.idle:  # every CPU is ours again: the default thread count is right
+        before, was_idle = self.others, self.idle
+        self.others = self.meter.others() if self.meter is not None else None
+        if self.idle and not was_idle:  # every CPU is ours again: the default thread count is right
             self.current = self.n_max
-            log.debug("others use %.2f CPUs: idle, %d threads", others, self.current)
-        elif not idle and (self.idle or others is not None and self.others is not None
-                           and abs(others - self.others) >= LOAD_CHANGE_CPUS):
+            log.debug("others use %.2f CPUs: idle, %d threads", self.others, self.current)
+        elif not self.idle and (was_idle or self.others is not None and before is not None
+                                and abs(self.others - before) >= LOAD_CHANGE_CPUS):
             self.interval, self.countdown = MIN_INTERVAL, 0  # the load changed: probe now
-            log.debug("others use %.2f CPUs: probing", others)
-        self.idle, self.others = idle, others
+            log.debug("others use %s CPUs: probing", self.others)
 
     def record(self, threads: int, seconds: float) -> None:
         """The step just run with ``threads`` took ``seconds``."""
@@ -162,11 +165,10 @@ def _tuner() -> Optional[DecodeThreads]:
     """This thread's tuner, or None when the user chose the thread count or there is one CPU."""
     if not ops.num_threads_is_default():
         return None
-    ops.set_thread_cap(0)
-    n_max = ops.get_num_threads()
-    tuner = getattr(_local, "tuner", None)
+    n_max = ops.get_num_threads()  # uncapped: decode_step lifts its cap when the step ends
     if n_max <= 1:
         return None
+    tuner = getattr(_local, "tuner", None)
     if tuner is None or tuner.n_max != n_max:
         tuner = _local.tuner = DecodeThreads(n_max, LoadMeter())
     return tuner

@@ -39,7 +39,7 @@ GENERATION_DEFAULTS: dict[str, Any] = {
     "min_p": None,
     "repetition_penalty": 1.0,
 }
-_SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+_SAMPLING_FIELDS = tuple(k for k in GENERATION_DEFAULTS if k != "max_length")  # SamplingParams'
 
 # generation_config.json fields that would make generate() add a processor (or change the decoding
 # mode) that glm4rt does not implement -> field: predicate "this value is inactive".
