@@ -231,6 +231,48 @@ void attention(const py::array& q, const py::array& k, const py::array& v, int n
   glm4rt::attention(a);
 }
 
+// Query rows of several cache sequences (AttentionArgs.q_slot, ops.h).
+void attention_rows(const py::array& q, const py::array& k, const py::array& v, const py::array& q_slot,
+                    const py::array& q_pos, float scale, py::array& out) {
+  expect<float>(q, "q", {-1, -1, -1});
+  AttentionArgs a{};
+  a.batch = 1;
+  a.n_queries = static_cast<int>(q.shape(0));
+  a.n_heads = static_cast<int>(q.shape(1));
+  a.head_dim = static_cast<int>(q.shape(2));
+  expect<float>(k, "k", {-1, -1, -1, a.head_dim});
+  const int n_seqs = static_cast<int>(k.shape(0));
+  a.n_kv_heads = static_cast<int>(k.shape(1));
+  a.capacity = static_cast<int>(k.shape(2));
+  expect<float>(v, "v", {n_seqs, a.n_kv_heads, a.capacity, a.head_dim});
+  GLM4RT_CHECK(a.head_dim >= 1 && a.head_dim <= glm4rt::kMaxHeadDim)
+      << "head_dim must be in [1, " << glm4rt::kMaxHeadDim << "] (the attention kernels' limit), got " << a.head_dim;
+  GLM4RT_CHECK(a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0)
+      << "n_heads (" << a.n_heads << ") must be a multiple of n_kv_heads (" << a.n_kv_heads << ")";
+  GLM4RT_CHECK(a.capacity > 0) << "the cache has no room (capacity 0)";
+  a.n_keys = a.capacity;
+  expect<int64_t>(q_slot, "q_slot", {a.n_queries});
+  expect<int64_t>(q_pos, "q_pos", {a.n_queries});
+  const int64_t* slot = static_cast<const int64_t*>(q_slot.data());
+  const int64_t* qp = static_cast<const int64_t*>(q_pos.data());
+  for (int t = 0; t < a.n_queries; ++t) {
+    GLM4RT_CHECK(slot[t] >= 0 && slot[t] < n_seqs)
+        << "q_slot[" << t << "] = " << slot[t] << " is outside the " << n_seqs << " cache sequences";
+    GLM4RT_CHECK(qp[t] >= 0 && qp[t] < a.capacity)
+        << "q_pos[" << t << "] = " << qp[t] << " is outside the cache capacity " << a.capacity;
+  }
+  expect<float>(out, "out", {a.n_queries, a.n_heads, a.head_dim}, true);
+  a.q = static_cast<const float*>(q.data());
+  a.k = static_cast<const float*>(k.data());
+  a.v = static_cast<const float*>(v.data());
+  a.q_pos = qp;
+  a.q_slot = slot;
+  a.out = static_cast<float*>(out.mutable_data());
+  a.scale = scale;
+  py::gil_scoped_release release;
+  glm4rt::attention(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -253,6 +295,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_keys"),
         py::arg("q_pos"), py::arg("key_mask"), py::arg("scale"), py::arg("out"),
         py::arg("probs"));
+  m.def("attention_rows", &attention_rows, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_slot"),
+        py::arg("q_pos"), py::arg("scale"), py::arg("out"));
   m.def("stream_read", [](const py::array& a) {
     expect<uint8_t>(a, "data", {-1});
     const uint8_t* p = static_cast<const uint8_t*>(a.data());
@@ -270,4 +314,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &glm4rt::get_num_threads);
   m.def("num_threads_is_default", &glm4rt::num_threads_is_default);
   m.def("set_thread_cap", &glm4rt::set_thread_cap, py::arg("n"));
+  m.def("set_batch_invariant", &glm4rt::set_batch_invariant, py::arg("on"));
+  m.def("batch_invariant", &glm4rt::batch_invariant);
 }

@@ -156,6 +156,7 @@ const KernelTable* initial_table() {
 std::atomic<const KernelTable*> g_table{nullptr};
 std::atomic<int> g_threads{0};
 thread_local int t_thread_cap = 0;
+thread_local bool t_batch_invariant = false;
 
 }  // namespace
 
@@ -255,6 +256,10 @@ void set_thread_cap(int n) {
   GLM4RT_CHECK(n >= 0) << "thread cap must be >= 0, got " << n;
   t_thread_cap = n;
 }
+
+void set_batch_invariant(bool on) { t_batch_invariant = on; }
+
+bool batch_invariant() { return t_batch_invariant; }
 
 int get_num_threads() {
   int n = g_threads.load();

@@ -33,4 +33,12 @@ bool num_threads_is_default();
 // At most n threads for kernels called from this thread; 0 removes the cap.
 void set_thread_cap(int n);
 
+// Batch-invariant mode of the calling thread (the serving engine's): while on, every matmul and
+// attention computes each token's result with the same operations in the same order whatever
+// the number of tokens beside it, so a request's output does not depend on what else is batched
+// with it. Off by default: the faster paths it avoids are the ones whose sums run in another
+// order (ops.cpp, matmul_path and attention_path).
+void set_batch_invariant(bool on);
+bool batch_invariant();
+
 }  // namespace glm4rt

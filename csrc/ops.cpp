@@ -329,6 +329,11 @@ enum class MatmulPath {
 enum class Weights { kF32, kBf16, kQuant };
 
 MatmulPath matmul_path(const KernelTable& kt, Weights w, int M) {
+  // Batch-invariant: only the dot-form tiles, whose sums for one token run in the same order for
+  // any number of tokens (one token's GEMV included). Panels sum along k in another order, the
+  // AVX512-BF16 GEMV in 4 chains where its tiles use 1, and quantized weights on AMX compute
+  // another product (bf16 weights), so each would change a token's bits with the batch size.
+  if (batch_invariant()) return w == Weights::kQuant ? MatmulPath::kQuantTiles : MatmulPath::kTiles;
   const bool panels = M >= kPanelMinTokens;
   switch (w) {
     case Weights::kF32:
@@ -356,7 +361,10 @@ int visible_keys(const AttentionArgs& a) {
 }
 
 AttentionPath attention_path(const KernelTable& kt, const AttentionArgs& a) {
-  if (a.n_queries == 1 && a.probs == nullptr) return AttentionPath::kDecode;
+  // The decode kernel computes each query on its own (batch-invariant: the same bits whatever
+  // the other queries of the call); rows of several sequences (q_slot) only run there.
+  if (a.probs == nullptr && (a.n_queries == 1 || a.q_slot != nullptr || batch_invariant()))
+    return AttentionPath::kDecode;
   if (kt.amx_attn_rows != nullptr && a.probs == nullptr && a.n_queries >= kAmxMinQueriesAttn &&
       a.head_dim % 32 == 0 && visible_keys(a) >= kAmxMinKeysAttn)
     return AttentionPath::kAmx;
@@ -556,33 +564,42 @@ void silu_mul(const float* gate_up, float* out, int M, int I) {
 // of one kv head share every transposed key block and every V row read.
 constexpr int kAttnQueries = 4;
 
-// Decoding (one query token, no probabilities asked for): per (sequence, kv head, range of
-// kDecodeSplitKeys keys) one attn_decode call, which reads each K and V row once for the whole
-// group of query heads; then the ranges are merged by their softmax statistics. Ranges split a
-// long context between the threads even when there are fewer kv heads than threads; their size is
-// fixed, so the result does not depend on the thread count.
+// Decoding (one query token, no probabilities asked for; or every query, each on its own, when
+// batch-invariant): per (sequence, query, kv head, range of kDecodeSplitKeys keys) one
+// attn_decode call, which reads each K and V row once for the whole group of query heads; then
+// the ranges are merged by their softmax statistics. Ranges split a long context between the
+// threads even when there are fewer kv heads than threads; their size is fixed, so the result
+// does not depend on the thread count, nor on the other queries.
 constexpr int kDecodeSplitKeys = 1024;
 
 void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
-  const int group = a.n_heads / a.n_kv_heads, d = a.head_dim, S = a.n_keys;
-  const int n_vis = static_cast<int>(std::clamp<int64_t>(a.q_pos[0] + 1, 0, S));  // causal: keys 0 .. q_pos
-  const int n_splits = std::max(1, (n_vis + kDecodeSplitKeys - 1) / kDecodeSplitKeys);
-  const long long n_items = static_cast<long long>(a.batch) * a.n_kv_heads * n_splits;
+  const int group = a.n_heads / a.n_kv_heads, d = a.head_dim, S = a.n_keys, T = a.n_queries;
+  auto n_vis = [&](int t) {  // causal: keys 0 .. q_pos
+    return static_cast<int>(std::clamp<int64_t>(a.q_pos[t] + 1, 0, S));
+  };
+  auto splits = [](int vis) { return std::max(1, (vis + kDecodeSplitKeys - 1) / kDecodeSplitKeys); };
+  const int n_splits = splits(visible_keys(a));  // per query: the most any query needs
+  const long long n_items = static_cast<long long>(a.batch) * T * a.n_kv_heads * n_splits;
   const size_t per_item = static_cast<size_t>(group) * (d + 2);  // out [group, d], m [group], l [group]
   float* part = reused_scratch<float, 0>(static_cast<size_t>(n_items) * per_item);
-  const long long n_rows = static_cast<long long>(a.batch) * a.n_heads;
+  const long long n_rows = static_cast<long long>(a.batch) * T * a.n_heads;
   const int threads = get_num_threads();
-#pragma omp parallel num_threads(threads) if (static_cast<long long>(a.batch) * S * d * a.n_heads >= kParallelWork)
+#pragma omp parallel num_threads(threads) if (static_cast<long long>(a.batch) * T * S * d * a.n_heads >= kParallelWork)
   {
 #pragma omp for schedule(dynamic, 1)
     for (long long item = 0; item < n_items; ++item) {
       const int split = static_cast<int>(item % n_splits);
-      const long long bg = item / n_splits;  // b * n_kv_heads + g
-      const int b = static_cast<int>(bg / a.n_kv_heads), g = static_cast<int>(bg % a.n_kv_heads);
-      const int s0 = split * kDecodeSplitKeys, ns = std::max(0, std::min(kDecodeSplitKeys, n_vis - s0));
-      const size_t kv_off = (static_cast<size_t>(bg) * a.capacity + s0) * d;
+      const long long btg = item / n_splits;  // (b * T + t) * n_kv_heads + g
+      const int g = static_cast<int>(btg % a.n_kv_heads);
+      const long long bt = btg / a.n_kv_heads;
+      const int b = static_cast<int>(bt / T), t = static_cast<int>(bt % T);
+      const int vis = n_vis(t);
+      if (split >= splits(vis)) continue;  // past this query's keys (the merge skips it)
+      const int s0 = split * kDecodeSplitKeys, ns = std::max(0, std::min(kDecodeSplitKeys, vis - s0));
+      const int64_t seq = a.q_slot != nullptr ? a.q_slot[t] : b;  // the cache sequence
+      const size_t kv_off = ((static_cast<size_t>(seq) * a.n_kv_heads + g) * a.capacity + s0) * d;
       float* out = part + static_cast<size_t>(item) * per_item;
-      kt.attn_decode(a.q + (static_cast<size_t>(b) * a.n_heads + static_cast<size_t>(g) * group) * d, group,
+      kt.attn_decode(a.q + (static_cast<size_t>(bt) * a.n_heads + static_cast<size_t>(g) * group) * d, group,
                      a.k + kv_off, a.v + kv_off, ns, d,
                      a.key_mask ? a.key_mask + static_cast<size_t>(b) * S + s0 : nullptr, a.scale,
                      out, out + static_cast<size_t>(group) * d, out + static_cast<size_t>(group) * (d + 1));
@@ -590,17 +607,19 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
     // Merge: out_h = sum_i e^(m_i - M) out_i / sum_i e^(m_i - M) l_i, M = max_i m_i; zeros
     // for a head that sees no key.
 #pragma omp for schedule(dynamic, claim_size(n_rows, threads))
-    for (long long row = 0; row < n_rows; ++row) {  // row = b * n_heads + head
+    for (long long row = 0; row < n_rows; ++row) {  // row = (b * T + t) * n_heads + head
       const int head = static_cast<int>(row % a.n_heads), h = head % group;
-      const long long first = (row / a.n_heads * a.n_kv_heads + head / group) * n_splits;
+      const long long bt = row / a.n_heads;
+      const int ns = splits(n_vis(static_cast<int>(bt % T)));
+      const long long first = (bt * a.n_kv_heads + head / group) * n_splits;
       const float* p0 = part + static_cast<size_t>(first) * per_item;
       float M = -std::numeric_limits<float>::infinity();
-      for (int i = 0; i < n_splits; ++i) M = std::max(M, p0[i * per_item + static_cast<size_t>(group) * d + h]);
+      for (int i = 0; i < ns; ++i) M = std::max(M, p0[i * per_item + static_cast<size_t>(group) * d + h]);
       float* dst = a.out + static_cast<size_t>(row) * d;
       std::fill(dst, dst + d, 0.0f);
       if (M == -std::numeric_limits<float>::infinity()) continue;
       float L = 0.0f;
-      for (int i = 0; i < n_splits; ++i) {
+      for (int i = 0; i < ns; ++i) {
         const float* pi = p0 + i * per_item;
         const float w = std::exp(pi[static_cast<size_t>(group) * d + h] - M);  // 0 for a range with no visible key
         L += w * pi[static_cast<size_t>(group) * (d + 1) + h];

@@ -70,11 +70,16 @@ void silu_mul(const float* gate_up, float* out, int M, int I);
 //   out   [B, T, n_heads, d]          probs [B, n_heads, T, n_keys] or nullptr
 // A query with no visible key gets zeros. Scores, softmax and sums in fp32 (on AMX, prompts of
 // kAmxMinQueriesAttn tokens on: products of bf16 parts that add up to the fp32 values, kernels.h).
+// Rows of several sequences (the serving engine's batch): with q_slot, q and out are
+// [1, n_rows, n_heads, d], query t belongs to cache sequence q_slot[t] of k and v
+// [n_sequences, n_kv_heads, capacity, d] and sees its keys 0 .. q_pos[t] (no key_mask, no probs).
+// Each query then runs on its own (the decode kernel), as in batch-invariant mode.
 struct AttentionArgs {
   const float* q;
   const float* k;
   const float* v;
   const int64_t* q_pos;
+  const int64_t* q_slot;  // nullptr: query t of sequence b reads sequence b's keys
   const uint8_t* key_mask;
   float* out;
   float* probs;

@@ -12,6 +12,7 @@ from .errors import CheckpointError, ConfigError, Glm4rtError
 from .heads import Glm4ForCausalLM, Glm4ForSequenceClassification, Glm4ForTokenClassification
 from .kv_cache import Glm4Cache
 from .model import Glm4Model, Glm4PreTrainedModel
+from .ops import batch_invariant_mode as batch_invariant
 from .ops import cpu_isa, get_num_threads, set_isa, set_num_threads, supported_isas
 from .tokenizer import Glm4Tokenizer, StreamDecoder, TokenizerError
 from .generate import stream_text
@@ -25,7 +26,7 @@ __all__ = [
     "Glm4ForSequenceClassification", "Glm4ForTokenClassification", "Glm4Cache",
     "BaseModelOutputWithPast", "CausalLMOutputWithPast", "SequenceClassifierOutputWithPast",
     "TokenClassifierOutput", "CheckpointError", "ConfigError", "Glm4rtError",
-    "cpu_isa", "supported_isas", "set_isa", "set_num_threads", "get_num_threads",
+    "batch_invariant", "cpu_isa", "supported_isas", "set_isa", "set_num_threads", "get_num_threads",
     "Glm4Tokenizer", "StreamDecoder", "TokenizerError", "ChatSession", "ContextFullError",
     "split_thinking", "stream_text",
 ]

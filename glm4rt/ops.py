@@ -6,7 +6,9 @@ reuse its buffers. The kernels release the GIL and run on ``get_num_threads()`` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Optional
 
 import numpy as np
@@ -46,7 +48,7 @@ _C = _import_extension()
 AMX_MIN_TOKENS_QUANT = _C.AMX_MIN_TOKENS_QUANT
 
 __all__ = [
-    "linear", "rms_norm", "rotary_", "silu_mul", "attention",
+    "linear", "rms_norm", "rotary_", "silu_mul", "attention", "attention_rows",
     "bf16_to_f32", "f32_to_bf16",
     "memory_read_bandwidth", "cpu_isa", "supported_isas", "set_isa", "set_num_threads", "get_num_threads",
     "max_num_threads",
@@ -135,6 +137,60 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_keys: int, q_pos: n
         out = np.empty(check_dims("q", q, 4), dtype=np.float32)
     _C.attention(q, k, v, int(n_keys), q_pos, key_mask, float(scale), out, probs)
     return out
+
+
+def attention_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_slot: np.ndarray, q_pos: np.ndarray,
+                   scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Causal grouped-query attention for query rows of several cache sequences (a serving batch).
+
+    Args:
+        q: float32 ``[n_rows, n_heads, head_dim]`` (rotary already applied).
+        k, v: float32 ``[n_sequences, n_kv_heads, capacity, head_dim]`` (one layer of the cache).
+        q_slot: int64 ``[n_rows]`` the cache sequence of each row.
+        q_pos: int64 ``[n_rows]`` its cache position: it sees that sequence's keys ``0 .. q_pos``.
+        scale: score scale, ``head_dim ** -0.5``.
+        out: optional float32 ``[n_rows, n_heads, head_dim]``.
+    Returns:
+        ``out``. Each row is computed on its own, as the decode step computes its one query, so its
+        bits do not depend on the other rows.
+    """
+    if out is None:
+        out = np.empty(check_dims("q", q, 3), dtype=np.float32)
+    _C.attention_rows(q, k, v, q_slot, q_pos, float(scale), out)
+    return out
+
+
+@contextlib.contextmanager
+def batch_invariant_mode(on: bool = True) -> Iterator[None]:
+    """Run the kernels this Python thread calls in batch-invariant mode (``on``) or not, inside
+    the ``with`` block; the previous mode is restored after it.
+
+    In the mode, every matmul and attention computes a token's result with the same operations in
+    the same order whatever the number of tokens beside it: a row of ``linear(x)`` has the bits of
+    ``linear(x[i:i+1])``, a prompt attended in chunks has the bits of the whole prompt attended
+    at once. The serving engine runs in it, so that a request's output does not depend on what
+    else is batched with it, and ``generate`` run in it gives the engine's tokens. The cost is the
+    faster prompt paths it leaves out: fp32 / bf16 panels and AMX tiles for matmuls of many
+    tokens, the multi-query attention kernel (each query runs the decode kernel); quantized
+    weights off AMX CPUs, and every decode step, run as they do outside it.
+    """
+    before = batch_invariant()
+    set_batch_invariant(on)
+    try:
+        yield
+    finally:
+        set_batch_invariant(before)
+
+
+def set_batch_invariant(on: bool) -> None:
+    """Batch-invariant kernels for the calling Python thread (off by default; see
+    ``glm4rt.batch_invariant``)."""
+    _C.set_batch_invariant(bool(on))
+
+
+def batch_invariant() -> bool:
+    """Whether the calling Python thread runs batch-invariant kernels."""
+    return _C.batch_invariant()
 
 
 def packed_bytes(fmt_id: int, out_features: int, in_features: int) -> int:
