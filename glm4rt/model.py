@@ -236,6 +236,71 @@ class ForwardInputs:
         return self.past + self.seq
 
 
+@dataclass
+class RowBatch:
+    """Tokens of several sequences in one forward, each at its own position of its own cache
+    sequence (the serving engine's step: some sequences decode one token, others prefill a chunk).
+
+    The rows of a sequence are consecutive positions; a row attends to its sequence's cached keys
+    up to its own position.
+    """
+    input_ids: np.ndarray  # [N] token ids
+    slots: np.ndarray      # [N] int64 cache sequence of each token
+    positions: np.ndarray  # [N] int64 its position (rotary and cache row)
+    keep: np.ndarray       # [K] int64 rows whose final states are returned (ascending)
+
+
+# How the layer stack's attention meets the cache: write(i, k [N, n_kv, d], v [N, n_kv * d]) caches
+# layer i's keys and values; keep_rows(q, x) narrows the last layer to the kept rows;
+# attend(i, q [n, n_h, d], out [n, n_h * d], probs) computes the attention output.
+
+class PaddedAttention:
+    """``forward``'s rectangular batch: B sequences of T new tokens after ``past`` cached ones,
+    sequence b in cache sequence b, an optional padding mask. Rows are ``b * T + t``."""
+
+    def __init__(self, inp: ForwardInputs, scale: float) -> None:
+        self.inp, self.scale = inp, scale
+        self.q_rows = np.arange(inp.past, inp.total, dtype=np.int64)  # [t] cache row of each query
+
+    def write(self, i: int, k: np.ndarray, v: np.ndarray) -> None:
+        B, T, kv_shape = self.inp.batch, self.inp.seq, k.shape[1:]
+        self.inp.kv.write(i, k.reshape(B, T, *kv_shape), v.reshape(B, T, *kv_shape), self.inp.past)
+
+    def keep_rows(self, q: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q, x, self.q_rows = _kept_rows(self.inp.keep, self.inp.batch, q, x, self.q_rows)
+        return q, x
+
+    def probs_buffer(self, n_heads: int) -> np.ndarray:
+        """Where ``attend`` puts the attention probabilities ``[B, n_heads, t, total]``."""
+        return np.empty((self.inp.batch, n_heads, self.q_rows.size, self.inp.total), dtype=np.float32)
+
+    def attend(self, i: int, q: np.ndarray, out: np.ndarray, probs: Optional[np.ndarray]) -> None:
+        B, t, (n_h, d), kv = self.inp.batch, self.q_rows.size, q.shape[1:], self.inp.kv
+        ops.attention(q.reshape(B, t, n_h, d), kv.key_cache[i], kv.value_cache[i], self.inp.total,
+                      self.q_rows, self.inp.key_mask, self.scale, out=out.reshape(B, t, n_h, d), probs=probs)
+
+
+class RowAttention:
+    """A ``RowBatch``: every row in its own cache sequence at its own position."""
+
+    def __init__(self, batch: RowBatch, kv: Glm4Cache, scale: float) -> None:
+        self.kv, self.scale = kv, scale
+        self.slots, self.positions, self.keep = batch.slots, batch.positions, batch.keep
+
+    def write(self, i: int, k: np.ndarray, v: np.ndarray) -> None:
+        # row r to [slot r, :, position r]: advanced indices around a slice index rows first
+        self.kv.key_cache[i, self.slots, :, self.positions] = k
+        self.kv.value_cache[i, self.slots, :, self.positions] = v.reshape(k.shape)
+
+    def keep_rows(self, q: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.slots, self.positions = self.slots[self.keep], self.positions[self.keep]
+        return np.ascontiguousarray(q[self.keep]), np.ascontiguousarray(x[self.keep])
+
+    def attend(self, i: int, q: np.ndarray, out: np.ndarray, probs: None) -> None:
+        ops.attention_rows(q, self.kv.key_cache[i], self.kv.value_cache[i], self.slots, self.positions,
+                           self.scale, out=out.reshape(q.shape))
+
+
 class Glm4Model(Glm4PreTrainedModel):
     """The decoder stack: embeddings, ``num_hidden_layers`` layers, final norm.
 
@@ -433,11 +498,80 @@ class Glm4Model(Glm4PreTrainedModel):
         use_cache = config.use_cache if use_cache is None else use_cache
         inp = self.prepare_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values,
                                   cache_position, keep_positions, bool(output_hidden_states or output_attentions))
-        B, T, past, total, kv = inp.batch, inp.seq, inp.past, inp.total, inp.kv
+        B, T, H = inp.batch, inp.seq, config.hidden_size
+        attention = PaddedAttention(inp, config.head_dim ** -0.5)
+        x, all_hidden, all_attn = self.decoder(
+            inp.x, inp.positions, attention, inp.prune,
+            (lambda x: x.reshape(B, T, H).copy()) if output_hidden_states else None, bool(output_attentions))
+        x = x.reshape(B, -1, H)  # [B, T or K, H]
+        inp.kv.seq_len = inp.total
+        if output_hidden_states:
+            all_hidden[-1] = x  # transformers reports the final *normed* state last
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x if inp.prune or inp.keep is None else x[:, inp.keep],
+            past_key_values=inp.kv if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+    def forward_rows(self, batch: RowBatch, cache: Glm4Cache) -> np.ndarray:
+        """Run the decoder on the tokens of several sequences at once (``RowBatch``), each reading
+        and extending its own sequence of ``cache``, in batch-invariant mode: every row gets the
+        bits it would get in a forward of its sequence alone (run in that mode).
+
+        Args:
+            batch: the tokens, their cache sequences and positions, the rows to return.
+            cache: a ``Glm4Cache`` with one sequence per slot and room for every position.
+        Returns:
+            float32 ``[K, H]``: the final (normed) states of the kept rows.
+        Raises:
+            ValueError: ids outside the vocabulary, slots or positions outside the cache.
+        """
+        config = self.config
+        ids = np.asarray(batch.input_ids).reshape(-1)
+        N = ids.size
+        if N == 0:
+            raise ValueError("the batch has no tokens")
+        if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= config.vocab_size:
+            raise ValueError(f"token ids must be integers in [0, {config.vocab_size})")
+        slots = np.asarray(batch.slots, dtype=np.int64).reshape(-1)
+        positions = np.asarray(batch.positions, dtype=np.int64).reshape(-1)
+        keep = np.asarray(batch.keep, dtype=np.int64).reshape(-1)
+        if slots.size != N or positions.size != N:
+            raise ValueError(f"slots and positions need one entry per token ({N})")
+        if slots.min() < 0 or slots.max() >= cache.batch_size:
+            raise ValueError(f"slots must be in [0, {cache.batch_size})")
+        limit = min(cache.capacity, config.max_position_embeddings)
+        if positions.min() < 0 or positions.max() >= limit:
+            raise ValueError(f"positions must be in [0, {limit})")
+        if keep.size and (keep.min() < 0 or keep.max() >= N or np.any(np.diff(keep) <= 0)):
+            raise ValueError(f"keep must be ascending distinct rows in [0, {N})")
+        attention = RowAttention(RowBatch(ids, slots, positions, keep), cache, config.head_dim ** -0.5)
+        with ops.batch_invariant_mode():
+            x, _, _ = self.decoder(self.embed(ids), positions, attention, keep.size < N, None, False)
+        return x
+
+    def decoder(self, x: np.ndarray, positions: np.ndarray, attention: PaddedAttention | RowAttention,
+                prune: bool, hidden_state: Any, output_attentions: bool
+                ) -> tuple[np.ndarray, Optional[list], Optional[list]]:
+        """THE layer stack, for ``forward`` and ``forward_rows``.
+
+        Args:
+            x: float32 ``[N, H]`` input embeddings (the residual stream, updated in place).
+            positions: int64 ``[N]`` rotary position of each row.
+            attention: writes each layer's keys and values to the cache and attends over it.
+            prune: run the last layer after its key/value projection on ``attention``'s kept rows only.
+            hidden_state: ``x -> stored copy`` to collect every layer's output, or None.
+            output_attentions: collect every layer's attention probabilities.
+        Returns:
+            ``(final normed states [n, H], hidden states or None, attentions or None)``.
+        """
+        config = self.config
         H, d, I = config.hidden_size, config.head_dim, config.intermediate_size
         n_h, n_kv = config.num_attention_heads, config.num_key_value_heads
         eps, R = float(config.rms_norm_eps), config.rotary_dim
-        N = B * T
+        N = x.shape[0]
         # Work buffers, allocated once and used by every layer: a fresh array of hundreds of MB
         # per layer would be fresh pages, and page faults, each time. Rows [:n] of each are used
         # (n = N, or the kept rows in a pruned last layer).
@@ -453,9 +587,7 @@ class Glm4Model(Glm4PreTrainedModel):
         gate_up = np.empty((chunk, 2 * I), dtype=np.float32)            # per chunk of tokens
         ffn = np.empty((chunk, I), dtype=np.float32)
 
-        x = inp.x                                           # [N, H] the residual stream
-        q_rows = np.arange(past, total, dtype=np.int64)    # [T] cache row of each new token
-        all_hidden = [x.reshape(B, T, H).copy()] if output_hidden_states else None
+        all_hidden = [hidden_state(x)] if hidden_state else None
         all_attn = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
             sa = layer.self_attn
@@ -466,18 +598,19 @@ class Glm4Model(Glm4PreTrainedModel):
             np.copyto(k_buf.reshape(N, n_kv * d), qkv[:, n_h * d:(n_h + n_kv) * d])
             q, k = q_buf, k_buf                                # [N, n_h, d], [N, n_kv, d]
             v = qkv[:, (n_h + n_kv) * d:]                      # [N, n_kv * d], a strided view
-            ops.rotary_(q, inp.positions, self.inv_freq, R)    # first R dims, adjacent pairs
-            ops.rotary_(k, inp.positions, self.inv_freq, R)
-            kv.write(i, k.reshape(B, T, n_kv, d), v.reshape(B, T, n_kv, d), past)
-            if inp.prune and i == len(self.layers) - 1:
-                # Every key and value is cached; the rest of the layer runs for the kept positions.
-                q, x, q_rows = _kept_rows(inp.keep, B, q, x, q_rows)
-            n, t = x.shape[0], q_rows.size                     # rows, and queries per sequence
-            attn = attn_buf[:n].reshape(B, t, n_h, d)
-            probs = np.empty((B, n_h, t, total), dtype=np.float32) if output_attentions else None
-            ops.attention(q.reshape(B, t, n_h, d), kv.key_cache[i], kv.value_cache[i], total, q_rows,
-                          inp.key_mask, d ** -0.5, out=attn, probs=probs)
-            a = sa.o_proj(attn.reshape(n, n_h * d), out=a_buf[:n])  # [n, H]
+            ops.rotary_(q, positions, self.inv_freq, R)        # first R dims, adjacent pairs
+            ops.rotary_(k, positions, self.inv_freq, R)
+            attention.write(i, k, v)
+            if prune and i == len(self.layers) - 1:
+                # Every key and value is cached; the rest of the layer runs for the kept rows.
+                q, x = attention.keep_rows(q, x)
+                if x.shape[0] == 0:  # no row kept: the cache is all this call was for
+                    return x, all_hidden, all_attn
+            n = x.shape[0]
+            probs = attention.probs_buffer(n_h) if output_attentions else None
+            attn = attn_buf[:n]                                # [n, n_h * d]
+            attention.attend(i, q, attn, probs)
+            a = sa.o_proj(attn, out=a_buf[:n])                 # [n, H]
             x += ops.rms_norm(a, layer.post_self_attn_layernorm, eps, out=a)
 
             # MLP block: x = x + post_mlp_layernorm(down(up * silu(gate)))
@@ -489,22 +622,11 @@ class Glm4Model(Glm4PreTrainedModel):
                 layer.mlp.down_proj(ops.silu_mul(gu, out=ffn[:c]), out=m[r0:r0 + c])  # [c, H]
             x += ops.rms_norm(m, layer.post_mlp_layernorm, eps, out=m)
 
-            if output_hidden_states:
-                all_hidden.append(x.reshape(B, T, H).copy())
+            if hidden_state:
+                all_hidden.append(hidden_state(x))
             if output_attentions:
                 all_attn.append(probs)
-
-        x = ops.rms_norm(x, self.norm, eps).reshape(B, -1, H)  # [B, T or K, H]
-        kv.seq_len = total
-        if output_hidden_states:
-            all_hidden[-1] = x  # transformers reports the final *normed* state last
-        out = BaseModelOutputWithPast(
-            last_hidden_state=x if inp.prune or inp.keep is None else x[:, inp.keep],
-            past_key_values=kv if use_cache else None,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attn) if output_attentions else None,
-        )
-        return out if return_dict is None or return_dict else out.to_tuple()
+        return ops.rms_norm(x, self.norm, eps), all_hidden, all_attn
 
 
 def _kept_rows(keep: np.ndarray, B: int, q: np.ndarray, x: np.ndarray,
