@@ -306,20 +306,27 @@ void f32_panel(const float* x, size_t ldx, const float* wp, int kc, float* c, si
     xb = _mm256_broadcast_ss(x5 + k);
     c50 = _mm256_fmadd_ps(xb, w0, c50), c51 = _mm256_fmadd_ps(xb, w1, c51);
   }
-  // Masked loads / stores for the n <= 16 columns.
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
-  const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8), lane);
+  // The last panel of a matrix (n < 16 weight rows) goes through a buffer and touches only the n
+  // columns of c: no vmaskmovps. Intel suppresses faults on masked-out lanes, but AMD leaves
+  // that implementation dependent, and QEMU's TCG loads all 32 bytes of a masked load before it
+  // applies the mask (SIGSEGV under .ci/emulate when c ends within 44 bytes of an unmapped page).
   const __m256 acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   for (int i = 0; i < m; ++i) {
     float* ci = c + i * ldc;
-    __m256 a0 = acc[i][0], a1 = acc[i][1];
-    if (accumulate) {
-      a0 = _mm256_add_ps(a0, _mm256_maskload_ps(ci, m0));
-      a1 = _mm256_add_ps(a1, _mm256_maskload_ps(ci + 8, m1));
+    if (n == 16) {
+      __m256 a0 = acc[i][0], a1 = acc[i][1];
+      if (accumulate) {
+        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(ci));
+        a1 = _mm256_add_ps(a1, _mm256_loadu_ps(ci + 8));
+      }
+      _mm256_storeu_ps(ci, a0);
+      _mm256_storeu_ps(ci + 8, a1);
+    } else {
+      alignas(32) float t[16];
+      _mm256_store_ps(t, acc[i][0]);
+      _mm256_store_ps(t + 8, acc[i][1]);
+      for (int j = 0; j < n; ++j) ci[j] = accumulate ? ci[j] + t[j] : t[j];
     }
-    _mm256_maskstore_ps(ci, m0, a0);
-    _mm256_maskstore_ps(ci + 8, m1, a1);
   }
 }
 
