@@ -269,6 +269,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import run_server
+    except ImportError as e:
+        print(f"glm4rt: error: the server needs the 'server' extra (pip install 'glm4rt[server]'): {e}",
+              file=sys.stderr)
+        return 2
+    from .engine import Glm4Engine
+
+    model, tokenizer = _load(args)
+    engine = Glm4Engine(model, tokenizer, parallel=args.parallel, ctx=args.ctx, prefill_chunk=args.prefill_chunk,
+                        max_waiting=args.max_waiting)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"glm4rt: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    try:
+        run_server(engine, tokenizer, args.served_model_name or args.model, host=args.host, port=args.port,
+                   api_key=args.api_key)
+    except KeyboardInterrupt:  # uvicorn passes Ctrl-C on after its clean shutdown
+        pass
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -314,6 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.add_argument("--max-context", type=int, default=None, help="conversation length limit in tokens")
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'server' extra)")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    serve.add_argument("--parallel", type=int, default=4, help="requests decoded together (default 4)")
+    serve.add_argument("--ctx", type=int, default=None,
+                       help="tokens per request, prompt and answer (default: the model's, at most 4096)")
+    serve.add_argument("--prefill-chunk", type=int, default=128,
+                       help="prompt tokens per step: smaller keeps running streams smoother while a long "
+                            "prompt is read, larger reads it faster (default 128)")
+    serve.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
+    serve.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
+    serve.set_defaults(func=cmd_serve)
 
     quant = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (loads by memory map)")
     quant.add_argument("src", help="checkpoint directory or Hugging Face hub id (bf16 / fp32)")

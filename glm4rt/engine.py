@@ -111,11 +111,19 @@ class ErrorEvent:
 class RequestHandle:
     """A submitted request: iterate over it for its events (blocking), ``cancel()`` to stop it."""
 
-    def __init__(self, request_id: int, prompt_tokens: int) -> None:
+    def __init__(self, request_id: int, prompt_tokens: int, listener=None) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self._events: queue.Queue = queue.Queue()
+        self._listener = listener
         self.cancelled = threading.Event()
+
+    def _put(self, event) -> None:
+        """(engine thread) Deliver an event: to the queue, or to the listener when one was given."""
+        if self._listener is not None:
+            self._listener(event)
+        else:
+            self._events.put(event)
 
     def cancel(self) -> None:
         """Stop the request; its slot is freed before the next step."""
@@ -244,8 +252,15 @@ class Glm4Engine:
 
     # ---- the public side -----------------------------------------------------------------------
 
-    def submit(self, prompt_ids: Sequence[int], params: EngineParams = EngineParams()) -> RequestHandle:
+    def submit(self, prompt_ids: Sequence[int], params: EngineParams = EngineParams(),
+               listener=None) -> RequestHandle:
         """Queue a request; returns at once.
+
+        Args:
+            prompt_ids: the prompt's token ids.
+            params: what to generate.
+            listener: called on the engine thread with each event instead of queueing it for the
+                handle's iterator (e.g. to hand it to an asyncio loop); it must not block.
 
         Raises:
             EngineError: an empty prompt, ids outside the vocabulary, or a prompt / ``max_tokens``
@@ -279,7 +294,7 @@ class Glm4Engine:
             if len(self._waiting) >= self.max_waiting + max(0, self.parallel - len(self._running)):
                 raise QueueFullError(f"all {self.parallel} slots are busy and {len(self._waiting)} "
                                      "requests are waiting; retry later")
-            handle = RequestHandle(next(self._ids), len(prompt))
+            handle = RequestHandle(next(self._ids), len(prompt), listener)
             self._waiting.append(_Sequence(handle, prompt, params, max_len, self.tokenizer))
             self.stats["requests"] += 1
             self._lock.notify()
@@ -341,7 +356,7 @@ class Glm4Engine:
 
     def _fail_all(self, message: str) -> None:
         for seq in list(self._running) + list(self._waiting):
-            seq.handle._events.put(ErrorEvent(message))
+            seq.handle._put(ErrorEvent(message))
         self._running.clear()
         self._waiting.clear()
 
@@ -350,7 +365,7 @@ class Glm4Engine:
         while self._waiting and len(self._running) < self.parallel:
             seq = self._waiting.popleft()
             if seq.handle.cancelled.is_set():
-                seq.handle._events.put(FinishEvent("cancelled", seq.prompt_len, 0, 0))
+                seq.handle._put(FinishEvent("cancelled", seq.prompt_len, 0, 0))
                 continue
             free = [s for s in self.slots if not s.busy]
             # The longest shared prefix wins; without one, the least recently used slot.
@@ -426,7 +441,7 @@ class Glm4Engine:
             return
         text = seq.decoder.put(token) if seq.decoder is not None else ""
         text, stopped = self._stop_strings(seq, text)
-        seq.handle._events.put(TokenEvent(token, text, logprob, top))
+        seq.handle._put(TokenEvent(token, text, logprob, top))
         if stopped:
             self._finish(seq, reason="stop")
         elif len(seq.tokens) >= seq.max_len:
@@ -456,7 +471,7 @@ class Glm4Engine:
         slot.tokens = seq.tokens[:seq.n_cached] if error is None else []
         slot.busy, slot.last_used = False, time.monotonic()
         if error is not None:
-            seq.handle._events.put(ErrorEvent(error))
+            seq.handle._put(ErrorEvent(error))
             return
         rest = ""
         if not seq.stopped_by_string:  # the held-back text was no stop string after all
@@ -464,7 +479,7 @@ class Glm4Engine:
             hits = [i for i in (rest.find(s) for s in seq.params.stop) if i >= 0]
             rest = rest[:min(hits)] if hits else rest
         self.stats["prompt_tokens"] += seq.prompt_len
-        seq.handle._events.put(FinishEvent(reason, seq.prompt_len, seq.generated, seq.reused, rest))
+        seq.handle._put(FinishEvent(reason, seq.prompt_len, seq.generated, seq.reused, rest))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
