@@ -336,6 +336,32 @@ def synthetic_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
+def ensure_tokenizer(ckpt_dir: str, vocab_size: int) -> None:
+    """tokenizer.json / tokenizer_config.json of ``synthetic_vocab`` in the checkpoint directory (the
+    same ids as the GGUF files' vocabulary), so that ``glm4rt serve`` can load the checkpoint."""
+    if os.path.isfile(os.path.join(ckpt_dir, "tokenizer.json")):
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens, types, merges = synthetic_vocab(vocab_size)
+    from gguf import TokenType
+
+    normal = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != int(TokenType.CONTROL)}
+    tok = Tokenizer(models.BPE(vocab=normal, merges=[tuple(m.split(" ")) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    spec = json.loads(tok.to_str())
+    specials = {i: t for i, (t, ty) in enumerate(zip(tokens, types)) if ty == int(TokenType.CONTROL)}
+    spec["model"]["vocab"].update({t: i for i, t in specials.items()})
+    spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i, t in specials.items()]
+    with open(os.path.join(ckpt_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    with open(os.path.join(ckpt_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                   "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False}, f)
+
+
 def write_gguf(ckpt_dir: str, fmt: str, out_path: str | None = None, log=print) -> str:
     """Write the checkpoint in ``ckpt_dir`` as a GGUF file for llama.cpp's "glm4" architecture.
 

@@ -68,6 +68,9 @@ class EngineParams:
             (subtracted from the logits: presence once per seen token, frequency per occurrence).
         logprobs: return the chosen token's log-probability (of the model's distribution).
         top_logprobs: also the most likely ``top_logprobs`` tokens and theirs (0-20).
+        ignore_eos: do not stop at the model's end-of-sequence ids (benchmarks).
+        cache_prompt: reuse a cached prefix of the prompt (False: prefill it all, in a slot whose
+            cache is the least recently used).
     """
     max_tokens: Optional[int] = None
     sampling: SamplingParams = SamplingParams()
@@ -78,6 +81,8 @@ class EngineParams:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    ignore_eos: bool = False
+    cache_prompt: bool = True
 
 
 @dataclasses.dataclass
@@ -370,7 +375,7 @@ class Glm4Engine:
             free = [s for s in self.slots if not s.busy]
             # The longest shared prefix wins; without one, the least recently used slot.
             best = max(free, key=lambda s: (_common_prefix(s.tokens, seq.tokens), -s.last_used))
-            shared = _common_prefix(best.tokens, seq.tokens)
+            shared = _common_prefix(best.tokens, seq.tokens) if seq.params.cache_prompt else 0
             if shared == 0:
                 best = min(free, key=lambda s: s.last_used)
             # At least the prompt's last token is run again: its logits give the first new token.
@@ -436,7 +441,7 @@ class Glm4Engine:
         seq.tokens.append(token)
         seq.counts[token] = seq.counts.get(token, 0) + 1
         self.stats["completion_tokens"] += 1
-        if token in self.eos_token_ids or token in p.stop_token_ids:  # counted, not shown
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:  # counted, not shown
             self._finish(seq, reason="stop")
             return
         text = seq.decoder.put(token) if seq.decoder is not None else ""

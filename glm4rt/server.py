@@ -78,8 +78,11 @@ def sampling_fields(body: dict, ctx_room: Optional[int] = None) -> tuple[EngineP
     sampling = SamplingParams(do_sample=do_sample, temperature=temperature if do_sample else 1.0,
                               top_k=max(top_k, 0), top_p=top_p, min_p=min_p,
                               repetition_penalty=repetition_penalty)
+    ignore_eos = _field(body, "ignore_eos", (bool,), False, what="true or false")
+    cache_prompt = _field(body, "cache_prompt", (bool,), True, what="true or false")
     params = EngineParams(max_tokens=max_tokens, sampling=sampling, seed=seed, stop=tuple(stop),
-                          presence_penalty=float(presence), frequency_penalty=float(frequency))
+                          presence_penalty=float(presence), frequency_penalty=float(frequency),
+                          ignore_eos=ignore_eos, cache_prompt=cache_prompt)
     return params, n
 
 
@@ -336,7 +339,7 @@ class OpenAIServer:
                 lp = None
                 if isinstance(event, TokenEvent) and event.logprob is not None:
                     lp = {"content": [self._chat_logprob(event)]}
-                if content or lp:
+                if content or lp or (not last and not reasoning):  # a chunk per token, even ""
                     yield chunk(i, {"content": content}, logprobs=lp)
                 if last:
                     reason = event.reason
@@ -411,7 +414,7 @@ class OpenAIServer:
                             return
                         last = isinstance(event, FinishEvent)
                         lp = logprob_block([event]) if not last else None
-                        if event.text or lp:
+                        if not last:  # a chunk per token (text "" while a character is incomplete)
                             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                                    "choices": [{"index": i, "text": event.text, "finish_reason": None, "logprobs": lp}]}
                         if last:

@@ -1,0 +1,374 @@
+"""Serving benchmark: ``glm4rt serve`` against llama.cpp's ``llama-server``, same weights, same run.
+
+Random weights at the GLM-4-9B geometry (``--layers`` of them, synth.py), glm4rt int4 / int8 against
+llama.cpp Q4_0 / Q8_0 of the same bf16 weights (equal bits per weight). Both servers are started
+once per format with the same thread count and the same number of parallel slots, and every
+measurement alternates between them (A B, then B A, ...), so that both see the same stretches of
+the machine's drifting memory bandwidth. Clients stream completions of token-id prompts (no
+tokenizer differences), greedy, ``ignore_eos``.
+
+Measured:
+- aggregate output tok/s with 1 / 2 / 4 / 8 concurrent streaming clients (prompt lengths from
+  ``--prompt-lengths`` in turn), time to first token p50/p95 and inter-token latency p50/p95;
+- the inter-token latency of 4 running streams while a ``--arrival-prompt``-token prompt arrives,
+  against the same streams' latency before it;
+- the time to first token of a chat's turn 2 (turn 1's prompt, an answer and a new message) with
+  prefix reuse (``cache_prompt``, both servers' default) and without it.
+
+llama-server is built from the llama.cpp sources that the ``llama-cpp-python`` sdist vendors
+(``--llama-server PATH`` uses another build), into ``benchmarks/cache/``.
+
+    python benchmarks/serve.py                       # 8 layers, int4 and int8, 2 threads (~30 min)
+    python benchmarks/serve.py --quick               # 1 layer, int4, 1 rep: a functional check
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CACHE = os.path.join(HERE, "cache")
+sys.path.insert(0, HERE)
+import synth  # noqa: E402
+
+LLAMA_TYPES = {"int8": "Q8_0", "int4": "Q4_0"}
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- the servers ------------------------------------------------------------------------------
+
+def build_llama_server() -> str:
+    """llama-server from the llama.cpp that the llama-cpp-python sdist vendors (cached)."""
+    out = os.path.join(CACHE, "llama-server", "bin", "llama-server")
+    if os.path.isfile(out):
+        return out
+    work = os.path.join(CACHE, "llama-server")
+    os.makedirs(work, exist_ok=True)
+    say(f"downloading the {LLAMA_CPP_PYTHON} sdist and building llama-server (~10 min on 2 cores)")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    "--no-build-isolation", LLAMA_CPP_PYTHON, "-d", work], check=True)
+    sdist = next(os.path.join(work, f) for f in os.listdir(work) if f.endswith(".tar.gz"))
+    with tarfile.open(sdist) as t:
+        t.extractall(work, filter="data")
+    src = next(os.path.join(work, d, "vendor", "llama.cpp") for d in os.listdir(work)
+               if os.path.isdir(os.path.join(work, d, "vendor", "llama.cpp")))
+    build = os.path.join(work, "build")
+    subprocess.run(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                    "-DGGML_NATIVE=ON"], check=True)
+    subprocess.run(["cmake", "--build", build, "--target", "llama-server", "-j", str(os.cpu_count() or 2)], check=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    shutil.copy(os.path.join(build, "bin", "llama-server"), out)
+    for lib in os.listdir(os.path.join(build, "bin")):  # shared ggml / llama libraries, if any
+        if ".so" in lib:
+            shutil.copy(os.path.join(build, "bin", lib), os.path.dirname(out))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess on a loopback port."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, env=None) -> None:
+        self.name, self.port = name, port
+        self.log = open(os.path.join(CACHE, f"serve-{name.replace(' ', '_')}.log"), "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.proc.returncode}: see {self.log.name}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"{name} did not become ready")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def stream_completion(port: int, prompt: list[int], max_tokens: int, cache_prompt: bool = True) -> dict:
+    """One streaming completion: send time, chunk arrival times, tokens."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "cache_prompt": cache_prompt, "stream_options": {"include_usage": True}}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:500]!r}")
+    times, usage = [], None
+    for line in r:
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            break
+        chunk = json.loads(data)
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        if any(c.get("finish_reason") is None for c in chunk.get("choices", [])):
+            times.append(time.perf_counter())
+    conn.close()
+    tokens = usage["completion_tokens"] if usage else len(times)
+    return {"t0": t0, "times": times, "tokens": tokens, "end": time.perf_counter()}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def prompt_ids(rng, n: int) -> list[int]:
+    return [int(t) for t in rng.integers(256, 3000, n)]  # two-character text tokens of synth's vocabulary
+
+
+# ---- the measurements ---------------------------------------------------------------------------
+
+def concurrency_round(port: int, prompts: list[list[int]], max_tokens: int) -> dict:
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = stream_completion(port, prompts[i], max_tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = max(r["end"] for r in results) - start
+    ttft = [r["times"][0] - r["t0"] for r in results if r["times"]]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    return {"tok_s": sum(r["tokens"] for r in results) / wall, "ttft": ttft, "itl": itl}
+
+
+def arrival_round(port: int, rng, n_streams: int, arrival_len: int, max_tokens: int) -> dict:
+    """n_streams decode; once each has 8 tokens, a long prompt arrives. Inter-token gaps of the
+    streams before the arrival vs while it is prefilled (until its first token)."""
+    streams = [None] * n_streams
+    marks: dict = {}
+
+    def run(i):
+        streams[i] = stream_completion(port, prompt_ids(rng, 32), max_tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_streams)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    # wait until the streams decode: give them a few seconds, proportional to a decode step
+    warm = stream_completion(port, prompt_ids(rng, 8), 4)  # a short request: one step's length
+    step = (warm["times"][-1] - warm["times"][0]) / max(1, len(warm["times"]) - 1)
+    time.sleep(max(1.0, 12 * step))
+    marks["arrive"] = time.perf_counter()
+    big = stream_completion(port, prompt_ids(rng, arrival_len), 4)
+    marks["first"] = big["times"][0] if big["times"] else big["end"]
+    for t in threads:
+        t.join()
+    before, during = [], []
+    for s in streams:
+        for a, b in zip(s["times"], s["times"][1:]):
+            if b <= marks["arrive"] and a >= marks["arrive"] - 10 * max(step, 0.01):
+                before.append(b - a)
+            elif a >= marks["arrive"] and b <= marks["first"] + step:
+                during.append(b - a)
+    return {"before": before, "during": during, "arrival_ttft": marks["first"] - marks["arrive"]}
+
+
+def prefix_round(port: int, rng, turn1_len: int, answer_len: int, new_len: int) -> dict:
+    """A chat's turn 2: with the cache of turn 1 (reuse) and without (cache_prompt false)."""
+    p1 = prompt_ids(rng, turn1_len)
+    stream_completion(port, p1, answer_len)
+    p2 = p1 + prompt_ids(rng, answer_len) + prompt_ids(rng, new_len)
+    warm = stream_completion(port, p2, 1)
+    cold = stream_completion(port, p1[:1] + p2[1:], 1, cache_prompt=False)  # (another first token)
+    return {"reuse": warm["times"][0] - warm["t0"], "cold": cold["times"][0] - cold["t0"],
+            "prompt": len(p2)}
+
+
+# ---- driver ----------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--formats", default="int4,int8")
+    p.add_argument("--clients", default="1,2,4,8")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--prompt-lengths", default="32,128,256,64")
+    p.add_argument("--arrival-prompt", type=int, default=512)
+    p.add_argument("--prefill-chunk", type=int, default=None, help="glm4rt serve --prefill-chunk (default: its own)")
+    p.add_argument("--ctx", type=int, default=1024, help="positions per slot, both servers")
+    p.add_argument("--peers", default="llama", help="llama or none")
+    p.add_argument("--llama-server", default=None, help="a llama-server binary (default: build one)")
+    p.add_argument("--quick", action="store_true", help="1 layer, int4, clients 1,4, 1 rep")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.formats, args.clients, args.reps = 1, "int4", "1,4", 1
+    args.formats = args.formats.split(",")
+    args.clients = [int(c) for c in args.clients.split(",")]
+    args.prompt_lengths = [int(n) for n in args.prompt_lengths.split(",")]
+    args.out = args.out or ("serve-quick" if args.quick else "serve")
+    return args
+
+
+def start_servers(args, fmt: str, ckpt: str) -> list[Server]:
+    n = max(args.clients + [4]) + 2  # the arrival measurement adds 2 requests to 4 streams
+    servers = []
+    qdir = os.path.join(CACHE, os.path.basename(ckpt) + f"-{fmt}")
+    if not os.path.isfile(os.path.join(qdir, "config.json")):
+        say(f"writing the {fmt} checkpoint {qdir}")
+        subprocess.run([sys.executable, "-m", "glm4rt", "quantize", ckpt, qdir, "--format", fmt], check=True)
+        synth.ensure_tokenizer(qdir, synth.Geometry().vocab_size)
+    port = free_port()
+    cmd = [sys.executable, "-m", "glm4rt", "--threads", str(args.threads), "serve", "--model", qdir,
+           "--port", str(port), "--parallel", str(n), "--ctx", str(args.ctx)]
+    if args.prefill_chunk:
+        cmd += ["--prefill-chunk", str(args.prefill_chunk)]
+    servers.append(Server(f"glm4rt {fmt}", cmd, port))
+    if args.peers == "llama":
+        binary = args.llama_server or build_llama_server()
+        gguf = synth.ensure_gguf(ckpt, LLAMA_TYPES[fmt], log=say)
+        port = free_port()
+        env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(binary))
+        servers.append(Server(f"llama.cpp {LLAMA_TYPES[fmt]}", [
+            binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
+            "-tb", str(args.threads), "-np", str(n), "-c", str(n * args.ctx), "-cb", "--no-webui",
+            "-b", "2048", "-ub", "512"], port, env=env))
+    return servers
+
+
+def main(argv=None) -> int:
+    import numpy as np
+
+    args = parse_args(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/serve.py"] + (argv or sys.argv[1:]))
+    g = synth.Geometry(num_hidden_layers=args.layers)
+    ckpt = synth.ensure_checkpoint(g, log=say)
+    synth.ensure_tokenizer(ckpt, g.vocab_size)
+    results = {"command": command, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "machine": os.popen("lscpu | grep 'Model name'").read().strip(), "settings": vars(args), "formats": {}}
+    for fmt in args.formats:
+        servers = start_servers(args, fmt, ckpt)
+        res = {s.name: {"concurrency": {}, "arrival": [], "prefix": []} for s in servers}
+        try:
+            for rep in range(args.reps):
+                order = servers if rep % 2 == 0 else servers[::-1]
+                for n in args.clients:
+                    rng = np.random.default_rng(1000 * rep + n)
+                    prompts = [prompt_ids(rng, args.prompt_lengths[i % len(args.prompt_lengths)]) for i in range(n)]
+                    for s in order:
+                        r = concurrency_round(s.port, prompts, args.max_tokens)
+                        res[s.name]["concurrency"].setdefault(str(n), []).append(r)
+                        say(f"{fmt} rep {rep} {n} clients {s.name}: {r['tok_s']:.1f} tok/s")
+                for s in order:
+                    rng = np.random.default_rng(7 + rep)
+                    a = arrival_round(s.port, rng, 4, args.arrival_prompt, 6 * args.max_tokens)
+                    res[s.name]["arrival"].append(a)
+                    say(f"{fmt} rep {rep} arrival {s.name}: p95 ITL {percentile(a['before'], .95) * 1e3:.0f} -> "
+                        f"{percentile(a['during'], .95) * 1e3:.0f} ms")
+                    rng = np.random.default_rng(70 + rep)
+                    pr = prefix_round(s.port, rng, 512, 32, 32)
+                    res[s.name]["prefix"].append(pr)
+                    say(f"{fmt} rep {rep} turn 2 {s.name}: {pr['reuse'] * 1e3:.0f} ms reuse, {pr['cold'] * 1e3:.0f} ms cold")
+        finally:
+            for s in servers:
+                s.close()
+        results["formats"][fmt] = res
+    with open(os.path.join(HERE, args.out + ".json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(HERE, args.out + ".md"), "w") as f:
+        f.write(render(results))
+    print(render(results))
+    return 0
+
+
+def render(results: dict) -> str:
+    lines = [f"# Serving benchmark ({results['date']})", "", f"Command: `{results['command']}`", "",
+             f"Machine: {results['machine']}", ""]
+    ms = lambda x: f"{x * 1e3:.0f}"  # noqa: E731
+    for fmt, res in results["formats"].items():
+        names = list(res)
+        lines += [f"## {fmt}", "", "Aggregate output tok/s (median of reps), time to first token and inter-token "
+                  "latency p50 / p95 in ms (all requests of all reps):", "",
+                  "| clients | " + " | ".join(f"{n} tok/s | {n} TTFT | {n} ITL" for n in names)
+                  + (" | glm4rt / llama.cpp |" if len(names) > 1 else " |"),
+                  "|---" * (1 + 3 * len(names) + (len(names) > 1)) + "|"]
+        base = {}
+        for c in res[names[0]]["concurrency"]:
+            row = [c]
+            speeds = []
+            for n in names:
+                rounds = res[n]["concurrency"][c]
+                tok_s = statistics.median(r["tok_s"] for r in rounds)
+                speeds.append(tok_s)
+                ttft = [x for r in rounds for x in r["ttft"]]
+                itl = [x for r in rounds for x in r["itl"]]
+                row += [f"{tok_s:.1f}", f"{ms(percentile(ttft, .5))} / {ms(percentile(ttft, .95))}",
+                        f"{ms(percentile(itl, .5))} / {ms(percentile(itl, .95))}"]
+            if len(names) > 1:
+                ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(res[names[0]]["concurrency"][c],
+                                                                  res[names[1]]["concurrency"][c])]
+                row.append(f"{statistics.median(ratios):.2f}x")
+            base[c] = speeds[0]
+            lines.append("| " + " | ".join(row) + " |")
+        if "1" in base and "4" in base:
+            lines += ["", f"glm4rt 4 streams / 1 stream: {base['4'] / base['1']:.2f}x aggregate."]
+        lines += ["", "4 running streams while a long prompt arrives: p95 inter-token latency before -> during "
+                  "its prefill (ms), and the new prompt's time to first token:", ""]
+        for n in names:
+            a = res[n]["arrival"]
+            before = [x for r in a for x in r["before"]]
+            during = [x for r in a for x in r["during"]]
+            ratio = percentile(during, .95) / percentile(before, .95) if before and during else float("nan")
+            lines.append(f"- {n}: {ms(percentile(before, .95))} -> {ms(percentile(during, .95))} ms "
+                         f"({ratio:.2f}x); arrival TTFT {ms(statistics.median(r['arrival_ttft'] for r in a))} ms")
+        lines += ["", "Chat turn 2 (turn 1: 512 tokens, then a 32-token answer and a 32-token message): time to "
+                  "first token with prefix reuse / without (median ms):", ""]
+        for n in names:
+            p = res[n]["prefix"]
+            reuse, cold = statistics.median(r["reuse"] for r in p), statistics.median(r["cold"] for r in p)
+            lines.append(f"- {n}: {ms(reuse)} / {ms(cold)} ({reuse / cold:.1%})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
