@@ -330,11 +330,9 @@ class OpenAIServer:
                 reasoning, content = splitter.feed(text, final=last) if splitter else ("", text)
                 if reasoning:
                     yield chunk(i, {"reasoning_content": reasoning})
-                if tool_mode:
-                    held += content
-                    if may_be_tool_call(held, tool_names) and not last:
-                        content = ""
-                    else:
+                if tool_mode:  # held back while the reply may still be a tool call
+                    held, content = held + content, ""
+                    if not may_be_tool_call(held, tool_names):
                         tool_mode, content, held = False, held, ""
                 lp = None
                 if isinstance(event, TokenEvent) and event.logprob is not None:

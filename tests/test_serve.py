@@ -316,3 +316,107 @@ def test_cli_serve_stops_on_a_signal_with_streams_open(checkpoint, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- a trained model: real GLM-4 tool calls and GLM-Z1 thinking ------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_servers(tmp_path_factory):
+    """Servers of the tiny model trained on a tool call, its answer and a thinking reply:
+    {"glm4": url, "z1": url} (tests/trained_chat.py)."""
+    pytest.importorskip("torch", reason="training the tool-call model needs the test extra (torch)")
+    from trained_chat import build_trained_chat_models, learnt_replies
+
+    dirs = build_trained_chat_models(str(tmp_path_factory.mktemp("trained_chat")))
+    urls, engines = {}, []
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(dirs["glm4"])
+    toks = {name: glm4rt.Glm4Tokenizer.from_pretrained(d) for name, d in dirs.items()}
+    assert all(learnt_replies(model, toks["glm4"], toks["z1"])), "the training did not learn the replies"
+    for name in dirs:
+        engine = Glm4Engine(model, toks[name], parallel=2, ctx=256)
+        engines.append(engine)
+        ready = threading.Event()
+
+        def on_ready(url, name=name, ready=ready):
+            urls[name] = url
+            ready.set()
+        threading.Thread(target=run_server, args=(engine, toks[name], "trained"), kwargs=dict(port=0, ready=on_ready),
+                         daemon=True).start()
+        assert ready.wait(30)
+    yield urls
+    for engine in engines:
+        engine.shutdown()
+
+
+def _stream_message(stream):
+    """A streamed chat reply put together: content, reasoning_content, tool_calls, finish_reason."""
+    content, reasoning, calls, finish = [], [], {}, None
+    for chunk in stream:
+        for c in chunk.choices:
+            d = c.delta
+            content.append(d.content or "")
+            reasoning.append(getattr(d, "reasoning_content", None) or "")
+            for call in d.tool_calls or []:
+                entry = calls.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
+                entry["id"] = call.id or entry["id"]
+                entry["name"] += (call.function.name or "") if call.function else ""
+                entry["arguments"] += (call.function.arguments or "") if call.function else ""
+            finish = c.finish_reason or finish
+    return "".join(content), "".join(reasoning), [calls[k] for k in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_round_trip(trained_servers, stream):
+    from trained_chat import ANSWER, QUESTION, TOOL_RESULT, WEATHER_TOOL
+
+    c = openai.OpenAI(base_url=trained_servers["glm4"] + "/v1", api_key="none", max_retries=0, timeout=60)
+    r = c.chat.completions.create(model="trained", messages=QUESTION, tools=[WEATHER_TOOL], max_tokens=40,
+                                  temperature=0, stream=stream)
+    if stream:
+        content, _, calls, finish = _stream_message(r)
+        assert content == ""
+    else:
+        msg, finish = r.choices[0].message, r.choices[0].finish_reason
+        assert msg.content is None
+        calls = [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in msg.tool_calls]
+    assert finish == "tool_calls" and len(calls) == 1
+    assert calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == {"location": "Paris"}
+    assert calls[0]["id"].startswith("call_")
+
+    messages = QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": calls[0]["id"], "type": "function",
+             "function": {"name": calls[0]["name"], "arguments": calls[0]["arguments"]}}]},
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": TOOL_RESULT}]
+    r = c.chat.completions.create(model="trained", messages=messages, tools=[WEATHER_TOOL], max_tokens=40,
+                                  temperature=0, stream=stream)
+    if stream:
+        content, _, calls, finish = _stream_message(r)
+        assert calls == []
+    else:
+        content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        assert r.choices[0].message.tool_calls is None
+    assert content == ANSWER and finish == "stop"
+
+
+def test_tool_choice_none_leaves_the_tools_out(trained_servers):
+    from trained_chat import QUESTION, WEATHER_TOOL
+
+    url = trained_servers["glm4"]
+    status, body = _post(url, "/tokenize", {"messages": QUESTION, "tools": [WEATHER_TOOL], "tool_choice": "none"})
+    status2, body2 = _post(url, "/tokenize", {"messages": QUESTION})
+    assert status == status2 == 200 and body["tokens"] == body2["tokens"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_z1_reasoning_content(trained_servers, stream):
+    from trained_chat import GREETING, REPLY, THINKING
+
+    c = openai.OpenAI(base_url=trained_servers["z1"] + "/v1", api_key="none", max_retries=0, timeout=60)
+    r = c.chat.completions.create(model="trained", messages=GREETING, max_tokens=40, temperature=0, stream=stream)
+    if stream:
+        content, reasoning, _, finish = _stream_message(r)
+    else:
+        msg, finish = r.choices[0].message, r.choices[0].finish_reason
+        content, reasoning = msg.content, msg.reasoning_content
+    assert (reasoning, content, finish) == (THINKING, REPLY, "stop")
