@@ -265,7 +265,7 @@ def start_servers(args, fmt: str, ckpt: str) -> list[Server]:
     servers.append(Server(f"glm4rt {fmt}", cmd, port))
     if args.peers == "llama":
         binary = args.llama_server or build_llama_server()
-        gguf = synth.ensure_gguf(ckpt, LLAMA_TYPES[fmt], log=say)
+        gguf = synth.ensure_gguf(ckpt, fmt, log=say)
         port = free_port()
         env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(binary))
         servers.append(Server(f"llama.cpp {LLAMA_TYPES[fmt]}", [

@@ -9,6 +9,18 @@
 
 namespace glm4rt {
 
+// A float the compiler must hold in a register: the scalar k tails that contract into FMAs
+// (-mfma) read their operands through it, so that they stay the same FMA, in register form.
+// QEMU's TCG (7.2 and 10.0, .ci/emulate) loads 16 bytes for the 4-byte memory operand of a scalar FMA
+// (vfmadd231ss m32) and faults when the float is the last one before an unmapped page. Without
+// FMA contraction (the generic kernels, other architectures) it is the identity.
+inline float in_register(float v) {
+#if defined(__FMA__)
+  __asm__("" : "+x"(v));
+#endif
+  return v;
+}
+
 // C[m, n] (+)= sum_k X[m, k] * W[n, k]  for a tile of m <= mr tokens and n <= nr weight rows.
 //   x: [m, k] with row stride ldx     w: [n, k] with row stride ldw     c: [m, n] with row stride ldc
 // accumulate=false overwrites C, true adds to it (used for blocks of k after the first).

@@ -1,7 +1,6 @@
 """Glm4Engine without HTTP: continuous batching gives every request ``generate``'s tokens for it
 alone, for every weight format, chunk size and mix of prompt lengths; limits, cancel, shutdown."""
 import threading
-import time
 
 import numpy as np
 import pytest

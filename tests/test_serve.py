@@ -6,11 +6,9 @@ alone (in batch-invariant mode), never from the server itself.
 """
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 

@@ -92,7 +92,8 @@ void chunk_values(const float* p, const float* v, int ns, int d, float* out, int
   for (; c0 < d; ++c0)  // the columns past the last full vector
     for (int h = 0; h < NH; ++h) {
       float s = out[static_cast<size_t>(h0 + h) * d + c0];
-      for (int j = 0; j < ns; ++j) s += p[j * kHeads + h0 + h] * v[static_cast<size_t>(j) * d + c0];
+      for (int j = 0; j < ns; ++j)  // (in_register: kernels.h)
+        s += in_register(p[j * kHeads + h0 + h]) * in_register(v[static_cast<size_t>(j) * d + c0]);
       out[static_cast<size_t>(h0 + h) * d + c0] = s;
     }
 }

@@ -25,6 +25,17 @@ inline float load1(const uint16_t* p) {
   return v.f;
 }
 
+// v + sum_p x[p] * w[p] over a k tail (n < 8), one fused multiply-add per element in order. The
+// operands pass through in_register (kernels.h: QEMU faults on memory-operand scalar FMAs).
+inline float tail_dot(const float* x, const float* w, int n, float v) {
+  for (int p = 0; p < n; ++p) v += in_register(x[p]) * in_register(w[p]);
+  return v;
+}
+inline float tail_dot(const float* x, const uint16_t* w, int n, float v) {
+  for (int p = 0; p < n; ++p) v += in_register(x[p]) * in_register(load1(w + p));
+  return v;
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -50,7 +61,7 @@ void tile(const float* x, size_t ldx, const W* w, size_t ldw, float* c, size_t l
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
       float v = hsum(acc[i][j]);
-      for (int p = k8; p < k; ++p) v += x[i * ldx + p] * load1(w + j * ldw + p);
+      v = tail_dot(x + i * ldx + k8, w + j * ldw + k8, k - k8, v);
       c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;
     }
 }
@@ -81,9 +92,7 @@ float dot_f32(const float* a, const float* b, int n) {
   __m256 acc = _mm256_setzero_ps();
   int n8 = n & ~7;
   for (int p = 0; p < n8; p += 8) acc = _mm256_fmadd_ps(load8(a + p), load8(b + p), acc);
-  float v = hsum(acc);
-  for (int p = n8; p < n; ++p) v += a[p] * b[p];
-  return v;
+  return tail_dot(a + n8, b + n8, n - n8, hsum(acc));
 }
 
 void axpy_f32(float alpha, const float* x, float* y, int n) {
@@ -91,7 +100,7 @@ void axpy_f32(float alpha, const float* x, float* y, int n) {
   int n8 = n & ~7;
   for (int p = 0; p < n8; p += 8)
     _mm256_storeu_ps(y + p, _mm256_fmadd_ps(av, load8(x + p), load8(y + p)));
-  for (int p = n8; p < n; ++p) y[p] += alpha * x[p];
+  for (int p = n8; p < n; ++p) y[p] = in_register(y[p]) + alpha * in_register(x[p]);
 }
 
 uint64_t read_xor(const uint8_t* data, size_t n_bytes) {
@@ -342,8 +351,14 @@ void f32_pack(const W* w, size_t ldw, int n, int kc, float* wp) {
       transpose8(r);
       for (int j = 0; j < 8; ++j) _mm256_store_ps(wp + 16 * (k0 + j) + h, r[j]);
     }
-    for (int k = k8; k < kc; ++k)
-      for (int i = 0; i < 8; ++i) wp[16 * k + h + i] = h + i < n ? load1(w + (h + i) * ldw + k) : 0.0f;
+    // Row by row, the test outside the k loop: as `h + i < n ? load1(..) : 0` per element, GCC
+    // if-converts the loop into vmaskmovps loads of the rows past n, past the end of w (QEMU's
+    // TCG loads masked-out lanes: SIGSEGV under .ci/emulate when w ends before an unmapped page).
+    for (int i = 0; i < 8; ++i)
+      if (h + i < n)
+        for (int k = k8; k < kc; ++k) wp[16 * k + h + i] = load1(w + (h + i) * ldw + k);
+      else
+        for (int k = k8; k < kc; ++k) wp[16 * k + h + i] = 0.0f;
   }
 }
 
