@@ -175,7 +175,17 @@ def concurrency_round(port: int, prompts: list[list[int]], max_tokens: int) -> d
     wall = max(r["end"] for r in results) - start
     ttft = [r["times"][0] - r["t0"] for r in results if r["times"]]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
-    return {"tok_s": sum(r["tokens"] for r in results) / wall, "ttft": ttft, "itl": itl}
+    # Steady decode: while every stream has its first token and none has ended.
+    w0, w1 = max(r["times"][0] for r in results), min(r["times"][-1] for r in results)
+    in_window = sum(w0 < t <= w1 for r in results for t in r["times"])
+    decode = in_window / (w1 - w0) if w1 > w0 and in_window >= 2 * len(results) else float("nan")
+    return {"tok_s": sum(r["tokens"] for r in results) / wall, "decode_tok_s": decode, "ttft": ttft, "itl": itl}
+
+
+def scaling_round(port: int, rng, n: int, max_tokens: int) -> float:
+    """Aggregate decode tok/s of n streams with short prompts (16 tokens), in the window where
+    all of them decode: what batching n streams into each step gives."""
+    return concurrency_round(port, [prompt_ids(rng, 16) for _ in range(n)], max_tokens)["decode_tok_s"]
 
 
 def arrival_round(port: int, rng, n_streams: int, arrival_len: int, max_tokens: int) -> dict:
@@ -298,6 +308,11 @@ def main(argv=None) -> int:
                         r = concurrency_round(s.port, prompts, args.max_tokens)
                         res[s.name]["concurrency"].setdefault(str(n), []).append(r)
                         say(f"{fmt} rep {rep} {n} clients {s.name}: {r['tok_s']:.1f} tok/s")
+                for n in sorted(set(args.clients) | {1, 4}):
+                    for s in order:
+                        d = scaling_round(s.port, np.random.default_rng(500 + n + rep), n, 2 * args.max_tokens)
+                        res[s.name].setdefault("scaling", {}).setdefault(str(n), []).append(d)
+                        say(f"{fmt} rep {rep} decode {n} streams {s.name}: {d:.1f} tok/s")
                 for s in order:
                     rng = np.random.default_rng(7 + rep)
                     a = arrival_round(s.port, rng, 4, args.arrival_prompt, 6 * args.max_tokens)
@@ -326,31 +341,39 @@ def render(results: dict) -> str:
     ms = lambda x: f"{x * 1e3:.0f}"  # noqa: E731
     for fmt, res in results["formats"].items():
         names = list(res)
-        lines += [f"## {fmt}", "", "Aggregate output tok/s (median of reps), time to first token and inter-token "
-                  "latency p50 / p95 in ms (all requests of all reps):", "",
-                  "| clients | " + " | ".join(f"{n} tok/s | {n} TTFT | {n} ITL" for n in names)
-                  + (" | glm4rt / llama.cpp |" if len(names) > 1 else " |"),
-                  "|---" * (1 + 3 * len(names) + (len(names) > 1)) + "|"]
-        base = {}
+        lines += [f"## {fmt}", "", "Aggregate output tok/s over each round (prompts included) and while every "
+                  "stream decodes (medians of reps); time to first token and inter-token latency p50 / p95 in ms "
+                  "(all requests of all reps); ratios are medians of per-rep ratios:", "",
+                  "| clients | " + " | ".join(f"{n} tok/s | {n} decode tok/s | {n} TTFT | {n} ITL" for n in names)
+                  + (" | glm4rt / llama.cpp tok/s | decode |" if len(names) > 1 else " |"),
+                  "|---" * (1 + 4 * len(names) + 2 * (len(names) > 1)) + "|"]
         for c in res[names[0]]["concurrency"]:
             row = [c]
-            speeds = []
             for n in names:
                 rounds = res[n]["concurrency"][c]
                 tok_s = statistics.median(r["tok_s"] for r in rounds)
-                speeds.append(tok_s)
                 ttft = [x for r in rounds for x in r["ttft"]]
                 itl = [x for r in rounds for x in r["itl"]]
-                row += [f"{tok_s:.1f}", f"{ms(percentile(ttft, .5))} / {ms(percentile(ttft, .95))}",
+                decode = statistics.median(r.get("decode_tok_s", float("nan")) for r in rounds)
+                row += [f"{tok_s:.1f}", f"{decode:.1f}" if decode == decode else "n/a", f"{ms(percentile(ttft, .5))} / {ms(percentile(ttft, .95))}",
                         f"{ms(percentile(itl, .5))} / {ms(percentile(itl, .95))}"]
             if len(names) > 1:
-                ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(res[names[0]]["concurrency"][c],
-                                                                  res[names[1]]["concurrency"][c])]
-                row.append(f"{statistics.median(ratios):.2f}x")
-            base[c] = speeds[0]
+                for key in ("tok_s", "decode_tok_s"):
+                    ratios = [a.get(key, float("nan")) / b.get(key, float("nan"))
+                              for a, b in zip(res[names[0]]["concurrency"][c], res[names[1]]["concurrency"][c])]
+                    row.append(f"{statistics.median(ratios):.2f}x")
             lines.append("| " + " | ".join(row) + " |")
-        if "1" in base and "4" in base:
-            lines += ["", f"glm4rt 4 streams / 1 stream: {base['4'] / base['1']:.2f}x aggregate."]
+        if res[names[0]].get("scaling"):
+            lines += ["", "Decode alone: aggregate tok/s of n streams with 16-token prompts while all of them "
+                      "decode (medians of reps), and n streams / 1 stream:", "",
+                      "| streams | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+            for k in sorted(res[names[0]]["scaling"], key=int):
+                cells = []
+                for n in names:
+                    sc = res[n]["scaling"]
+                    v, one = statistics.median(sc[k]), statistics.median(sc["1"])
+                    cells.append(f"{v:.1f} ({v / one:.2f}x)")
+                lines.append(f"| {k} | " + " | ".join(cells) + " |")
         lines += ["", "4 running streams while a long prompt arrives: p95 inter-token latency before -> during "
                   "its prefill (ms), and the new prompt's time to first token:", ""]
         for n in names:

@@ -280,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args)
     engine = Glm4Engine(model, tokenizer, parallel=args.parallel, ctx=args.ctx, prefill_chunk=args.prefill_chunk,
-                        max_waiting=args.max_waiting)
+                        max_stall=args.max_stall, max_waiting=args.max_waiting)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"glm4rt: warning: listening on {args.host} without --api-key", file=sys.stderr)
     try:
@@ -345,9 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--parallel", type=int, default=4, help="requests decoded together (default 4)")
     serve.add_argument("--ctx", type=int, default=None,
                        help="tokens per request, prompt and answer (default: the model's, at most 4096)")
-    serve.add_argument("--prefill-chunk", type=int, default=128,
-                       help="prompt tokens per step: smaller keeps running streams smoother while a long "
-                            "prompt is read, larger reads it faster (default 128)")
+    serve.add_argument("--prefill-chunk", type=int, default=512,
+                       help="prompt tokens per step at most (default 512); while other requests decode, "
+                            "chunks are sized so that their steps take at most --max-stall times longer")
+    serve.add_argument("--max-stall", type=float, default=2.5,
+                       help="how much slower running streams may get while a new prompt is read (default 2.5)")
     serve.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
     serve.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
     serve.set_defaults(func=cmd_serve)

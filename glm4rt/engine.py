@@ -213,17 +213,19 @@ class Glm4Engine:
         parallel: sequences decoded together at most.
         ctx: positions per sequence (prompt + answer); default the model's context, at most 4096.
         cache_slots: finished sequences whose cache is kept for prefix reuse (default ``parallel``).
-        prefill_chunk: prompt tokens per step at most (across requests): a long prompt is prefilled
-            over several steps between the running requests' decode steps, which bounds the pause
-            it causes them.
+        prefill_chunk: prompt tokens per step at most (across requests). While other requests
+            decode, a new prompt is prefilled in smaller chunks, sized from the measured step times
+            so that a decode step with a chunk takes about ``max_stall`` times one without: the
+            running streams slow down by that much, never stop, while the prompt is read.
+        max_stall: see ``prefill_chunk`` (> 1).
         max_waiting: requests queued for a slot at most; more get ``QueueFullError``.
         eos_token_ids: ids that end every request (default: the checkpoint's generation config /
             config ``eos_token_id``).
     """
 
     def __init__(self, model, tokenizer=None, *, parallel: int = 4, ctx: Optional[int] = None,
-                 cache_slots: Optional[int] = None, prefill_chunk: int = 128, max_waiting: int = 64,
-                 eos_token_ids: Optional[Sequence[int]] = None) -> None:
+                 cache_slots: Optional[int] = None, prefill_chunk: int = 512, max_stall: float = 2.5,
+                 max_waiting: int = 64, eos_token_ids: Optional[Sequence[int]] = None) -> None:
         config = model.config
         for name, value in (("parallel", parallel), ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or value < 1:
@@ -237,6 +239,11 @@ class Glm4Engine:
         if not isinstance(ctx, int) or not 2 <= ctx <= config.max_position_embeddings:
             raise ValueError(f"ctx must be an integer in [2, {config.max_position_embeddings}] "
                              f"(max_position_embeddings), got {ctx!r}")
+        if not isinstance(max_stall, (int, float)) or not max_stall > 1:
+            raise ValueError(f"max_stall must be a number > 1, got {max_stall!r}")
+        self.max_stall = float(max_stall)
+        self._decode_step: Optional[float] = None   # seconds of a step without prompt rows (average)
+        self._prefill_token: Optional[float] = None  # seconds a prompt row adds to a step (average)
         self.model, self.tokenizer = model, tokenizer
         self.parallel, self.ctx, self.prefill_chunk, self.max_waiting = parallel, ctx, prefill_chunk, max_waiting
         if eos_token_ids is None:
@@ -393,13 +400,15 @@ class Glm4Engine:
     def _step(self) -> None:
         """One forward over every running sequence: a decode row each, or a prompt chunk."""
         ids, slots, positions, keep, sampled = [], [], [], [], []
-        budget = self.prefill_chunk
+        budget = self._prefill_budget()
+        n_prefill = 0
         for seq in self._running:
             if seq.prefilling:
                 n = min(len(seq.tokens) - seq.n_cached, budget)
                 if n == 0:
                     continue  # waits for the next step's budget
                 budget -= n
+                n_prefill += n
             else:
                 n = 1
             start = seq.n_cached
@@ -412,12 +421,39 @@ class Glm4Engine:
                 sampled.append(seq)
         if not ids:
             return
+        start = time.perf_counter()
         batch = RowBatch(np.array(ids, dtype=np.int64), np.array(slots, dtype=np.int64),
                          np.array(positions, dtype=np.int64), np.array(keep, dtype=np.int64))
         hidden = self.model.model.forward_rows(batch, self.cache)      # [K, H]
         logits = self.model.lm_head(hidden) if len(keep) else hidden   # [K, V]
         for seq, row in zip(sampled, logits):
             self._sample(seq, row)
+        self._time_step(time.perf_counter() - start, n_prefill, len(ids) - n_prefill)
+
+    # Chunked prefill: a step with p prompt rows takes about decode_step + p * prefill_token; the
+    # averages are measured on the steps themselves (exponential, weight 1/4 for the newest).
+    MIN_CHUNK = 16
+
+    def _prefill_budget(self) -> int:
+        """Prompt rows for this step: all it may take when nothing decodes; otherwise as many as
+        keep the step within max_stall times a decode step."""
+        if all(seq.prefilling for seq in self._running):
+            return self.prefill_chunk
+        if self._decode_step is None or self._prefill_token is None:
+            return min(self.prefill_chunk, 2 * self.MIN_CHUNK)  # until both are measured
+        rows = int((self.max_stall - 1.0) * self._decode_step / self._prefill_token)
+        return max(self.MIN_CHUNK, min(self.prefill_chunk, rows))
+
+    def _time_step(self, seconds: float, n_prefill: int, n_decode: int) -> None:
+        def average(old: Optional[float], new: float) -> float:
+            return new if old is None else 0.75 * old + 0.25 * new
+
+        if n_prefill == 0:
+            self._decode_step = average(self._decode_step, seconds)
+        elif n_decode and self._decode_step is not None:
+            self._prefill_token = average(self._prefill_token, max(seconds - self._decode_step, 0.0) / n_prefill)
+        elif not n_decode:  # a prompt alone: its rows cost the whole step (an upper bound)
+            self._prefill_token = average(self._prefill_token, seconds / n_prefill)
 
     def _sample(self, seq: _Sequence, logits: np.ndarray) -> None:
         p = seq.params
@@ -427,8 +463,11 @@ class Glm4Engine:
             ids = np.fromiter(seq.counts, dtype=np.int64)
             counts = np.fromiter(seq.counts.values(), dtype=np.float32)
             scores[0, ids] -= np.float32(p.presence_penalty) + np.float32(p.frequency_penalty) * counts
-        processed = process_logits(scores, np.array([seq.tokens], dtype=np.int64), p.sampling)
-        token = int(select_next(processed, p.sampling, seq.rng)[0])
+        if not p.sampling.do_sample and p.sampling.repetition_penalty == 1.0:
+            token = int(np.argmax(scores[0]))  # what process_logits + select_next give, without copies
+        else:
+            processed = process_logits(scores, np.array([seq.tokens], dtype=np.int64), p.sampling)
+            token = int(select_next(processed, p.sampling, seq.rng)[0])
         logprob = top = None
         if p.logprobs:
             lp = logits.astype(np.float64)

@@ -492,8 +492,15 @@ def run_server(engine: Glm4Engine, tokenizer, model_name: str, host: str = "127.
     Args:
         ready: called with the base URL once the socket listens (default: print it).
     """
+    import sys
+
     import uvicorn
 
+    # The engine thread takes the GIL back after each kernel (about 100 times per step), and the
+    # event loop's thread holds it while it encodes and sends chunks. With CPython's default
+    # 5 ms switch interval, a kernel that returns while the loop runs waits up to 5 ms for it,
+    # every time; 0.5 ms bounds that wait.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     server_app = OpenAIServer(engine, tokenizer, model_name, api_key)
 
     class _Server(uvicorn.Server):

@@ -173,3 +173,26 @@ def test_submit_from_many_threads():
         for t in threads:
             t.join(60)
     assert got == expected
+
+
+def test_presence_and_frequency_penalties():
+    """OpenAI's penalties, against a decode loop written here: the model's logits for the whole
+    sequence so far, minus presence * (seen) + frequency * count over the generated tokens."""
+    model = _load("f32")
+    prompt = [4, 4, 9]
+    presence, frequency = 0.7, 1.3
+    seq, counts = list(prompt), {}
+    with glm4rt.batch_invariant():
+        for _ in range(12):
+            logits = model(np.array([seq])).logits[0, -1].copy()
+            for t, c in counts.items():
+                logits[t] -= np.float32(presence) + np.float32(frequency) * np.float32(c)
+            t = int(np.argmax(logits))
+            counts[t] = counts.get(t, 0) + 1
+            seq.append(t)
+    expected = seq[len(prompt):]
+    assert expected != _alone(model, prompt, 12)  # the penalties change this answer
+    with Glm4Engine(model, parallel=2, ctx=40, eos_token_ids=[]) as engine:
+        ids = engine.generate(prompt, EngineParams(max_tokens=12, presence_penalty=presence,
+                                                   frequency_penalty=frequency))[0]
+    assert ids == expected
