@@ -319,13 +319,13 @@ def test_cli_serve_stops_on_a_signal_with_streams_open(checkpoint, sig):
 # ---- a trained model: real GLM-4 tool calls and GLM-Z1 thinking ------------------------------------
 
 @pytest.fixture(scope="module")
-def trained_servers(tmp_path_factory):
+def trained_servers():
     """Servers of the tiny model trained on a tool call, its answer and a thinking reply:
     {"glm4": url, "z1": url} (tests/trained_chat.py)."""
     pytest.importorskip("torch", reason="training the tool-call model needs the test extra (torch)")
-    from trained_chat import build_trained_chat_models, learnt_replies
+    from trained_chat import cached_trained_chat_models, learnt_replies
 
-    dirs = build_trained_chat_models(str(tmp_path_factory.mktemp("trained_chat")))
+    dirs = cached_trained_chat_models()
     urls, engines = {}, []
     model = glm4rt.Glm4ForCausalLM.from_pretrained(dirs["glm4"])
     toks = {name: glm4rt.Glm4Tokenizer.from_pretrained(d) for name, d in dirs.items()}

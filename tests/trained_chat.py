@@ -44,6 +44,28 @@ def _examples(tok_glm4, tok_z1) -> list[tuple[list[int], list[int]]]:
     ]
 
 
+def cached_trained_chat_models() -> dict[str, str]:
+    """``build_trained_chat_models`` in a directory of the system's temporary folder named after
+    this file's contents, built once: the suite runs three times in CI (natively, then as Haswell
+    and as Nehalem under QEMU, where torch trains for many minutes). Written to a private folder
+    and renamed into place, so a run that dies halfway leaves nothing behind."""
+    import hashlib
+    import tempfile
+
+    with open(__file__, "rb") as f:
+        key = hashlib.sha256(f.read()).hexdigest()[:16]
+    root = os.path.join(tempfile.gettempdir(), f"glm4rt-trained-chat-{key}")
+    dirs = {name: os.path.join(root, name) for name in ("glm4", "z1")}
+    if not os.path.isdir(root):
+        work = tempfile.mkdtemp(prefix="glm4rt-trained-chat-")
+        build_trained_chat_models(work)
+        try:
+            os.rename(work, root)
+        except OSError:  # another run put it there first
+            shutil.rmtree(work, ignore_errors=True)
+    return dirs
+
+
 def build_trained_chat_models(directory: str, seed: int = 0) -> dict[str, str]:
     """Train the model and save it twice, with the GLM-4-0414 and the GLM-Z1 tokenizer.
 
