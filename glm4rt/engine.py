@@ -381,8 +381,8 @@ class Glm4Engine:
                 continue
             free = [s for s in self.slots if not s.busy]
             # The longest shared prefix wins; without one, the least recently used slot.
-            best = max(free, key=lambda s: (_common_prefix(s.tokens, seq.tokens), -s.last_used))
-            shared = _common_prefix(best.tokens, seq.tokens) if seq.params.cache_prompt else 0
+            shared, best = max(((_common_prefix(s.tokens, seq.tokens) if seq.params.cache_prompt else 0, s)
+                                for s in free), key=lambda p: (p[0], -p[1].last_used))
             if shared == 0:
                 best = min(free, key=lambda s: s.last_used)
             # At least the prompt's last token is run again: its logits give the first new token.
@@ -411,10 +411,10 @@ class Glm4Engine:
                 n_prefill += n
             else:
                 n = 1
-            start = seq.n_cached
-            ids.extend(seq.tokens[start:start + n])
+            first = seq.n_cached
+            ids.extend(seq.tokens[first:first + n])
             slots.extend([seq.slot.index] * n)
-            positions.extend(range(start, start + n))
+            positions.extend(range(first, first + n))
             seq.n_cached += n
             if seq.n_cached == len(seq.tokens):  # the last known token ran: sample the next
                 keep.append(len(ids) - 1)
@@ -499,10 +499,10 @@ class Glm4Engine:
         if not stops:
             return text, False
         pending = seq.pending + text
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
+        cut = _first_stop(pending, stops)
+        if cut is not None:
             seq.pending, seq.stopped_by_string = "", True
-            return pending[:min(hits)], True
+            return pending[:cut], True
         hold = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
         seq.pending = pending[len(pending) - hold:] if hold else ""
         return pending[:len(pending) - hold], False
@@ -520,10 +520,15 @@ class Glm4Engine:
         rest = ""
         if not seq.stopped_by_string:  # the held-back text was no stop string after all
             rest = seq.pending + (seq.decoder.flush() if seq.decoder is not None else "")
-            hits = [i for i in (rest.find(s) for s in seq.params.stop) if i >= 0]
-            rest = rest[:min(hits)] if hits else rest
+            rest = rest[:_first_stop(rest, seq.params.stop)]  # (None: all of it)
         self.stats["prompt_tokens"] += seq.prompt_len
         seq.handle._put(FinishEvent(reason, seq.prompt_len, seq.generated, seq.reused, rest))
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
+    """Where the first of ``stops`` begins in ``text`` (None: nowhere)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

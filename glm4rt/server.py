@@ -10,6 +10,7 @@ client that disconnects cancels its request at once (its slot is free for the ne
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -177,7 +178,6 @@ class OpenAIServer:
 
     def _submit(self, prompt: list[int], params: EngineParams, n: int, loop) -> list:
         """Submit ``n`` choices (choice i seeded ``seed + i``); each gets an asyncio queue."""
-        import dataclasses
         queues, handles = [], []
         try:
             for i in range(n):
@@ -261,7 +261,6 @@ class OpenAIServer:
         params, n = sampling_fields(body)
         logprobs = _field(body, "logprobs", (bool,), False, what="true or false")
         top = _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
-        import dataclasses
         params = dataclasses.replace(params, logprobs=logprobs, top_logprobs=top if logprobs else 0)
         prompt, tools, thinking = self._chat_prompt(body)
         stream = _field(body, "stream", (bool,), False, what="true or false")
@@ -271,7 +270,7 @@ class OpenAIServer:
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         tool_names = {t["function"]["name"] for t in tools}
         if stream:
-            return _sse(self._chat_stream(choices, rid, created, tool_names, thinking, usage_in_stream))
+            return _sse(self._chat_stream(choices, rid, created, tool_names, thinking, usage_in_stream), choices)
         results = [await _collect(q) for _, q in choices]
         out, usage = [], _usage(results)
         for i, (events, finish) in enumerate(results):
@@ -306,18 +305,10 @@ class OpenAIServer:
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                     "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
-        try:
-            async for c in self._chat_chunks(choices, chunk, tool_names, thinking, include_usage, rid, created):
-                yield c
-        finally:  # the client went away (or the stream ended): nothing of it keeps running
-            for handle, _ in choices:
-                handle.cancel()
-
-    async def _chat_chunks(self, choices, chunk, tool_names, thinking, include_usage, rid, created):
         finishes = []
         for i in range(len(choices)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        for i, (handle, q) in enumerate(choices):  # choices run concurrently; sent one after another
+        for i, (_, q) in enumerate(choices):  # choices run concurrently; sent one after another
             splitter = ReasoningSplitter(thinking) if self.reasoning_model else None
             held, tool_mode = "", bool(tool_names)
             while True:
@@ -359,7 +350,6 @@ class OpenAIServer:
         self._check_model(body)
         params, n = sampling_fields(body)
         if params.max_tokens is None:  # OpenAI's default for completions
-            import dataclasses
             params = dataclasses.replace(params, max_tokens=min(16, self.engine.ctx - 1))
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -377,7 +367,6 @@ class OpenAIServer:
             raise RequestError("echo is not supported", "echo")
         top = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
         if top is not None:
-            import dataclasses
             params = dataclasses.replace(params, logprobs=True, top_logprobs=top)
         stream = _field(body, "stream", (bool,), False, what="true or false")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
@@ -394,36 +383,28 @@ class OpenAIServer:
 
         if stream:
             async def events():
-                try:
-                    async for c in completion_chunks():
-                        yield c
-                finally:
-                    for handle, _ in choices:
-                        handle.cancel()
-
-            async def completion_chunks():
                 finishes = []
-                for i, (handle, q) in enumerate(choices):
+                for i, (_, q) in enumerate(choices):
                     while True:
                         event = await q.get()
                         if isinstance(event, ErrorEvent):
                             yield {"error": {"message": event.message, "type": "server_error", "param": None,
                                              "code": None}}
                             return
-                        last = isinstance(event, FinishEvent)
-                        lp = logprob_block([event]) if not last else None
-                        if not last:  # a chunk per token (text "" while a character is incomplete)
+                        if isinstance(event, TokenEvent):  # a chunk per token ("" while a character is incomplete)
                             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                                   "choices": [{"index": i, "text": event.text, "finish_reason": None, "logprobs": lp}]}
-                        if last:
+                                   "choices": [{"index": i, "text": event.text, "finish_reason": None,
+                                                "logprobs": logprob_block([event])}]}
+                        else:
                             finishes.append(event)
                             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                                   "choices": [{"index": i, "text": "", "finish_reason": event.reason, "logprobs": None}]}
+                                   "choices": [{"index": i, "text": "", "finish_reason": event.reason,
+                                                "logprobs": None}]}
                             break
                 if include_usage:
                     yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                            "choices": [], "usage": _usage([([], f) for f in finishes])}
-            return _sse(events())
+            return _sse(events(), choices)
         results = [await _collect(q) for _, q in choices]
         out = [{"index": i, "text": "".join(e.text for e in events) + finish.text, "finish_reason": finish.reason,
                 "logprobs": logprob_block(events)} for i, (events, finish) in enumerate(results)]
@@ -470,9 +451,10 @@ def _usage(results) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def _sse(chunks) -> StreamingResponse:
+def _sse(chunks, choices) -> StreamingResponse:
     """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``. When the client goes
-    away, Starlette cancels the generator; every request of it is then cancelled."""
+    away, Starlette cancels the generator; every request of ``choices`` is then cancelled, so its
+    slot is free for the next step."""
     async def body():
         try:
             async for c in chunks:
@@ -480,6 +462,8 @@ def _sse(chunks) -> StreamingResponse:
             yield "data: [DONE]\n\n"
         finally:
             await chunks.aclose()
+            for handle, _ in choices:
+                handle.cancel()
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
