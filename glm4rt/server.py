@@ -398,7 +398,7 @@ class OpenAIServer:
                         else:
                             finishes.append(event)
                             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                                   "choices": [{"index": i, "text": "", "finish_reason": event.reason,
+                                   "choices": [{"index": i, "text": event.text, "finish_reason": event.reason,
                                                 "logprobs": None}]}
                             break
                 if include_usage:

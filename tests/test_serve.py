@@ -137,6 +137,11 @@ def test_stop_strings_end_the_text_before_them(client, loaded):
     chunks = list(client.completions.create(model="tiny-glm4", prompt=ids, max_tokens=20, temperature=0,
                                             stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full[:full.find(stop)]
+    # A stop string the text ends with the start of: held back to the end, then sent, streamed too.
+    tail_stop = full[-1] + "\u00a7"
+    chunks = list(client.completions.create(model="tiny-glm4", prompt=ids, max_tokens=20, temperature=0,
+                                            stop=tail_stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
 
 
 def test_eight_concurrent_clients_each_get_their_generate(server, loaded):
