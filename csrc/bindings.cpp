@@ -185,6 +185,14 @@ void silu_mul(const py::array& gate_up, py::array& out) {
   glm4rt::silu_mul(gp, op, M, I2 / 2);
 }
 
+// The head geometry both attention entry points share.
+void check_heads(const AttentionArgs& a) {
+  GLM4RT_CHECK(a.head_dim >= 1 && a.head_dim <= glm4rt::kMaxHeadDim)
+      << "head_dim must be in [1, " << glm4rt::kMaxHeadDim << "] (the attention kernels' limit), got " << a.head_dim;
+  GLM4RT_CHECK(a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0)
+      << "n_heads (" << a.n_heads << ") must be a multiple of n_kv_heads (" << a.n_kv_heads << ")";
+}
+
 void attention(const py::array& q, const py::array& k, const py::array& v, int n_keys,
                const py::array& q_pos, const py::object& key_mask, float scale, py::array& out,
                const py::object& probs) {
@@ -198,10 +206,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, int n
   a.n_kv_heads = static_cast<int>(k.shape(1));
   a.capacity = static_cast<int>(k.shape(2));
   expect<float>(v, "v", {a.batch, a.n_kv_heads, a.capacity, a.head_dim});
-  GLM4RT_CHECK(a.head_dim >= 1 && a.head_dim <= glm4rt::kMaxHeadDim)
-      << "head_dim must be in [1, " << glm4rt::kMaxHeadDim << "] (the attention kernels' limit), got " << a.head_dim;
-  GLM4RT_CHECK(a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0)
-      << "n_heads (" << a.n_heads << ") must be a multiple of n_kv_heads (" << a.n_kv_heads << ")";
+  check_heads(a);
   GLM4RT_CHECK(n_keys > 0 && n_keys <= a.capacity)
       << "n_keys must be in [1, capacity=" << a.capacity << "], got " << n_keys;
   a.n_keys = n_keys;
@@ -245,10 +250,7 @@ void attention_rows(const py::array& q, const py::array& k, const py::array& v, 
   a.n_kv_heads = static_cast<int>(k.shape(1));
   a.capacity = static_cast<int>(k.shape(2));
   expect<float>(v, "v", {n_seqs, a.n_kv_heads, a.capacity, a.head_dim});
-  GLM4RT_CHECK(a.head_dim >= 1 && a.head_dim <= glm4rt::kMaxHeadDim)
-      << "head_dim must be in [1, " << glm4rt::kMaxHeadDim << "] (the attention kernels' limit), got " << a.head_dim;
-  GLM4RT_CHECK(a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0)
-      << "n_heads (" << a.n_heads << ") must be a multiple of n_kv_heads (" << a.n_kv_heads << ")";
+  check_heads(a);
   GLM4RT_CHECK(a.capacity > 0) << "the cache has no room (capacity 0)";
   a.n_keys = a.capacity;
   expect<int64_t>(q_slot, "q_slot", {a.n_queries});
