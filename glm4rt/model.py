@@ -378,13 +378,9 @@ class Glm4Model(Glm4PreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             input_ids = np.asarray(input_ids)
-            if input_ids.dtype.kind not in "iu":
-                raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
-            if input_ids.ndim != 2:
+            if input_ids.ndim != 2 and input_ids.dtype.kind in "iu":  # (a wrong dtype is reported first)
                 raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-            if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
-                bad = input_ids[(input_ids < 0) | (input_ids >= config.vocab_size)].ravel()[0]
-                raise ValueError(f"token id {int(bad)} is out of range for vocab_size {config.vocab_size}")
+            _check_token_ids(input_ids, config.vocab_size)
             B, T = input_ids.shape
         else:
             inputs_embeds = np.asarray(inputs_embeds)
@@ -533,8 +529,7 @@ class Glm4Model(Glm4PreTrainedModel):
         N = ids.size
         if N == 0:
             raise ValueError("the batch has no tokens")
-        if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= config.vocab_size:
-            raise ValueError(f"token ids must be integers in [0, {config.vocab_size})")
+        _check_token_ids(ids, config.vocab_size)
         slots = np.asarray(batch.slots, dtype=np.int64).reshape(-1)
         positions = np.asarray(batch.positions, dtype=np.int64).reshape(-1)
         keep = np.asarray(batch.keep, dtype=np.int64).reshape(-1)
@@ -627,6 +622,15 @@ class Glm4Model(Glm4PreTrainedModel):
             if output_attentions:
                 all_attn.append(probs)
         return ops.rms_norm(x, self.norm, eps), all_hidden, all_attn
+
+
+def _check_token_ids(input_ids: np.ndarray, vocab_size: int) -> None:
+    """Raises ValueError unless ``input_ids`` are integers in ``[0, vocab_size)``."""
+    if input_ids.dtype.kind not in "iu":
+        raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
+    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)].ravel()[0]
+        raise ValueError(f"token id {int(bad)} is out of range for vocab_size {vocab_size}")
 
 
 def _kept_rows(keep: np.ndarray, B: int, q: np.ndarray, x: np.ndarray,
