@@ -321,6 +321,7 @@ void matmul_amx(const KernelTable& kt, const float* x, int M, int K, int N, int 
 enum class MatmulPath {
   kTiles,       // dot-form tiles of mr tokens x nr rows over blocks of k (one token: a GEMV)
   kBf16Tiles,   // the same with bf16 x bf16 dot products along whole rows (AVX512-BF16)
+  kBf16DotTiles,  // the same tiles for one token too (batch-invariant; no 4-chain GEMV)
   kF32Panels,   // packed panels of 16 weight rows, fp32 FMAs (AVX2)
   kBf16Panels,  // packed panels of 32 weight rows, bf16 pair dot products (AVX512-BF16)
   kAmx,         // AMX tiles, weights packed (quantized ones dequantized) to bf16
@@ -331,9 +332,14 @@ enum class Weights { kF32, kBf16, kQuant };
 MatmulPath matmul_path(const KernelTable& kt, Weights w, int M) {
   // Batch-invariant: only the dot-form tiles, whose sums for one token run in the same order for
   // any number of tokens (one token's GEMV included). Panels sum along k in another order, the
-  // AVX512-BF16 GEMV in 4 chains where its tiles use 1, and quantized weights on AMX compute
-  // another product (bf16 weights), so each would change a token's bits with the batch size.
-  if (batch_invariant()) return w == Weights::kQuant ? MatmulPath::kQuantTiles : MatmulPath::kTiles;
+  // AVX512-BF16 GEMV in 4 chains where its tiles use 1 (so its dot tiles serve one token too
+  // there), and quantized weights on AMX compute another product (bf16 weights), so each would
+  // change a token's bits with the batch size.
+  if (batch_invariant()) {
+    if (w == Weights::kQuant) return MatmulPath::kQuantTiles;
+    if (w == Weights::kBf16 && kt.gemm_tile_bf16x_dot != nullptr) return MatmulPath::kBf16DotTiles;
+    return MatmulPath::kTiles;
+  }
   const bool panels = M >= kPanelMinTokens;
   switch (w) {
     case Weights::kF32:
@@ -384,7 +390,8 @@ void matmul_f32(const float* x, int M, int K, const float* w, int N, const float
 void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const float* bias,
                  float* y) {
   const KernelTable& kt = kernels();
-  switch (matmul_path(kt, Weights::kBf16, M)) {
+  const MatmulPath path = matmul_path(kt, Weights::kBf16, M);
+  switch (path) {
     case MatmulPath::kAmx:
       matmul_amx(kt, x, M, K, N, M <= kAmxFewTokens ? kAmxKBlocksFewTokens : kAmxKBlocks,
                  [&](int row0, int n, int b0, int kb, uint16_t* wa) {
@@ -403,11 +410,13 @@ void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const f
     case MatmulPath::kF32Panels:
       matmul_f32_panels(kt, kt.f32_pack_bf16, bf16_rounded(x, M, K), M, K, w, N, bias, y);
       break;
-    case MatmulPath::kBf16Tiles: {
+    case MatmulPath::kBf16Tiles:
+    case MatmulPath::kBf16DotTiles: {
       const size_t n = static_cast<size_t>(M) * K;
       uint16_t* xb = reused_scratch<uint16_t, 0>(n);
       for (size_t i = 0; i < n; ++i) xb[i] = to_bf16(x[i]);
-      matmul_impl(xb, M, K, w, N, bias, y, kt.gemm_tile_bf16x, kt.mr, kt.nr, K);
+      matmul_impl(xb, M, K, w, N, bias, y,
+                  path == MatmulPath::kBf16Tiles ? kt.gemm_tile_bf16x : kt.gemm_tile_bf16x_dot, kt.mr, kt.nr, K);
       break;
     }
     default:  // the same products in fp32

@@ -15,21 +15,27 @@ import pytest
 import glm4rt
 from glm4rt import ops
 from glm4rt.quant import QuantLinear, quantize_weight
+from kernel_reference import ref_linear, ref_qmatmul
 
 ISAS = glm4rt.supported_isas()
 FORMATS = ["f32", "bf16", "int8", "int4"]
 # Every M to past twice the 64-token block, both sides of every path threshold (panels 16, AMX
 # 16 / 40), the fp32 panel block (192) and a long prompt.
 SWEEP_M = list(range(1, 131)) + [191, 192, 193, 255, 256, 257, 513]
-GEOMETRIES = [(1031, 37), (64, 48)]  # (K, N): tails everywhere / full groups
+# (K, N): tails everywhere / full groups / rows past 8192, which one token streams 4 at a time
+# (the AVX512-BF16 dot tiles, as its GEMV does).
+GEOMETRIES = [(1031, 37), (64, 48), (8205, 6)]
 
 
 def _layer(fmt, w, bias):
+    """x -> x @ w.T + bias with w stored in fmt, and its float64 reference (without AMX: the
+    mode never takes it)."""
     n, k = w.shape
     if fmt in ("int8", "int4"):
-        return QuantLinear(quantize_weight(w, fmt), fmt, n, k, bias)
+        lin = QuantLinear(quantize_weight(w, fmt), fmt, n, k, bias)
+        return lin, lambda x: ref_qmatmul(x, lin.packed, fmt, n) + bias
     wt = ops.f32_to_bf16(w) if fmt == "bf16" else w
-    return lambda x: ops.linear(x, wt, bias)
+    return (lambda x: ops.linear(x, wt, bias)), (lambda x: ref_linear(x, wt, bias))
 
 
 @pytest.fixture
@@ -44,7 +50,7 @@ def test_default_paths_are_not_invariant():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((37, 1031)).astype(np.float32)
     x = rng.standard_normal((20, 1031)).astype(np.float32)
-    layer = _layer("f32", w, None)
+    layer, _ = _layer("f32", w, None)
     assert not ops.batch_invariant()
     differ = any(not np.array_equal(layer(x[r:r + 1])[0], layer(x)[r]) for r in range(20))
     if glm4rt.supported_isas()[-1] != "generic":
@@ -62,12 +68,15 @@ def test_matmul_rows_do_not_depend_on_the_batch(invariant, threads, isa, fmt, k,
     w = rng.standard_normal((n, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     x_all = rng.standard_normal((max(SWEEP_M), k)).astype(np.float32)
-    layer = _layer(fmt, w, bias)
+    layer, reference = _layer(fmt, w, bias)
     before = ops.get_num_threads()
     ops.set_isa(isa)
     ops.set_num_threads(threads)
     try:
         full = layer(x_all)
+        # Invariant and right: the kernel sweep's bound (fp32 sums of K products of ~1).
+        ref = reference(x_all)
+        assert np.abs(full - ref).max() <= 2e-6 * np.sqrt(k) * max(1.0, np.abs(ref).max() / 8)
         for m in SWEEP_M:
             # The first m rows alone, and the last row alone (a GEMV), give the long batch's bits.
             assert np.array_equal(layer(x_all[:m]), full[:m]), m

@@ -23,6 +23,10 @@ inline __m512 load_f32(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+// Each weight row's stream is prefetched into L1 2 KiB ahead (as the bf16 dot tiles do,
+// x86_avx512_bf16.cpp; benchmarks/kernel-notes.md).
+constexpr int kTilePrefetchBytes = 2048;
+
 // C tile [M, N] over the full k; the k tail is handled with masked loads (zeros beyond k).
 template <int M, int N, typename W>
 void tile(const float* x, size_t ldx, const W* w, size_t ldw, float* c, size_t ldc, int k,
@@ -33,14 +37,17 @@ void tile(const float* x, size_t ldx, const W* w, size_t ldw, float* c, size_t l
   for (int p = 0; p < k; p += 16) {
     __mmask16 mask = k - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - p)) - 1u);
     __m512 wv[N];
-    for (int j = 0; j < N; ++j) wv[j] = load_f32(w + j * ldw + p, mask);
+    for (int j = 0; j < N; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + p) + kTilePrefetchBytes, _MM_HINT_T0);
+      wv[j] = load_f32(w + j * ldw + p, mask);
+    }
     for (int i = 0; i < M; ++i) {
       __m512 xv = load_f32(x + i * ldx + p, mask);
       for (int j = 0; j < N; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
+  GLM4RT_UNROLL for (int i = 0; i < M; ++i)
+    GLM4RT_UNROLL for (int j = 0; j < N; ++j) {
       float v = _mm512_reduce_add_ps(acc[i][j]);
       c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;
     }

@@ -17,6 +17,10 @@ inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
 
 // ---- dot form: a tile of M tokens x N rows, each sum along the whole row ---------------------
 
+// Each weight row's stream is prefetched into L1 2 KiB ahead: without it a tile of 4 tokens read
+// its weights at half the bandwidth of one token's GEMV on Zen 5 (benchmarks/kernel-notes.md).
+constexpr int kDotPrefetchAhead = 1024;  // bf16 values
+
 template <int M, int N>
 void dtile(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw, float* c, size_t ldc,
            int k, bool accumulate) {
@@ -26,14 +30,17 @@ void dtile(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw, float* 
   for (int p = 0; p < k; p += 32) {
     const __mmask32 mask = k - p >= 32 ? ~0u : (1u << (k - p)) - 1u;  // zeros beyond k
     __m512i wv[N];
-    for (int j = 0; j < N; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * ldw + p);
+    for (int j = 0; j < N; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + p + kDotPrefetchAhead), _MM_HINT_T0);
+      wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * ldw + p);
+    }
     for (int i = 0; i < M; ++i) {
       const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + i * ldx + p);
       for (int j = 0; j < N; ++j) acc[i][j] = dot2(acc[i][j], xv, wv[j]);
     }
   }
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
+  GLM4RT_UNROLL for (int i = 0; i < M; ++i)
+    GLM4RT_UNROLL for (int j = 0; j < N; ++j) {
       const float v = _mm512_reduce_add_ps(acc[i][j]);
       c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;
     }
@@ -100,6 +107,25 @@ void gemm_tile_bf16x(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ld
                      size_t ldc, int m, int n, int k, bool acc) {
   switch (m) {
     case 1: gemv<kPrefetchL1, kFourRows>(x, w, ldw, c, n, k, acc); break;
+    case 2: dtile_m<2>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
+    case 3: dtile_m<3>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
+    default: dtile_m<4>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
+  }
+}
+
+// Batch-invariant: dot tiles for every m, one token included, so that every sum runs in dtile's
+// order whatever m (one chain per row: the GEMV's 4 chains would sum in another order). One token
+// streams its rows one at a time or 4 at a time as the GEMV does (kFourRows, long rows).
+template <bool kFourRows>
+void gemm_tile_bf16x_dot(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw, float* c,
+                         size_t ldc, int m, int n, int k, bool acc) {
+  switch (m) {
+    case 1:
+      if (kFourRows || k > 8192)
+        dtile_m<1>(x, ldx, w, ldw, c, ldc, n, k, acc);
+      else
+        for (int j = 0; j < n; ++j) dtile<1, 1>(x, ldx, w + j * ldw, ldw, c + j, ldc, k, acc);
+      break;
     case 2: dtile_m<2>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
     case 3: dtile_m<3>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
     default: dtile_m<4>(x, ldx, w, ldw, c, ldc, n, k, acc); break;
@@ -213,6 +239,7 @@ const KernelTable& avx512_bf16_kernels() {
     const bool l1 = cpu_tuning().decode_prefetch_l1, four = cpu_tuning().bf16_gemv_four_rows;
     t.gemm_tile_bf16x = l1 ? (four ? avx512_bf16::gemm_tile_bf16x<true, true> : avx512_bf16::gemm_tile_bf16x<true, false>)
                            : (four ? avx512_bf16::gemm_tile_bf16x<false, true> : avx512_bf16::gemm_tile_bf16x<false, false>);
+    t.gemm_tile_bf16x_dot = four ? avx512_bf16::gemm_tile_bf16x_dot<true> : avx512_bf16::gemm_tile_bf16x_dot<false>;
     t.bf16_panel = avx512_bf16::bf16_panel;
     t.bf16_pack = avx512_bf16::bf16_pack;
     t.bf16_pack_x = avx512_bf16::bf16_pack_x;
