@@ -13,7 +13,11 @@ Measured:
 - the inter-token latency of 4 running streams while a ``--arrival-prompt``-token prompt arrives,
   against the same streams' latency before it;
 - the time to first token of a chat's turn 2 (turn 1's prompt, an answer and a new message) with
-  prefix reuse (``cache_prompt``, both servers' default) and without it.
+  prefix reuse (``cache_prompt``, both servers' default) and without it;
+- one stream's decode against the memory bandwidth: a probe (glm4rt's, the servers' thread count)
+  runs right before each server's one-stream round, and the weights it reads per token (every
+  tensor but the embedding table) times its tok/s is compared with it. One stream reads all the
+  weights for every token, so no server can decode it faster than the bandwidth allows.
 
 llama-server is built from the llama.cpp sources that the ``llama-cpp-python`` sdist vendors
 (``--llama-server PATH`` uses another build), into ``benchmarks/cache/``.
@@ -88,11 +92,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def safetensors_bytes(ckpt: str) -> int:
+    """Bytes of every tensor of a safetensors checkpoint but the embedding table: what one decode
+    step reads."""
+    total = 0
+    for name in os.listdir(ckpt):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(ckpt, name), "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            total += sum(t["data_offsets"][1] - t["data_offsets"][0] for k, t in header.items()
+                         if k != "__metadata__" and k != "model.embed_tokens.weight")
+    return total
+
+
 class Server:
     """A server subprocess on a loopback port."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, env=None) -> None:
-        self.name, self.port = name, port
+    def __init__(self, name: str, cmd: list[str], port: int, weight_bytes: int, env=None) -> None:
+        self.name, self.port, self.weight_bytes = name, port, weight_bytes  # weights read per token
         self.log = open(os.path.join(CACHE, f"serve-{name.replace(' ', '_')}.log"), "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 900
@@ -272,7 +289,7 @@ def start_servers(args, fmt: str, ckpt: str) -> list[Server]:
            "--port", str(port), "--parallel", str(n), "--ctx", str(args.ctx)]
     if args.prefill_chunk:
         cmd += ["--prefill-chunk", str(args.prefill_chunk)]
-    servers.append(Server(f"glm4rt {fmt}", cmd, port))
+    servers.append(Server(f"glm4rt {fmt}", cmd, port, safetensors_bytes(qdir)))
     if args.peers == "llama":
         binary = args.llama_server or build_llama_server()
         gguf = synth.ensure_gguf(ckpt, fmt, log=say)
@@ -281,7 +298,8 @@ def start_servers(args, fmt: str, ckpt: str) -> list[Server]:
         servers.append(Server(f"llama.cpp {LLAMA_TYPES[fmt]}", [
             binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
             "-tb", str(args.threads), "-np", str(n), "-c", str(n * args.ctx), "-cb", "--no-webui",
-            "-b", "2048", "-ub", "512"], port, env=env))
+            "-b", "2048", "-ub", "512"], port,
+            sum(v for k, v in synth.gguf_tensor_bytes(gguf).items() if k != "token_embd.weight"), env=env))
     for s in servers:  # the first request pages the memory-mapped weights in: not measured
         stream_completion(s.port, list(range(300, 316)), 4)
     return servers
@@ -290,7 +308,10 @@ def start_servers(args, fmt: str, ckpt: str) -> list[Server]:
 def main(argv=None) -> int:
     import numpy as np
 
+    from glm4rt import ops
+
     args = parse_args(argv)
+    ops.set_num_threads(args.threads)  # the bandwidth probe's
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/serve.py"] + (argv or sys.argv[1:]))
     g = synth.Geometry(num_hidden_layers=args.layers)
     ckpt = synth.ensure_checkpoint(g, log=say)
@@ -299,7 +320,8 @@ def main(argv=None) -> int:
                "machine": os.popen("lscpu | grep 'Model name'").read().strip(), "settings": vars(args), "formats": {}}
     for fmt in args.formats:
         servers = start_servers(args, fmt, ckpt)
-        res = {s.name: {"concurrency": {}, "arrival": [], "prefix": []} for s in servers}
+        res = {s.name: {"concurrency": {}, "arrival": [], "prefix": [], "one_stream": [],
+                        "weight_gb": s.weight_bytes / 1e9} for s in servers}
         try:
             for rep in range(args.reps):
                 order = servers if rep % 2 == 0 else servers[::-1]
@@ -312,8 +334,11 @@ def main(argv=None) -> int:
                         say(f"{fmt} rep {rep} {n} clients {s.name}: {r['tok_s']:.1f} tok/s")
                 for n in sorted(set(args.clients) | {1, 4}):
                     for s in order:
+                        probe = ops.memory_read_bandwidth(256, 3) if n == 1 else None
                         d = scaling_round(s.port, np.random.default_rng(500 + n + rep), n, 2 * args.max_tokens)
                         res[s.name].setdefault("scaling", {}).setdefault(str(n), []).append(d)
+                        if probe:
+                            res[s.name]["one_stream"].append({"probe_gb_s": probe, "tok_s": d})
                         say(f"{fmt} rep {rep} decode {n} streams {s.name}: {d:.1f} tok/s")
                 for s in order:
                     rng = np.random.default_rng(7 + rep)
@@ -376,6 +401,16 @@ def render(results: dict) -> str:
                     v, one = statistics.median(sc[k]), statistics.median(sc["1"])
                     cells.append(f"{v:.1f} ({v / one:.2f}x)")
                 lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        if res[names[0]].get("one_stream"):
+            lines += ["", "One stream against the memory bandwidth: weights read per token (all but the embedding), "
+                      "the bandwidth probe right before each server's one-stream round (median), and the decode's "
+                      "tok/s x bytes per token as a share of it (median of the per-rep shares):", ""]
+            for n in names:
+                one = res[n]["one_stream"]
+                shares = [r["tok_s"] * res[n]["weight_gb"] / r["probe_gb_s"] for r in one]
+                lines.append(f"- {n}: {res[n]['weight_gb']:.2f} GB/token, probe "
+                             f"{statistics.median(r['probe_gb_s'] for r in one):.1f} GB/s, decode at "
+                             f"{statistics.median(shares):.0%} of it ({', '.join(f'{x:.0%}' for x in shares)})")
         lines += ["", "4 running streams while a long prompt arrives: p95 inter-token latency before -> during "
                   "its prefill (ms), and the new prompt's time to first token:", ""]
         for n in names:
