@@ -9,6 +9,7 @@ The classes mirror transformers' Glm4 API with NumPy arrays in and out::
 from .chat import ChatSession, ContextFullError, split_thinking
 from .config import Glm4Config
 from .errors import CheckpointError, ConfigError, Glm4rtError
+from .hub import DEMO_MODEL
 from .heads import Glm4ForCausalLM, Glm4ForSequenceClassification, Glm4ForTokenClassification
 from .kv_cache import Glm4Cache
 from .model import Glm4Model, Glm4PreTrainedModel
@@ -28,5 +29,5 @@ __all__ = [
     "TokenClassifierOutput", "CheckpointError", "ConfigError", "Glm4rtError",
     "batch_invariant", "cpu_isa", "supported_isas", "set_isa", "set_num_threads", "get_num_threads",
     "Glm4Tokenizer", "StreamDecoder", "TokenizerError", "ChatSession", "ContextFullError",
-    "split_thinking", "stream_text",
+    "split_thinking", "stream_text", "DEMO_MODEL",
 ]

@@ -7,7 +7,8 @@
                                          reply, Ctrl-D or /exit leaves, /reset starts over
     glm4rt quantize SRC DST --format int4  write a quantized checkpoint (int4 or int8)
 
-DIR is a checkpoint directory or a Hugging Face hub id.
+DIR is a checkpoint directory or a Hugging Face hub id. Without --model, the commands run the demo
+model shipped inside the package (``glm4rt.DEMO_MODEL``), which needs no network.
 """
 from __future__ import annotations
 
@@ -25,6 +26,23 @@ from .heads import Glm4ForCausalLM
 
 def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
+
+
+DEMO_NOTICE = ("glm4rt: no --model given: using the demo model, a 7M-parameter GLM-4 trained on the King "
+               "James Bible and Tang / Song poems (it writes in their manner and knows nothing else). For a "
+               "real model pass --model with a checkpoint directory or a hub id, e.g. "
+               "--model zai-org/GLM-4-9B-0414.")
+
+
+def _resolve_model(args: argparse.Namespace) -> None:
+    """``--model`` left out: the demo model, said on stderr."""
+    if args.model is None:
+        from .hub import DEMO_MODEL
+
+        print(DEMO_NOTICE, file=sys.stderr)
+        args.model, args.demo = DEMO_MODEL, True
+    else:
+        args.demo = False
 
 
 def _load(args: argparse.Namespace):
@@ -102,7 +120,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     quant = (getattr(c, "quantization_config", None) or {}).get("format")
     formats = sorted({"bf16" if a.dtype == np.uint16 else (quant or "uint8") if a.dtype == np.uint8
                       else str(a.dtype) for a in params.values()})
-    print(f"model           {args.model}")
+    print(f"model           {args.model}" + (" (the demo model)" if args.demo else ""))
     print(f"geometry        {c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate "
           f"{c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads} kv, "
           f"head_dim {c.head_dim} (rotary {c.rotary_dim}), vocab {c.vocab_size}")
@@ -284,7 +302,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"glm4rt: warning: listening on {args.host} without --api-key", file=sys.stderr)
     try:
-        run_server(engine, tokenizer, args.served_model_name or args.model, host=args.host, port=args.port,
+        from .hub import DEMO_NAME
+
+        name = args.served_model_name or (DEMO_NAME if args.demo else args.model)
+        run_server(engine, tokenizer, name, host=args.host, port=args.port,
                    api_key=args.api_key)
     except KeyboardInterrupt:  # uvicorn passes Ctrl-C on after its clean shutdown
         pass
@@ -292,7 +313,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or Hugging Face hub id (default: the demo model in the package)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight format in memory: auto (default) keeps the checkpoint's, float32 / bfloat16 "
                         "force one; bf16 weights multiply bf16-rounded activations with fp32 sums, "
@@ -374,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads is not None:
             ops.set_num_threads(args.threads)
+        if hasattr(args, "model"):
+            _resolve_model(args)
         return args.func(args)
     except BrokenPipeError:  # the reader went away (`glm4rt info ... | head`): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit

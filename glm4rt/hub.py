@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 import re
 
+# The demo model shipped inside the package (tools/train_demo.py; its sources and licences in
+# SOURCES.md there): a small GLM-4 trained on the King James Bible and Tang / Song poems, so that
+# glm4rt runs with no model hub at all. A checkpoint directory like any other.
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
+DEMO_NAME = "glm4rt-demo"  # its model id in the server's API
+
 # Keyword arguments of from_pretrained that belong to the hub, not to the config.
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
 

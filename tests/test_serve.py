@@ -321,6 +321,24 @@ def test_cli_serve_stops_on_a_signal_with_streams_open(checkpoint, sig):
             proc.wait()
 
 
+def test_cli_serve_without_a_model_serves_the_demo_model():
+    port = _free_port()
+    proc = subprocess.Popen(glm4rt_command("serve", "--port", str(port), "--ctx", "512"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list()] == ["glm4rt-demo"]
+        r = c.chat.completions.create(model="glm4rt-demo", messages=[{"role": "user", "content": "John 3:16"}],
+                                      max_tokens=24, temperature=0)
+        assert r.choices[0].message.content.strip() and r.usage.completion_tokens > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    assert "using the demo model" in proc.stderr.read()
+
+
 # ---- a trained model: real GLM-4 tool calls and GLM-Z1 thinking ------------------------------------
 
 @pytest.fixture(scope="module")
