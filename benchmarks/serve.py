@@ -33,12 +33,10 @@ import http.client
 import json
 import os
 import shlex
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 
@@ -46,10 +44,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CACHE = os.path.join(HERE, "cache")
 sys.path.insert(0, HERE)
+import llama_tools  # noqa: E402
 import synth  # noqa: E402
 
 LLAMA_TYPES = {"int8": "Q8_0", "int4": "Q4_0"}
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 
 
 def say(msg: str) -> None:
@@ -57,34 +55,6 @@ def say(msg: str) -> None:
 
 
 # ---- the servers ------------------------------------------------------------------------------
-
-def build_llama_server() -> str:
-    """llama-server from the llama.cpp that the llama-cpp-python sdist vendors (cached)."""
-    out = os.path.join(CACHE, "llama-server", "bin", "llama-server")
-    if os.path.isfile(out):
-        return out
-    work = os.path.join(CACHE, "llama-server")
-    os.makedirs(work, exist_ok=True)
-    say(f"downloading the {LLAMA_CPP_PYTHON} sdist and building llama-server (~10 min on 2 cores)")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "--no-build-isolation", LLAMA_CPP_PYTHON, "-d", work], check=True)
-    sdist = next(os.path.join(work, f) for f in os.listdir(work) if f.endswith(".tar.gz"))
-    with tarfile.open(sdist) as t:
-        t.extractall(work, filter="data")
-    src = next(os.path.join(work, d, "vendor", "llama.cpp") for d in os.listdir(work)
-               if os.path.isdir(os.path.join(work, d, "vendor", "llama.cpp")))
-    build = os.path.join(work, "build")
-    subprocess.run(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DGGML_NATIVE=ON"], check=True)
-    subprocess.run(["cmake", "--build", build, "--target", "llama-server", "-j", str(os.cpu_count() or 2)], check=True)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    shutil.copy(os.path.join(build, "bin", "llama-server"), out)
-    for lib in os.listdir(os.path.join(build, "bin")):  # shared ggml / llama libraries, if any
-        if ".so" in lib:
-            shutil.copy(os.path.join(build, "bin", lib), os.path.dirname(out))
-    return out
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -291,7 +261,7 @@ def start_servers(args, fmt: str, ckpt: str) -> list[Server]:
         cmd += ["--prefill-chunk", str(args.prefill_chunk)]
     servers.append(Server(f"glm4rt {fmt}", cmd, port, safetensors_bytes(qdir)))
     if args.peers == "llama":
-        binary = args.llama_server or build_llama_server()
+        binary = args.llama_server or llama_tools.build_program("llama-server")
         gguf = synth.ensure_gguf(ckpt, fmt, log=say)
         port = free_port()
         env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(binary))
