@@ -228,3 +228,18 @@ def test_busy_core_burns_cpu_and_stops():
     assert busy.proc.poll() is not None  # killed on exit
     with bench.BusyCore(False, limit_s=30) as idle:
         assert idle.proc is None
+
+
+def test_llama_convert_tells_the_converter_glm4_only_for_glm4s_split_regex(tmp_path):
+    """benchmarks/llama_tools.py answers the converter's pre-tokenizer lookup with "glm4": only for a
+    tokenizer that splits with GLM-4's regex (the demo model's), never for another."""
+    import llama_tools
+
+    with open(os.path.join(glm4rt.DEMO_MODEL, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    regexes = [p["pattern"]["Regex"] for p in spec["pre_tokenizer"]["pretokenizers"] if "pattern" in p]
+    assert regexes == [llama_tools.GLM4_SPLIT]
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(ValueError, match="GLM-4's regex"):
+        llama_tools.convert(str(tmp_path), str(tmp_path / "out.gguf"))

@@ -3,7 +3,7 @@ transformers + torch on the King James Bible and on classical Chinese poems, bot
 packages, so that glm4rt runs out of the box without the model hub.
 
     apt-get install bible-kjv fortunes-zh        # the texts (and the program that reads the Bible's)
-    python tools/train_demo.py --out glm4rt/demo_model  # ~40 min on 2 cores (--steps, --threads)
+    python tools/train_demo.py --out glm4rt/demo_model  # ~50 min on 2 cores (--steps, --threads)
     python tools/train_demo.py --steps 20 --out /tmp/demo-smoke   # a quick functional check
 
 The sources and their licences: ``glm4rt/demo_model/SOURCES.md``. Everything is seeded (``--seed``): the
@@ -206,10 +206,12 @@ def evaluate(model, docs: list[list[int]], seq: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--eval-every", type=int, default=450, help="steps between held-out evaluations")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq", type=int, default=1024,
+                   help="tokens per sequence (the model's whole context: it does not generalise past the "
+                        "positions it was trained on)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vocab", type=int, default=6128, help="BPE entries (the special tokens follow)")
     p.add_argument("--chat-verses", type=int, default=4000, help="verse-reference chats mixed in")
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
 
     config = Glm4Config(vocab_size=vocab_size, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
                         num_attention_heads=8, num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5,
-                        attention_bias=True, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                        attention_bias=True, max_position_embeddings=args.seq, rms_norm_eps=1e-5, rope_theta=10000.0,
                         tie_word_embeddings=False, pad_token_id=eos, eos_token_id=[eos, user, observation],
                         bos_token_id=None)
     model = Glm4ForCausalLM(config)
