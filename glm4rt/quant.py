@@ -55,6 +55,54 @@ def quantize_weight(weight: np.ndarray, fmt: str) -> np.ndarray:
     return packed
 
 
+# Stored code = q + CODE_OFFSET (csrc/quant.h QBlock::kCodeOffset).
+CODE_OFFSET = {"int8": 128, "int4": 8}
+CODE_RANGE = {"int8": (-127, 127), "int4": (0, 15)}
+
+
+def pack_codes(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
+    """Pack weights that are quantized already, without rounding them again: ``w[n, k] =
+    scales[n, k // 32] * codes[n, k]`` (int8) or ``scales[n, k // 32] * (codes[n, k] - 8)``
+    (int4), in the layout of csrc/quant.h. This is how llama.cpp's Q8_0 and Q4_0 blocks become
+    glm4rt's int8 and int4 exactly (the same values, another byte order).
+
+    Args:
+        codes: ``[out, in]`` integers: int8 in [-127, 127], int4 in [0, 15].
+        scales: ``[out, ceil(in / 32)]`` fp16 scales, as float16 or their uint16 bits.
+        fmt: ``"int8"`` or ``"int4"``.
+    Raises:
+        ValueError: shapes that do not match, or codes out of range (int8's -128, which Q8_0 can
+            hold but llama.cpp's quantizer never writes, has no glm4rt code).
+    """
+    format_id(fmt)
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be [out, in], got shape {codes.shape}")
+    n, k = codes.shape
+    nb = -(-k // BLOCK_SIZE)
+    bits = np.asarray(scales)
+    bits = bits.view(np.uint16) if bits.dtype == np.float16 else bits
+    if bits.dtype != np.uint16 or bits.shape != (n, nb):
+        raise ValueError(f"scales must be float16 [{n}, {nb}], got {np.asarray(scales).dtype} {np.asarray(scales).shape}")
+    lo, hi = CODE_RANGE[fmt]
+    if codes.size and (codes.min() < lo or codes.max() > hi):
+        raise ValueError(f"{fmt} codes must be in [{lo}, {hi}], got [{codes.min()}, {codes.max()}]")
+    g = -(-n // GROUP_ROWS)
+    stored = np.full((g * GROUP_ROWS, nb * BLOCK_SIZE), CODE_OFFSET[fmt] if fmt == "int8" else 8, np.int32)
+    stored[:n, :k] = codes + (CODE_OFFSET[fmt] if fmt == "int8" else 0)  # padding: zero weights
+    d = np.zeros((g * GROUP_ROWS, nb), np.uint16)
+    d[:n] = bits
+    # [group, block, k, row]: chunk c holds 4 bytes of each row (row r at bytes 4r .. 4r + 3).
+    q = stored.reshape(g, GROUP_ROWS, nb, BLOCK_SIZE).transpose(0, 2, 3, 1)
+    if fmt == "int4":  # byte j of chunk c: k = 4c + j in the low nibble, k = 16 + 4c + j in the high one
+        q = q[:, :, :16] | (q[:, :, 16:] << 4)
+    chunks = q.reshape(g, nb, -1, 4, GROUP_ROWS).transpose(0, 1, 2, 4, 3).reshape(g, nb, -1).astype(np.uint8)
+    scale_bytes = np.ascontiguousarray(d.reshape(g, GROUP_ROWS, nb).transpose(0, 2, 1), dtype="<u2").view(np.uint8)
+    packed = np.concatenate([chunks, scale_bytes.reshape(g, nb, -1)], axis=2).reshape(-1)
+    assert packed.size == packed_bytes(fmt, n, k)
+    return packed
+
+
 class QuantLinear:
     """``y = x @ W.T (+ bias)`` with W packed int8/int4 (the twin of ``model.Linear``).
 

@@ -386,3 +386,26 @@ def test_greedy_generation_for_every_prompt_length_on_every_isa(fmt):
                                        err_msg=f"{isa}, {n} tokens")
             if not amx:
                 np.testing.assert_array_equal(tokens, ref_tokens, err_msg=f"{isa}, {n} tokens")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("n, k", [(37, 1031), (16, 32), (5, 7), (48, 64)])
+def test_codes_pack_without_rounding_again(fmt, n, k):
+    """pack_codes: weights quantized elsewhere (llama.cpp's Q8_0 / Q4_0 blocks) keep their values
+    (the format's dequantizer gives d * q back exactly) and the kernels multiply them as such."""
+    from glm4rt.quant import CODE_RANGE, format_id, pack_codes
+
+    rng = np.random.default_rng(n * k)
+    lo, hi = CODE_RANGE[fmt]
+    codes = rng.integers(lo, hi + 1, (n, k))
+    d = (rng.standard_normal((n, -(-k // 32))) * 0.01).astype(np.float16)
+    packed = pack_codes(codes, d, fmt)
+    expected = np.repeat(d.astype(np.float32), 32, axis=1)[:, :k] * (codes - (8 if fmt == "int4" else 0))
+    np.testing.assert_array_equal(ops.dequantize(packed, format_id(fmt), n, k), expected)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    got = QuantLinear(packed, fmt, n, k)(x)
+    np.testing.assert_allclose(got, ref_qmatmul(x, packed, fmt, n), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="codes must be in"):
+        pack_codes(np.full((n, k), lo - 1), d, fmt)
+    with pytest.raises(ValueError, match="scales must be"):
+        pack_codes(codes, d[:, :-1] if d.shape[1] > 1 else d[:-1], fmt)
