@@ -190,9 +190,11 @@ def test_cli_chat_shows_z1_thinking_apart(z1_ckpt, tmp_path):
 
 
 def test_cli_ctrl_c_stops_the_reply_not_the_session(ckpt, tmp_path):
+    # The child gets Ctrl-C's default disposition: a shell runs background jobs (a CI launched with
+    # `&`) with SIGINT ignored, which children inherit and Python then keeps.
     proc = subprocess.Popen(glm4rt_command("chat", "--model", ckpt, "--greedy", "--max-new-tokens", "3000"),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=tmp_path)
+                            cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write(b"first question\n")
         proc.stdin.flush()
