@@ -27,6 +27,11 @@ inline float in_register(float v) {
 // on every step of the k loop (a 4 x 4 bf16 dot tile ran at a third of its speed).
 #define GLM4RT_UNROLL _Pragma("GCC unroll 64")
 
+// How far ahead of their loads the dot-form tiles (avx2, avx512, avx512_bf16) prefetch each weight
+// row into L1: without it a tile of 4 tokens read its weights at half the bandwidth of one token's
+// GEMV on Zen 5 (benchmarks/kernel-notes.md).
+constexpr int kTilePrefetchBytes = 2048;
+
 // C[m, n] (+)= sum_k X[m, k] * W[n, k]  for a tile of m <= mr tokens and n <= nr weight rows.
 //   x: [m, k] with row stride ldx     w: [n, k] with row stride ldw     c: [m, n] with row stride ldc
 // accumulate=false overwrites C, true adds to it (used for blocks of k after the first).

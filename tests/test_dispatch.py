@@ -55,7 +55,10 @@ for fmt in ("int8", "int4"):
         h.update(QuantLinear(quantize_weight(w, fmt), fmt, 80, 4096)(x).tobytes())
 for k in (4096, 9000):  # bf16 GEMV: 1 or 4 rows at a time (CPU tuning), and 4 for K > 8192
     wb = glm4rt.ops.f32_to_bf16(rng.standard_normal((40, k)).astype(np.float32))
-    h.update(glm4rt.ops.linear(rng.standard_normal((1, k)).astype(np.float32), wb).tobytes())
+    xb = rng.standard_normal((1, k)).astype(np.float32)
+    h.update(glm4rt.ops.linear(xb, wb).tobytes())
+    with glm4rt.batch_invariant():  # the AVX512-BF16 dot tiles take one token's rows the same way
+        h.update(glm4rt.ops.linear(xb, wb).tobytes())
 print(h.hexdigest())
 """
 
@@ -64,8 +67,8 @@ print(h.hexdigest())
 # for benchmarking (csrc/kernels.h, CpuTuning). Both settings of each must give the bits of the
 # default:
 #  GLM4RT_DEV_DECODE_PREFETCH: where the int8, int4 and bf16 GEMVs prefetch their weights;
-#  GLM4RT_DEV_BF16_GEMV_ROWS: whether the bf16 GEMV streams 1 or 4 rows at a time for K <= 8192
-#  (every row is summed in the same order either way).
+#  GLM4RT_DEV_BF16_GEMV_ROWS: whether the bf16 GEMV (and batch-invariant mode's one-token dot
+#  tiles) stream 1 or 4 rows at a time for K <= 8192 (every row is summed in the same order either way).
 # All are read when the module is imported, so a bad value fails the import on every CPU, also
 # where no kernel uses the setting (an AVX2-only CPU).
 @pytest.mark.parametrize("var, values, bad", [

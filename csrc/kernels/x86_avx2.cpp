@@ -43,10 +43,6 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Each weight row's stream is prefetched into L1 2 KiB ahead (as the AVX-512 tiles do;
-// benchmarks/kernel-notes.md).
-constexpr int kTilePrefetchBytes = 2048;
-
 template <int M, int N, typename W>
 void tile(const float* x, size_t ldx, const W* w, size_t ldw, float* c, size_t ldc, int k,
           bool accumulate) {

@@ -23,10 +23,6 @@ inline __m512 load_f32(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-// Each weight row's stream is prefetched into L1 2 KiB ahead (as the bf16 dot tiles do,
-// x86_avx512_bf16.cpp; benchmarks/kernel-notes.md).
-constexpr int kTilePrefetchBytes = 2048;
-
 // C tile [M, N] over the full k; the k tail is handled with masked loads (zeros beyond k).
 template <int M, int N, typename W>
 void tile(const float* x, size_t ldx, const W* w, size_t ldw, float* c, size_t ldc, int k,

@@ -17,10 +17,6 @@ inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
 
 // ---- dot form: a tile of M tokens x N rows, each sum along the whole row ---------------------
 
-// Each weight row's stream is prefetched into L1 2 KiB ahead: without it a tile of 4 tokens read
-// its weights at half the bandwidth of one token's GEMV on Zen 5 (benchmarks/kernel-notes.md).
-constexpr int kDotPrefetchAhead = 1024;  // bf16 values
-
 template <int M, int N>
 void dtile(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw, float* c, size_t ldc,
            int k, bool accumulate) {
@@ -31,7 +27,7 @@ void dtile(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw, float* 
     const __mmask32 mask = k - p >= 32 ? ~0u : (1u << (k - p)) - 1u;  // zeros beyond k
     __m512i wv[N];
     for (int j = 0; j < N; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + p + kDotPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + p) + kTilePrefetchBytes, _MM_HINT_T0);
       wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * ldw + p);
     }
     for (int i = 0; i < M; ++i) {
@@ -90,14 +86,17 @@ void gemv_rows(const uint16_t* x, const uint16_t* w, size_t ldw, float* c, int k
   }
 }
 
-// Rows longer than 8192 weights go 4 at a time, each stream then long enough by itself, and x
-// (which no longer fits L1 next to the weight stream) is loaded once for 4 rows. Shorter rows
-// stream faster one at a time on AMD and 4 at a time on Intel (kFourRows, CpuTuning in kernels.h;
-// benchmarks/kernel-notes.md).
+// Whether one token streams its rows 4 at a time. Rows longer than 8192 weights do, each stream
+// then long enough by itself, and x (which no longer fits L1 next to the weight stream) is loaded
+// once for 4 rows. Shorter rows stream faster one at a time on AMD and 4 at a time on Intel
+// (kFourRows, CpuTuning in kernels.h; benchmarks/kernel-notes.md).
+template <bool kFourRows>
+constexpr bool four_rows_at_a_time(int k) { return kFourRows || k > 8192; }
+
 template <bool kPrefetchL1, bool kFourRows>
 void gemv(const uint16_t* x, const uint16_t* w, size_t ldw, float* c, int n, int k, bool accumulate) {
   int j = 0;
-  if (kFourRows || k > 8192)
+  if (four_rows_at_a_time<kFourRows>(k))
     for (; j + 4 <= n; j += 4) gemv_rows<4, kPrefetchL1>(x, w + j * ldw, ldw, c + j, k, accumulate);
   for (; j < n; ++j) gemv_rows<1, kPrefetchL1>(x, w + j * ldw, ldw, c + j, k, accumulate);
 }
@@ -115,13 +114,13 @@ void gemm_tile_bf16x(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ld
 
 // Batch-invariant: dot tiles for every m, one token included, so that every sum runs in dtile's
 // order whatever m (one chain per row: the GEMV's 4 chains would sum in another order). One token
-// streams its rows one at a time or 4 at a time as the GEMV does (kFourRows, long rows).
+// streams its rows one at a time or 4 at a time as the GEMV does (four_rows_at_a_time).
 template <bool kFourRows>
 void gemm_tile_bf16x_dot(const uint16_t* x, size_t ldx, const uint16_t* w, size_t ldw, float* c,
                          size_t ldc, int m, int n, int k, bool acc) {
   switch (m) {
     case 1:
-      if (kFourRows || k > 8192)
+      if (four_rows_at_a_time<kFourRows>(k))
         dtile_m<1>(x, ldx, w, ldw, c, ldc, n, k, acc);
       else
         for (int j = 0; j < n; ++j) dtile<1, 1>(x, ldx, w + j * ldw, ldw, c + j, ldc, k, acc);
