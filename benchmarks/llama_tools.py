@@ -20,13 +20,12 @@ import subprocess
 import sys
 import tarfile
 
+from glm4rt.tokenizer import GLM4_SPLIT_REGEX
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, "cache")
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 WORK = os.path.join(CACHE, "llama-server")  # the sdist, its sources and the build (first used by serve.py)
-# GLM-4's split regex (its tokenizer.json), which llama.cpp's "glm4" pre-tokenizer applies.
-GLM4_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def say(msg: str) -> None:
@@ -92,7 +91,7 @@ def convert(ckpt: str, out: str, outtype: str = "f32") -> str:
     with open(os.path.join(ckpt, "tokenizer.json"), encoding="utf-8") as f:
         pre = json.load(f).get("pre_tokenizer") or {}
     regexes = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", [pre])]
-    if GLM4_SPLIT not in regexes:
+    if GLM4_SPLIT_REGEX not in regexes:
         raise ValueError(f"{ckpt}: the tokenizer does not split with GLM-4's regex; llama.cpp's glm4 "
                          "pre-tokenizer would not match it")
     script = os.path.join(llama_cpp_sources(), "convert_hf_to_gguf.py")

@@ -32,6 +32,10 @@ from .checks import is_int
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# GLM-4's pre-tokenizer split (GPT-4 / cl100k style: contractions, letters, 1-3 digits, punctuation
+# runs, newlines, whitespace), as in its tokenizer.json; llama.cpp calls it the "glm4" pre-tokenizer.
+GLM4_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # transformers' named special tokens, in its order (special_tokens_map, all_special_tokens).
 SPECIAL_TOKENS_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",

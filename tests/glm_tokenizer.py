@@ -41,6 +41,8 @@ import os
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from glm4rt.tokenizer import GLM4_SPLIT_REGEX
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = {
     "glm4": os.path.join(HERE, "data", "glm-4-0414.jinja"),
@@ -55,10 +57,6 @@ SPECIAL_TOKENS = {
     151340: "<|end_of_image|>", 151341: "<|begin_of_video|>", 151342: "<|end_of_video|>",
 }
 
-# GPT-4 (cl100k) / Llama-3 style split: contractions, letters, 1-3 digits, punctuation runs,
-# newlines, whitespace.
-SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog. It's a test, isn't it? We'll see what they've done.",
@@ -92,7 +90,7 @@ def build_glm_tokenizer(directory: str, template: str = "glm4") -> str:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(GLM4_SPLIT_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)

@@ -238,7 +238,7 @@ def test_llama_convert_tells_the_converter_glm4_only_for_glm4s_split_regex(tmp_p
     with open(os.path.join(glm4rt.DEMO_MODEL, "tokenizer.json"), encoding="utf-8") as f:
         spec = json.load(f)
     regexes = [p["pattern"]["Regex"] for p in spec["pre_tokenizer"]["pretokenizers"] if "pattern" in p]
-    assert regexes == [llama_tools.GLM4_SPLIT]
+    assert regexes == [glm4rt.tokenizer.GLM4_SPLIT_REGEX]
     spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+"
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     with pytest.raises(ValueError, match="GLM-4's regex"):

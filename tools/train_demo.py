@@ -49,9 +49,6 @@ HELD_OUT_EVERY = 25  # one document in 25 is held out (the 13th of each 25)
 SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
                   "<|user|>", "<|assistant|>", "<|observation|>", "<|begin_of_image|>",
                   "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"]
-# GPT-4 (cl100k) style split, as GLM-4's tokenizer.json.
-SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 # ---- the texts -----------------------------------------------------------------------------------
@@ -119,9 +116,11 @@ def split(docs: list) -> tuple[list, list]:
 def build_tokenizer(out: str, texts: list[str], vocab: int) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from glm4rt.tokenizer import GLM4_SPLIT_REGEX
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(GLM4_SPLIT_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
