@@ -55,9 +55,11 @@ def quantize_weight(weight: np.ndarray, fmt: str) -> np.ndarray:
     return packed
 
 
-# Stored code = q + CODE_OFFSET (csrc/quant.h QBlock::kCodeOffset).
-CODE_OFFSET = {"int8": 128, "int4": 8}
+# The codes of pack_codes, and the byte each stores as: int8 q + 128 (unsigned, for VNNI); int4 the
+# nibble itself, w = d * (q - 8) (csrc/quant.h QBlock). A zero weight (padding) is q = 0 / q = 8.
 CODE_RANGE = {"int8": (-127, 127), "int4": (0, 15)}
+_STORE_SHIFT = {"int8": 128, "int4": 0}
+_ZERO_CODE = {"int8": 0, "int4": 8}
 
 
 def pack_codes(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
@@ -88,8 +90,9 @@ def pack_codes(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
     if codes.size and (codes.min() < lo or codes.max() > hi):
         raise ValueError(f"{fmt} codes must be in [{lo}, {hi}], got [{codes.min()}, {codes.max()}]")
     g = -(-n // GROUP_ROWS)
-    stored = np.full((g * GROUP_ROWS, nb * BLOCK_SIZE), CODE_OFFSET[fmt] if fmt == "int8" else 8, np.int32)
-    stored[:n, :k] = codes + (CODE_OFFSET[fmt] if fmt == "int8" else 0)  # padding: zero weights
+    shift = _STORE_SHIFT[fmt]
+    stored = np.full((g * GROUP_ROWS, nb * BLOCK_SIZE), _ZERO_CODE[fmt] + shift, np.int32)  # padding: zero weights
+    stored[:n, :k] = codes + shift
     d = np.zeros((g * GROUP_ROWS, nb), np.uint16)
     d[:n] = bits
     # [group, block, k, row]: chunk c holds 4 bytes of each row (row r at bytes 4r .. 4r + 3).
