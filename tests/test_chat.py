@@ -190,11 +190,17 @@ def test_cli_chat_shows_z1_thinking_apart(z1_ckpt, tmp_path):
 
 
 def test_cli_ctrl_c_stops_the_reply_not_the_session(ckpt, tmp_path):
-    # The child gets Ctrl-C's default disposition: a shell runs background jobs (a CI launched with
-    # `&`) with SIGINT ignored, which children inherit and Python then keeps.
-    proc = subprocess.Popen(glm4rt_command("chat", "--model", ckpt, "--greedy", "--max-new-tokens", "3000"),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # The child must get Ctrl-C's default disposition: a shell runs background jobs (a CI launched
+    # with `&`) with SIGINT ignored, which children inherit and Python then keeps. So the parent
+    # handles SIGINT while it starts the child (a handled signal is reset to the default by exec).
+    # Not preexec_fn: Python code between fork and exec can deadlock in a process with threads, and
+    # did under qemu-user (.ci/emulate hung here with no timeout).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(glm4rt_command("chat", "--model", ckpt, "--greedy", "--max-new-tokens", "3000"),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         proc.stdin.write(b"first question\n")
         proc.stdin.flush()
