@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -79,7 +80,7 @@ void matmul(const py::array& x, const py::array& w, const py::object& bias, py::
 }
 
 glm4rt::QFormat qformat(int fmt) {
-  GLM4RT_CHECK(fmt == 0 || fmt == 1) << "unknown quantized format " << fmt << " (0 = int8, 1 = int4)";
+  GLM4RT_CHECK(fmt >= 0 && fmt <= 2) << "unknown quantized format " << fmt << " (0 = int8, 1 = int4, 2 = q4k)";
   return static_cast<glm4rt::QFormat>(fmt);
 }
 
@@ -99,7 +100,7 @@ void qmatmul(const py::array& x, const py::array& packed, int fmt, int N, const 
   glm4rt::qmatmul(f, xp, M, K, wp, N, bias_ptr, yp);
 }
 
-void quantize_pack(const py::array& w, int fmt, int N, int row0, py::array& packed) {
+void quantize_pack(const py::array& w, int fmt, int N, int row0, py::array& packed, const py::object& importance) {
   const glm4rt::QFormat f = qformat(fmt);
   GLM4RT_CHECK(w.ndim() == 2) << "weight: expected [rows, K], got shape " << shape_str(w);
   const int n_rows = static_cast<int>(w.shape(0)), K = static_cast<int>(w.shape(1));
@@ -116,8 +117,18 @@ void quantize_pack(const py::array& w, int fmt, int N, int row0, py::array& pack
   const float* wf = bf16 ? nullptr : static_cast<const float*>(w.data());
   const uint16_t* wb = bf16 ? static_cast<const uint16_t*>(w.data()) : nullptr;
   uint8_t* pp = static_cast<uint8_t*>(packed.mutable_data());
+  const float* ip = nullptr;
+  py::array imp;
+  if (!importance.is_none()) {
+    GLM4RT_CHECK(f == glm4rt::QFormat::Q4K) << "importance weights are used by q4k only";
+    imp = importance.cast<py::array>();
+    expect<float>(imp, "importance", {K});
+    ip = static_cast<const float*>(imp.data());
+    for (int k = 0; k < K; ++k)
+      GLM4RT_CHECK(std::isfinite(ip[k]) && ip[k] >= 0.0f) << "importance[" << k << "] must be finite and >= 0, got " << ip[k];
+  }
   py::gil_scoped_release release;
-  glm4rt::quantize_pack(f, wf, wb, N, K, row0, n_rows, pp);
+  glm4rt::quantize_pack(f, wf, wb, N, K, row0, n_rows, pp, ip);
 }
 
 py::array_t<float> dequantize(const py::array& packed, int fmt, int N, int K) {
@@ -284,9 +295,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul", &matmul, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
         "out[M, N] = x[M, K] @ weight[N, K]^T (+ bias); weight fp32 or bf16 bits (uint16).");
   m.def("qmatmul", &qmatmul, py::arg("x"), py::arg("packed"), py::arg("fmt"), py::arg("n"),
-        py::arg("bias"), py::arg("out"), "out[M, N] = x[M, K] @ W^T (+ bias), W packed int8/int4.");
+        py::arg("bias"), py::arg("out"), "out[M, N] = x[M, K] @ W^T (+ bias), W packed int8/int4/q4k.");
   m.def("quantize_pack", &quantize_pack, py::arg("weight"), py::arg("fmt"), py::arg("n"),
-        py::arg("row0"), py::arg("packed"), "Quantize rows row0.. of an [N, K] matrix into packed.");
+        py::arg("row0"), py::arg("packed"), py::arg("importance") = py::none(),
+        "Quantize rows row0.. of an [N, K] matrix into packed (q4k: optional importance [K]).");
   m.def("dequantize", &dequantize, py::arg("packed"), py::arg("fmt"), py::arg("n"), py::arg("k"));
   m.def("quantize_acts", &quantize_acts, py::arg("x"));
   m.def("packed_bytes", &packed_bytes, py::arg("fmt"), py::arg("n"), py::arg("k"));

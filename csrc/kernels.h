@@ -46,6 +46,7 @@ using DotF32 = float (*)(const float* a, const float* b, int n);
 // Quantized weights (formats in quant.h): y[m, r] for mt tokens and the 16 rows of one packed
 // group, over all n_blocks blocks of K:
 //   y[m, r] = sum_b xs[m, b] * d[r, b] * (sum_k q[r, k] * xq[m, k])   (int4: q - 8 for q)
+//   q4k:      sum_b xs[m, b] * (D sc[r, b] * (sum_k q[r, k] * xq[m, k]) - M mn[r, b] * xsum[m, b])
 //   group: the group's first block      xq [mt, ldq] int8, xs / xsum [mt, lds] (quant.h)
 //   y: [mt, ldy], only the first `rows` (<= 16) of the group are written.
 // n_groups (1 or 2, 2 only with mt == 1) consecutive groups, group_bytes apart, are done in one
@@ -103,6 +104,8 @@ using F32PackBF16 = void (*)(const uint16_t* w, size_t ldw, int n, int kc, float
 // amx_pack_int8 / amx_pack_int4: the w tiles of n_groups (1 or 2) packed groups (quant.h),
 //   group_bytes apart, blocks b0 .. b0 + kb; each weight dequantized to bf16(d * q), nearest even
 //   (exact: the only rounding is the one to bf16). A missing second group gives zero rows.
+// amx_pack_q4k: the same for q4k groups of n_blocks blocks (AmxPackQ4K): bf16 of the fp32
+//   weight (D sc) q - M mn, the value that dequantize_packed gives.
 constexpr int kAmxTileElems = 16 * 32;
 constexpr int kAmxBlock = 32;  // tokens, weight rows and k per block
 using AmxThread = void (*)();
@@ -112,6 +115,8 @@ using AmxPackX = void (*)(const float* x, size_t ldx, int m, int K, int b0, int 
 using AmxPackBF16 = void (*)(const uint16_t* w, size_t ldw, int n, int K, int b0, int kb, uint16_t* wa);
 using AmxPackQ = void (*)(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int kb,
                           uint16_t* wa);
+using AmxPackQ4K = void (*)(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, int b0,
+                            int kb, uint16_t* wa);
 
 // AMX prefill attention (the amx ISA; null elsewhere), as exact as fp32: every fp32 operand is the
 // sum of three bf16 parts (hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid), nearest
@@ -210,6 +215,7 @@ struct KernelTable {
   int qmt = 0;  // tokens per quantized tile
   QGemmTile qgemm_int8 = nullptr;
   QGemmTile qgemm_int4 = nullptr;
+  QGemmTile qgemm_q4k = nullptr;
   QuantizeInt4 quantize_int4 = nullptr;
   // fp32 panels: avx2 (and avx_vnni, avx512, avx512_bf16, amx, which take avx2's); null in generic.
   F32Panel f32_panel = nullptr;
@@ -231,6 +237,7 @@ struct KernelTable {
   AmxPackBF16 amx_pack_bf16 = nullptr;
   AmxPackQ amx_pack_int8 = nullptr;
   AmxPackQ amx_pack_int4 = nullptr;
+  AmxPackQ4K amx_pack_q4k = nullptr;
   AmxAttnPack amx_attn_pack = nullptr;
   AmxAttnRowsFn amx_attn_rows = nullptr;
 };

@@ -428,12 +428,15 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
              const float* bias, float* y) {
   const KernelTable& kt = kernels();
   const int nb = q_blocks(K), Kp = nb * kQBlock, n_groups = q_groups(N);
-  const size_t block_bytes = q_block_bytes(f), group_bytes = nb * block_bytes;
+  const size_t block_bytes = q_block_bytes(f), group_bytes = q_group_bytes(f, K);
   if (matmul_path(kt, Weights::kQuant, M) == MatmulPath::kAmx) {  // bf16 activations x weights dequantized to bf16
     const AmxPackQ pack = f == QFormat::Int8 ? kt.amx_pack_int8 : kt.amx_pack_int4;
     matmul_amx(kt, x, M, K, N, kAmxKBlocks, [&](int row0, int, int b0, int kb, uint16_t* wa) {
       const int g = row0 / kQGroupRows;
-      pack(packed + g * group_bytes, group_bytes, std::min(2, n_groups - g), b0, kb, wa);
+      if (f == QFormat::Q4K)
+        kt.amx_pack_q4k(packed + g * group_bytes, group_bytes, std::min(2, n_groups - g), nb, b0, kb, wa);
+      else
+        pack(packed + g * group_bytes, group_bytes, std::min(2, n_groups - g), b0, kb, wa);
     }, [&](int row0, int n, int b) {
       for (int g = row0 / kQGroupRows; g < (row0 + n + kQGroupRows - 1) / kQGroupRows; ++g)
         for (size_t off = 0; off < block_bytes; off += 64)
@@ -445,7 +448,7 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
   float* xs = reused_scratch<float, 0>(static_cast<size_t>(M) * nb);       // [M, nb]
   int32_t* xsum = reused_scratch<int32_t, 0>(static_cast<size_t>(M) * nb); // [M, nb]
   quantize_acts(x, M, K, xq, xs, xsum);  // writes every element, the padding of K too
-  const QGemmTile tile = f == QFormat::Int8 ? kt.qgemm_int8 : kt.qgemm_int4;
+  const QGemmTile tile = f == QFormat::Int8 ? kt.qgemm_int8 : f == QFormat::Int4 ? kt.qgemm_int4 : kt.qgemm_q4k;
   const int mt = kt.qmt;
   const bool parallel = static_cast<long long>(M) * N * K >= kParallelWork;
   // One token (decode): pairs of groups per tile share the activation broadcasts.
@@ -473,22 +476,28 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
 }
 
 void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N, int K, int row0,
-                   int n_rows, uint8_t* packed) {
+                   int n_rows, uint8_t* packed, const float* importance) {
   const int nb = q_blocks(K);
-  const size_t bb = q_block_bytes(f);
+  const size_t bb = q_block_bytes(f), gb = q_group_bytes(f, K);
   const int g0 = row0 / kQGroupRows, g1 = q_groups(row0 + n_rows);
   const QuantizeInt4 quantize_int4 = kernels().quantize_int4;  // the reference or its SIMD twin
+  // Blocks at a time: one, or a q4k super-block (its sub-scales share the header's D and M).
+  const int step = f == QFormat::Q4K ? kQ4KSuper : 1;
 #pragma omp parallel for num_threads(get_num_threads()) schedule(dynamic, 1)
   for (int g = g0; g < g1; ++g) {
-    for (int b = 0; b < nb; ++b) {
-      uint8_t* blk = packed + (static_cast<size_t>(g) * nb + b) * bb;
-      // wt [32][16]: the block's weights k-major, zeros past the matrix and past K
-      float wt[kQBlock * kQGroupRows] = {};
+    uint8_t* group = packed + static_cast<size_t>(g) * gb;
+    for (int b0 = 0; b0 < nb; b0 += step) {
+      const int kb = std::min(step, nb - b0);
+      // wt [kb * 32][16]: the blocks' weights k-major, zeros past the matrix and past K
+      float wt[kQ4KSuper * kQBlock * kQGroupRows] = {};
+      float v[kQ4KSuper * kQBlock];  // importance, 0 past K
+      for (int k = 0; k < kb * kQBlock; ++k)
+        v[k] = b0 * kQBlock + k >= K ? 0.0f : importance != nullptr ? importance[b0 * kQBlock + k] : 1.0f;
       for (int r = 0; r < kQGroupRows; ++r) {
         const int row = g * kQGroupRows + r;
         if (row >= N || row >= row0 + n_rows) continue;
-        for (int k = 0; k < kQBlock && b * kQBlock + k < K; ++k) {
-          const size_t idx = static_cast<size_t>(row - row0) * K + b * kQBlock + k;
+        for (int k = 0; k < kb * kQBlock && b0 * kQBlock + k < K; ++k) {
+          const size_t idx = static_cast<size_t>(row - row0) * K + b0 * kQBlock + k;
           if (w_f32 != nullptr) {
             wt[k * kQGroupRows + r] = w_f32[idx];
           } else {
@@ -497,7 +506,11 @@ void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N,
           }
         }
       }
-      if (f == QFormat::Int4)
+      uint8_t* blk = group + static_cast<size_t>(b0) * bb;
+      if (f == QFormat::Q4K)
+        quantize_q4k_super_ref(wt, kb, v, reinterpret_cast<Q4KBlock*>(blk),
+                               group + static_cast<size_t>(nb) * bb + static_cast<size_t>(b0 / kQ4KSuper) * kQ4KHeaderBytes);
+      else if (f == QFormat::Int4)
         quantize_int4(wt, reinterpret_cast<Q4Block*>(blk));
       else
         quantize_int8_group_ref(wt, reinterpret_cast<Q8Block*>(blk));

@@ -43,10 +43,12 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
 
 // Quantize rows [row0, row0 + n_rows) of an [N, K] matrix into `packed` (the whole matrix's
 // buffer of q_packed_bytes), block by block with the active table's quantize_int4 (int4) or
-// quantize_int8_group_ref (int8). Exactly one of w_f32 / w_bf16 is given and points at row row0.
-// row0 must be a multiple of kQGroupRows; rows past N in the last group are zero.
+// quantize_int8_group_ref (int8), super-block by super-block with quantize_q4k_super_ref (q4k,
+// weighting weight k's error by importance[k] where given; null = all 1). Exactly one of w_f32 /
+// w_bf16 is given and points at row row0. row0 must be a multiple of kQGroupRows; rows past N in
+// the last group are zero.
 void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N, int K, int row0,
-                   int n_rows, uint8_t* packed);
+                   int n_rows, uint8_t* packed, const float* importance = nullptr);
 
 // Activations quantized for the integer dot products, quantize_acts_row_ref (quant.h) per token:
 //   q [M, n_blocks * 32] (zero past K), scale [M, n_blocks], sum [M, n_blocks]

@@ -132,6 +132,98 @@ void quantize_group(const float* wt, QBlock<kInt4>* blk) {
 void quantize_int8_group_ref(const float* wt, Q8Block* blk) { quantize_group(wt, blk); }
 void quantize_int4_group_ref(const float* wt, Q4Block* blk) { quantize_group(wt, blk); }
 
+float q4k_header_d(const uint8_t* header, int r) {
+  uint16_t bits;
+  std::memcpy(&bits, header + sizeof bits * r, sizeof bits);
+  return fp16_to_f32(bits);
+}
+
+float q4k_header_m(const uint8_t* header, int r) {
+  uint16_t bits;
+  std::memcpy(&bits, header + kQ4KHeaderBytes / 2 + sizeof bits * r, sizeof bits);
+  return fp16_to_f32(bits);
+}
+
+void q4k_block_fit_ref(const float* w, const float* v, float* s_out, float* o_out) {
+  // The grids run from the block's minimum (or 0, the offset is never positive: as in Q4_K) to
+  // about its maximum: q = round((w - min) * (14 + 0.1 i) / range), i = 0 .. 20; each grid's s and
+  // o are the weighted least-squares fit of w by s q + o (o clamped to 0 and s refitted when the
+  // fit wants it positive), and the fit with the smallest weighted error wins.
+  float lo = 0.0f, hi = -INFINITY, sw = 0.0f, swx = 0.0f;
+  for (int k = 0; k < kQBlock; ++k) {
+    const float vk = v != nullptr ? v[k] : 1.0f;
+    lo = std::min(lo, w[k]);
+    hi = std::max(hi, w[k]);
+    sw += vk;
+    swx += vk * w[k];
+  }
+  const float range = hi - lo;
+  *s_out = 0.0f;
+  *o_out = lo;  // a block of equal weights (or zeros): w = o exactly
+  if (!(range > 0.0f) || !(sw > 0.0f)) return;
+  float best_err = INFINITY;
+  for (int step = 0; step <= 20; ++step) {
+    const float iscale = (14.0f + 0.1f * static_cast<float>(step)) / range;
+    float l[kQBlock];
+    for (int k = 0; k < kQBlock; ++k) l[k] = std::min(15.0f, std::max(0.0f, round_even(iscale * (w[k] - lo))));
+    float swl = 0.0f, swll = 0.0f, swlx = 0.0f;
+    for (int k = 0; k < kQBlock; ++k) {
+      const float vk = v != nullptr ? v[k] : 1.0f;
+      swl += vk * l[k];
+      swll += vk * l[k] * l[k];
+      swlx += vk * l[k] * w[k];
+    }
+    const float det = sw * swll - swl * swl;
+    if (!(det > 0.0f)) continue;
+    float s = (sw * swlx - swl * swx) / det, o = (swll * swx - swl * swlx) / det;
+    if (o > 0.0f) {
+      o = 0.0f;
+      s = swlx / swll;
+    }
+    s = std::max(s, 0.0f);
+    float err = 0.0f;
+    for (int k = 0; k < kQBlock; ++k) {
+      const float e = s * l[k] + o - w[k];
+      err += (v != nullptr ? v[k] : 1.0f) * e * e;
+    }
+    if (err < best_err) {
+      best_err = err;
+      *s_out = s;
+      *o_out = o;
+    }
+  }
+}
+
+void quantize_q4k_super_ref(const float* wt, int kb, const float* v, Q4KBlock* blk, uint8_t* header) {
+  for (int r = 0; r < kQGroupRows; ++r) {
+    float w[kQ4KSuper][kQBlock], s[kQ4KSuper], o[kQ4KSuper];
+    float s_max = 0.0f, o_max = 0.0f;
+    for (int j = 0; j < kb; ++j) {
+      for (int k = 0; k < kQBlock; ++k) w[j][k] = wt[(j * kQBlock + k) * kQGroupRows + r];
+      q4k_block_fit_ref(w[j], v != nullptr ? v + j * kQBlock : nullptr, &s[j], &o[j]);
+      s_max = std::max(s_max, s[j]);
+      o_max = std::max(o_max, -o[j]);
+    }
+    const uint16_t dh = f32_to_fp16(s_max / 255.0f), mh = f32_to_fp16(o_max / 255.0f);
+    const float d = fp16_to_f32(dh), m = fp16_to_f32(mh);
+    std::memcpy(header + sizeof dh * r, &dh, sizeof dh);
+    std::memcpy(header + kQ4KHeaderBytes / 2 + sizeof mh * r, &mh, sizeof mh);
+    for (int j = 0; j < kb; ++j) {
+      const float sc = d > 0.0f ? std::min(255.0f, round_even(s[j] / d)) : 0.0f;
+      const float mn = m > 0.0f ? std::min(255.0f, round_even(-o[j] / m)) : 0.0f;
+      blk[j].sc[r] = static_cast<uint8_t>(sc);
+      blk[j].mn[r] = static_cast<uint8_t>(mn);
+      const float scale = d * sc, offset = m * mn;  // exact
+      uint8_t q[kQBlock];
+      for (int k = 0; k < kQBlock; ++k)
+        q[k] = static_cast<uint8_t>(
+            scale > 0.0f ? std::min(15.0f, std::max(0.0f, round_even((w[j][k] + offset) / scale))) : 0.0f);
+      for (int k = 0; k < kQBlock / 2; ++k)
+        blk[j].codes[Q4KBlock::code_byte(r, k)] = static_cast<uint8_t>(q[k] | (q[k + 16] << 4));
+    }
+  }
+}
+
 namespace {
 
 template <bool kInt4>
@@ -139,7 +231,7 @@ void dequantize_blocks(const uint8_t* packed, int N, int K, float* out) {
   const int nb = q_blocks(K);
   for (int row = 0; row < N; ++row) {
     const int r = row % kQGroupRows;
-    const uint8_t* group = packed + static_cast<size_t>(row / kQGroupRows) * nb * sizeof(QBlock<kInt4>);
+    const uint8_t* group = packed + static_cast<size_t>(row / kQGroupRows) * q_group_bytes(kInt4 ? QFormat::Int4 : QFormat::Int8, K);
     for (int b = 0; b < nb; ++b) {
       const QBlock<kInt4>* blk = q_block<kInt4>(group, b);
       const float d = blk->scale(r);
@@ -151,10 +243,27 @@ void dequantize_blocks(const uint8_t* packed, int N, int K, float* out) {
   }
 }
 
+void dequantize_q4k(const uint8_t* packed, int N, int K, float* out) {
+  const int nb = q_blocks(K);
+  for (int row = 0; row < N; ++row) {
+    const int r = row % kQGroupRows;
+    const uint8_t* group = packed + static_cast<size_t>(row / kQGroupRows) * q_group_bytes(QFormat::Q4K, K);
+    for (int b = 0; b < nb; ++b) {
+      const Q4KBlock* blk = q4k_block(group, b);
+      const uint8_t* header = q4k_header(group, nb, b / kQ4KSuper);
+      const float scale = q4k_header_d(header, r) * blk->sc[r], offset = q4k_header_m(header, r) * blk->mn[r];
+      for (int k = 0; k < kQBlock && b * kQBlock + k < K; ++k)
+        out[static_cast<size_t>(row) * K + b * kQBlock + k] = scale * static_cast<float>(blk->code(r, k)) - offset;
+    }
+  }
+}
+
 }  // namespace
 
 void dequantize_packed(QFormat f, const uint8_t* packed, int N, int K, float* out) {
-  if (f == QFormat::Int8)
+  if (f == QFormat::Q4K)
+    dequantize_q4k(packed, N, K, out);
+  else if (f == QFormat::Int8)
     dequantize_blocks<false>(packed, N, K, out);
   else
     dequantize_blocks<true>(packed, N, K, out);

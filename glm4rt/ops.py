@@ -198,10 +198,13 @@ def packed_bytes(fmt_id: int, out_features: int, in_features: int) -> int:
     return _C.packed_bytes(int(fmt_id), int(out_features), int(in_features))
 
 
-def quantize_pack(rows: np.ndarray, fmt_id: int, out_features: int, row0: int, packed: np.ndarray) -> None:
+def quantize_pack(rows: np.ndarray, fmt_id: int, out_features: int, row0: int, packed: np.ndarray,
+                  importance: Optional[np.ndarray] = None) -> None:
     """Quantize ``rows [n, in_features]`` (float32 or bf16 bits), rows ``row0 ..`` of the matrix,
     into ``packed`` (see ``glm4rt.quant.quantize_rows``)."""
-    _C.quantize_pack(np.ascontiguousarray(rows), int(fmt_id), int(out_features), int(row0), packed)
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32)
+    _C.quantize_pack(np.ascontiguousarray(rows), int(fmt_id), int(out_features), int(row0), packed, importance)
 
 
 def qmatmul(x: np.ndarray, packed: np.ndarray, fmt_id: int, out_features: int, bias: Optional[np.ndarray],

@@ -1,8 +1,12 @@
-"""Quantized linear layers: int8 and int4 weights in the packed block layout of csrc/quant.h.
+"""Quantized linear layers: int8, int4 and q4k weights in the packed block layout of csrc/quant.h.
 
-Formats (each block = 32 weights of one row, one fp16 scale; 16 rows interleaved per group):
+Formats (blocks of 32 weights of one row; 16 rows interleaved per group):
   int8  q in [-127, 127], w = d * q                        8.5 bits per weight (as llama.cpp Q8_0)
   int4  q in [0, 15],     w = d * (q - 8), scale searched  4.5 bits per weight (as llama.cpp Q4_0)
+  q4k   q in [0, 15],     w = (D * sc) * q - (M * mn)      4.625 bits per weight (Q4_K's structure)
+        per block an 8-bit scale sc and minimum mn, per row and 256 weights fp16 D and M; the
+        scale and minimum are fitted by weighted least squares, optionally weighted by calibration
+        activations (``importance``), and ``glm4rt.calibrate`` rounds with GPTQ's error feedback.
 The scalar quantizers in csrc/quant.cpp are the specification; the SIMD kernels are tested
 against them. Activations are quantized to int8 per block of 32 on the fly (integer dot
 products with AVX-512 VNNI / AVX2), and every sum across blocks is fp32.
@@ -19,7 +23,8 @@ import numpy as np
 
 from . import ops
 
-QUANT_FORMATS = {"int8": 0, "int4": 1}
+QUANT_FORMATS = {"int8": 0, "int4": 1, "q4k": 2}
+Q4K_SUPER = 8  # q4k blocks per super-block (one fp16 D and M per row)
 BLOCK_SIZE = 32  # weights of one row per block, under one scale (csrc/quant.h kQBlock)
 GROUP_ROWS = 16  # rows per packed group: quantized chunks and fused parts start at multiples
 
@@ -40,18 +45,21 @@ def packed_bytes(fmt: str, out_features: int, in_features: int) -> int:
     return ops.packed_bytes(format_id(fmt), out_features, in_features)
 
 
-def quantize_rows(rows: np.ndarray, fmt: str, out_features: int, row0: int, packed: np.ndarray) -> None:
+def quantize_rows(rows: np.ndarray, fmt: str, out_features: int, row0: int, packed: np.ndarray,
+                  importance: Optional[np.ndarray] = None) -> None:
     """Quantize ``rows`` (float32 or bf16-as-uint16 ``[n, in_features]``), which are rows
     ``row0 .. row0 + n`` of an ``[out_features, in_features]`` matrix, into ``packed``.
-    ``row0`` is a multiple of 16 and ``n`` too unless the chunk ends the matrix."""
-    ops.quantize_pack(rows, format_id(fmt), out_features, row0, packed)
+    ``row0`` is a multiple of 16 and ``n`` too unless the chunk ends the matrix. ``importance``
+    (q4k only): float32 ``[in_features]`` weights of each input feature's squared error, e.g. the
+    mean square of the calibration activations that feed it."""
+    ops.quantize_pack(rows, format_id(fmt), out_features, row0, packed, importance)
 
 
-def quantize_weight(weight: np.ndarray, fmt: str) -> np.ndarray:
+def quantize_weight(weight: np.ndarray, fmt: str, importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Quantize a whole ``[out, in]`` matrix (float32 or bf16 bits); returns the packed bytes."""
     n, k = weight.shape
     packed = np.empty(packed_bytes(fmt, n, k), dtype=np.uint8)
-    quantize_rows(weight, fmt, n, 0, packed)
+    quantize_rows(weight, fmt, n, 0, packed, importance)
     return packed
 
 
@@ -91,18 +99,71 @@ def pack_codes(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
         raise ValueError(f"{fmt} codes must be in [{lo}, {hi}], got [{codes.min()}, {codes.max()}]")
     g = -(-n // GROUP_ROWS)
     shift = _STORE_SHIFT[fmt]
-    stored = np.full((g * GROUP_ROWS, nb * BLOCK_SIZE), _ZERO_CODE[fmt] + shift, np.int32)  # padding: zero weights
-    stored[:n, :k] = codes + shift
-    d = np.zeros((g * GROUP_ROWS, nb), np.uint16)
-    d[:n] = bits
-    # [group, block, k, row]: chunk c holds 4 bytes of each row (row r at bytes 4r .. 4r + 3).
-    q = stored.reshape(g, GROUP_ROWS, nb, BLOCK_SIZE).transpose(0, 2, 3, 1)
-    if fmt == "int4":  # byte j of chunk c: k = 4c + j in the low nibble, k = 16 + 4c + j in the high one
-        q = q[:, :, :16] | (q[:, :, 16:] << 4)
-    chunks = q.reshape(g, nb, -1, 4, GROUP_ROWS).transpose(0, 1, 2, 4, 3).reshape(g, nb, -1).astype(np.uint8)
-    scale_bytes = np.ascontiguousarray(d.reshape(g, GROUP_ROWS, nb).transpose(0, 2, 1), dtype="<u2").view(np.uint8)
-    packed = np.concatenate([chunks, scale_bytes.reshape(g, nb, -1)], axis=2).reshape(-1)
+    chunks = _code_chunks(codes + shift, _ZERO_CODE[fmt] + shift, fmt == "int4")
+    scale_bytes = _per_block_rows(bits, g, nb).astype("<u2").view(np.uint8)
+    packed = np.concatenate([chunks, scale_bytes], axis=2).reshape(-1)
     assert packed.size == packed_bytes(fmt, n, k)
+    return packed
+
+
+def _code_chunks(stored: np.ndarray, pad: int, nibbles: bool) -> np.ndarray:
+    """The code bytes of every block, ``[groups, blocks, 512 or 256]``, from the stored codes
+    ``[out, in]`` (rows past ``out`` and columns past ``in`` get ``pad``)."""
+    n, k = stored.shape
+    g, nb = -(-n // GROUP_ROWS), -(-k // BLOCK_SIZE)
+    full = np.full((g * GROUP_ROWS, nb * BLOCK_SIZE), pad, np.int32)
+    full[:n, :k] = stored
+    # [group, block, k, row]: chunk c holds 4 bytes of each row (row r at bytes 4r .. 4r + 3).
+    q = full.reshape(g, GROUP_ROWS, nb, BLOCK_SIZE).transpose(0, 2, 3, 1)
+    if nibbles:  # byte j of chunk c: k = 4c + j in the low nibble, k = 16 + 4c + j in the high one
+        q = q[:, :, :16] | (q[:, :, 16:] << 4)
+    return q.reshape(g, nb, -1, 4, GROUP_ROWS).transpose(0, 1, 2, 4, 3).reshape(g, nb, -1).astype(np.uint8)
+
+
+def _per_block_rows(values: np.ndarray, g: int, nb: int) -> np.ndarray:
+    """``values [out, nb]`` (one per row and block) as ``[groups, nb, 16]``, zeros past ``out``."""
+    full = np.zeros((g * GROUP_ROWS, nb), values.dtype)
+    full[:values.shape[0]] = values
+    return np.ascontiguousarray(full.reshape(g, GROUP_ROWS, nb).transpose(0, 2, 1))
+
+
+def pack_q4k(codes: np.ndarray, sc: np.ndarray, mn: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Pack q4k weights that are quantized already: ``w[n, k] = (d[n, s] * sc[n, b]) * codes[n, k]
+    - m[n, s] * mn[n, b]`` with ``b = k // 32`` and ``s = b // 8``, in the layout of csrc/quant.h.
+
+    Args:
+        codes: ``[out, in]`` integers in [0, 15].
+        sc, mn: ``[out, ceil(in / 32)]`` integers in [0, 255].
+        d, m: ``[out, ceil(in / 256)]`` fp16 (float16 or their uint16 bits).
+    Raises:
+        ValueError: shapes that do not match, or values out of range.
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be [out, in], got shape {codes.shape}")
+    n, k = codes.shape
+    nb = -(-k // BLOCK_SIZE)
+    ns = -(-nb // Q4K_SUPER)
+    g = -(-n // GROUP_ROWS)
+    if codes.size and (codes.min() < 0 or codes.max() > 15):
+        raise ValueError(f"q4k codes must be in [0, 15], got [{codes.min()}, {codes.max()}]")
+    subs = []
+    for name, a in (("sc", sc), ("mn", mn)):
+        a = np.asarray(a)
+        if a.shape != (n, nb) or (a.size and (a.min() < 0 or a.max() > 255)):
+            raise ValueError(f"{name} must be [{n}, {nb}] integers in [0, 255], got {a.dtype} {a.shape}")
+        subs.append(_per_block_rows(a.astype(np.uint8), g, nb))
+    heads = []
+    for name, a in (("d", d), ("m", m)):
+        a = np.asarray(a)
+        a = a.view(np.uint16) if a.dtype == np.float16 else a
+        if a.dtype != np.uint16 or a.shape != (n, ns):
+            raise ValueError(f"{name} must be float16 [{n}, {ns}], got {np.asarray(d).dtype} {a.shape}")
+        heads.append(_per_block_rows(a, g, ns).astype("<u2").view(np.uint8))  # [g, ns, 32]
+    blocks = np.concatenate([_code_chunks(codes, 0, True)] + subs, axis=2).reshape(g, -1)
+    headers = np.concatenate(heads, axis=2).reshape(g, -1)
+    packed = np.concatenate([blocks, headers], axis=1).reshape(-1)
+    assert packed.size == packed_bytes("q4k", n, k)
     return packed
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from glm4rt import ops
+from glm4rt.quant import format_id
 from helpers import round_bf16, widen_bf16
 
 
@@ -28,7 +29,7 @@ def ref_qmatmul(x, packed, fmt, n, amx=False):
     """Quantized weights: activations quantized to int8 per block of 32 x the dequantized weights;
     on the AMX tiles, bf16 activations x the dequantized weights rounded to bf16."""
     k = x.shape[1]
-    wd = ops.dequantize(packed, 0 if fmt == "int8" else 1, n, k)
+    wd = ops.dequantize(packed, format_id(fmt), n, k)
     if amx:
         return round_bf16(x) @ round_bf16(wd).T
     q, s, _ = ops.quantize_acts(x)

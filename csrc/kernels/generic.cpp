@@ -136,13 +136,38 @@ void qgemm_group(const uint8_t* group, int n_blocks, const int8_t* xq, const flo
     }
 }
 
-template <bool kInt4>
+// q4k: sum_b xs * (D sc * sum_k q x - M mn * sum_k x), the codes unsigned.
+void qgemm_group_q4k(const uint8_t* group, int n_blocks, const int8_t* xq, const float* xs,
+                     const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y, size_t ldy, int rows) {
+  for (int m = 0; m < mt; ++m)
+    for (int r = 0; r < rows; ++r) {
+      float acc = 0.0f;
+      for (int b = 0; b < n_blocks; ++b) {
+        const Q4KBlock* blk = q4k_block(group, b);
+        const uint8_t* header = q4k_header(group, n_blocks, b / kQ4KSuper);
+        const int8_t* x = xq + m * ldq + b * kQBlock;
+        int32_t isum = 0;
+        for (int k = 0; k < kQBlock; ++k) isum += blk->code(r, k) * x[k];
+        const float scale = q4k_header_d(header, r) * blk->sc[r], offset = q4k_header_m(header, r) * blk->mn[r];
+        const float s = xs[m * lds + b];
+        acc += static_cast<float>(isum) * (scale * s) - offset * (s * static_cast<float>(xsum[m * lds + b]));
+      }
+      y[m * ldy + r] = acc;
+    }
+}
+
+template <QFormat F>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y,
                 size_t ldy, int rows) {
-  for (int g = 0; g < n_groups && rows > g * kQGroupRows; ++g)
-    qgemm_group<kInt4>(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, mt, y + g * kQGroupRows, ldy,
-                       rows - g * kQGroupRows < kQGroupRows ? rows - g * kQGroupRows : kQGroupRows);
+  for (int g = 0; g < n_groups && rows > g * kQGroupRows; ++g) {
+    const int r = rows - g * kQGroupRows < kQGroupRows ? rows - g * kQGroupRows : kQGroupRows;
+    if (F == QFormat::Q4K)
+      qgemm_group_q4k(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, mt, y + g * kQGroupRows, ldy, r);
+    else
+      qgemm_group<F == QFormat::Int4>(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, mt,
+                                      y + g * kQGroupRows, ldy, r);
+  }
 }
 
 }  // namespace
@@ -164,8 +189,9 @@ const KernelTable& generic_kernels() {
     t.softmax = generic::softmax;
     t.silu_mul = generic::silu_mul;
     t.qmt = 4;
-    t.qgemm_int8 = generic::qgemm_tile<false>;
-    t.qgemm_int4 = generic::qgemm_tile<true>;
+    t.qgemm_int8 = generic::qgemm_tile<QFormat::Int8>;
+    t.qgemm_int4 = generic::qgemm_tile<QFormat::Int4>;
+    t.qgemm_q4k = generic::qgemm_tile<QFormat::Q4K>;
     t.quantize_int4 = quantize_int4_group_ref;
     return t;
   }();

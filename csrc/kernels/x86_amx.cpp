@@ -162,8 +162,11 @@ inline __m512i pair_row(__m512 a, __m512 b) {
 // the only rounding is the final one to bf16, nearest even: dequantize_packed (quant.cpp, the
 // specification) rounded to bf16.
 // group: the first of n_groups (1 or 2) groups of 16 rows, group_bytes apart; blocks b0 .. b0+kb.
-template <bool kInt4>
-void pack_q(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int kb, uint16_t* wa) {
+// q4k (n_blocks locates the super-block headers): element = bf16((D sc) q - M mn), the one rounding
+// of the fp32 subtraction (D sc q is exact) as in dequantize_packed, then the one to bf16.
+template <QFormat F>
+void pack_q(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, int b0, int kb, uint16_t* wa) {
+  constexpr bool kInt4 = F != QFormat::Int8;  // q4k: int4's codes (same bytes, same block size)
   using Block = QBlock<kInt4>;
   for (int b = 0; b < kb; ++b)
     for (int h = 0; h < 2; ++h) {
@@ -173,7 +176,20 @@ void pack_q(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int 
         continue;
       }
       const Block* blk = q_block<kInt4>(group + h * group_bytes, b0 + b);
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk->scales)));
+      __m512 d, offset = _mm512_setzero_ps();
+      __m512i zero_code = _mm512_set1_epi32(8);
+      if constexpr (F == QFormat::Q4K) {
+        const Q4KBlock* kblk = reinterpret_cast<const Q4KBlock*>(blk);
+        const uint8_t* header = q4k_header(group + h * group_bytes, n_blocks, (b0 + b) / kQ4KSuper);
+        d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(header))),
+                          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kblk->sc)))));
+        offset = _mm512_mul_ps(
+            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(header + kQ4KHeaderBytes / 2))),
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kblk->mn)))));
+        zero_code = _mm512_setzero_si512();
+      } else {
+        d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk->scales)));
+      }
       if (kInt4) {
         // chunk c: byte j of lane r holds k = 4c + j (low nibble) and 16 + 4c + j (high nibble).
         for (int c = 0; c < 4; ++c) {
@@ -182,8 +198,9 @@ void pack_q(const uint8_t* group, size_t group_bytes, int n_groups, int b0, int 
           for (int j = 0; j < 4; ++j) {
             const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), _mm512_set1_epi32(0xF));
             const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), _mm512_set1_epi32(0xF));
-            f[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, _mm512_set1_epi32(8))), d);
-            f[4 + j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, _mm512_set1_epi32(8))), d);
+            // int4: d (q - 8) - 0; q4k: (D sc) q - M mn, one rounding (fmsub)
+            f[j] = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, zero_code)), d, offset);
+            f[4 + j] = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zero_code)), d, offset);
           }
           _mm512_storeu_si512(dst + 32 * (2 * c), pair_row(f[0], f[1]));
           _mm512_storeu_si512(dst + 32 * (2 * c + 1), pair_row(f[2], f[3]));
@@ -394,8 +411,13 @@ const KernelTable& amx_kernels() {
     t.amx_gemm = amx::gemm;
     t.amx_pack_x = amx::pack_x;
     t.amx_pack_bf16 = amx::pack_bf16;
-    t.amx_pack_int8 = amx::pack_q<false>;
-    t.amx_pack_int4 = amx::pack_q<true>;
+    t.amx_pack_int8 = [](const uint8_t* group, size_t group_bytes, int n_groups, int b0, int kb, uint16_t* wa) {
+      amx::pack_q<QFormat::Int8>(group, group_bytes, n_groups, 0, b0, kb, wa);
+    };
+    t.amx_pack_int4 = [](const uint8_t* group, size_t group_bytes, int n_groups, int b0, int kb, uint16_t* wa) {
+      amx::pack_q<QFormat::Int4>(group, group_bytes, n_groups, 0, b0, kb, wa);
+    };
+    t.amx_pack_q4k = amx::pack_q<QFormat::Q4K>;
     t.amx_attn_pack = amx::attn_pack;
     t.amx_attn_rows = amx::attn_rows;
     return t;

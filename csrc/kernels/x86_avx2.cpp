@@ -381,9 +381,11 @@ inline int32_t load_i32(const int8_t* p) {
 // 0-31 rows 0-7, bytes 32-63 rows 8-15, one row per 32-bit lane), so one broadcast of 4
 // activation bytes feeds 8 rows per instruction, and G = 2 groups share every broadcast when
 // decoding one token.
-template <int MT, int G, bool kInt4>
+template <int MT, int G, QFormat F>
 void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t* xq, const float* xs,
            const int32_t* xsum, size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
+  constexpr bool kInt4 = F != QFormat::Int8;  // q4k: int4's codes (same bytes, same block size)
+  constexpr int kOffset = F == QFormat::Int4 ? 8 : 0;  // q4k's codes are used as stored
   using Block = QBlock<kInt4>;
   auto block = [&](int g, int b) { return q_block<kInt4>(group + g * group_bytes, b); };  // of group g
   const __m256i low4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -427,7 +429,7 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
       for (int g = 0; g < G; ++g)
         for (int h = 0; h < 2; ++h)
           for (int m = 0; m < MT; ++m)
-            isum[g][h][m] = _mm256_sub_epi32(_mm256_madd_epi16(s16[g][h][m], ones), _mm256_set1_epi32(8 * xsum[m * lds + b]));
+            isum[g][h][m] = _mm256_sub_epi32(_mm256_madd_epi16(s16[g][h][m], ones), _mm256_set1_epi32(kOffset * xsum[m * lds + b]));
     } else {
       for (int g = 0; g < G; ++g)
         for (int h = 0; h < 2; ++h)
@@ -451,10 +453,28 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
     }
     for (int g = 0; g < G; ++g)
       for (int h = 0; h < 2; ++h) {
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block(g, b)->scales + sizeof(uint16_t) * 8 * h)));
-        for (int m = 0; m < MT; ++m)
-          acc[g][h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g][h][m]),
-                                         _mm256_mul_ps(d, _mm256_set1_ps(xs[m * lds + b])), acc[g][h][m]);
+        if constexpr (F == QFormat::Q4K) {  // xs (D sc isum - M mn xsum), rows 8h .. 8h + 7
+          const Q4KBlock* blk = reinterpret_cast<const Q4KBlock*>(block(g, b));
+          const uint8_t* header = q4k_header(group + g * group_bytes, n_blocks, b / kQ4KSuper);
+          const __m256 scale = _mm256_mul_ps(
+              _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(header + 16 * h))),
+              _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk->sc + 8 * h)))));
+          const __m256 offset = _mm256_mul_ps(
+              _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(header + kQ4KHeaderBytes / 2 + 16 * h))),
+              _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk->mn + 8 * h)))));
+          for (int m = 0; m < MT; ++m) {
+            const float xsb = xs[m * lds + b];
+            acc[g][h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g][h][m]), _mm256_mul_ps(scale, _mm256_set1_ps(xsb)),
+                                           acc[g][h][m]);
+            acc[g][h][m] = _mm256_fnmadd_ps(offset, _mm256_set1_ps(xsb * static_cast<float>(xsum[m * lds + b])),
+                                            acc[g][h][m]);
+          }
+        } else {
+          const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block(g, b)->scales + sizeof(uint16_t) * 8 * h)));
+          for (int m = 0; m < MT; ++m)
+            acc[g][h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g][h][m]),
+                                           _mm256_mul_ps(d, _mm256_set1_ps(xs[m * lds + b])), acc[g][h][m]);
+        }
       }
   }
   for (int g = 0; g < G; ++g) {
@@ -469,20 +489,20 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
   }
 }
 
-template <bool kInt4>
+template <QFormat F>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y,
                 size_t ldy, int rows) {
   if (n_groups == 2 && mt == 1 && rows > 16) {
-    qtile<1, 2, kInt4>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows);
+    qtile<1, 2, F>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows);
     return;
   }
   for (int g = 0; g < n_groups && rows > 16 * g; ++g) {
     const int r = rows - 16 * g < 16 ? rows - 16 * g : 16;
     if (mt == 1)
-      qtile<1, 1, kInt4>(group + g * group_bytes, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y + 16 * g, ldy, r);
+      qtile<1, 1, F>(group + g * group_bytes, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y + 16 * g, ldy, r);
     else
-      qtile<2, 1, kInt4>(group + g * group_bytes, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y + 16 * g, ldy, r);
+      qtile<2, 1, F>(group + g * group_bytes, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y + 16 * g, ldy, r);
   }
 }
 
@@ -505,8 +525,9 @@ const KernelTable& avx2_kernels() {
     t.softmax = avx2::softmax;
     t.silu_mul = avx2::silu_mul;
     t.qmt = 2;
-    t.qgemm_int8 = avx2::qgemm_tile<false>;
-    t.qgemm_int4 = avx2::qgemm_tile<true>;
+    t.qgemm_int8 = avx2::qgemm_tile<QFormat::Int8>;
+    t.qgemm_int4 = avx2::qgemm_tile<QFormat::Int4>;
+    t.qgemm_q4k = avx2::qgemm_tile<QFormat::Q4K>;
     t.quantize_int4 = quantize_int4_avx2;
     t.f32_panel = avx2::f32_panel;
     t.f32_pack = avx2::f32_pack<float>;

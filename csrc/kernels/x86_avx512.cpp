@@ -224,10 +224,12 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* x) {
 // mt tokens x 16 rows (x G groups). Each 64-byte load holds 4 consecutive k of all 16 rows (one
 // row per 32-bit lane), so one broadcast of 4 activation bytes feeds 16 rows per vpdpbusd, and
 // G = 2 groups share every broadcast when decoding a single token.
-template <int MT, int G, bool kInt4, bool kPrefetchL1 = false>
+template <int MT, int G, QFormat F, bool kPrefetchL1 = false>
 void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t* xq, const float* xs,
            const int32_t* xsum, size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
+  constexpr bool kInt4 = F != QFormat::Int8;  // q4k: int4's codes (same bytes, same block size)
   using Block = QBlock<kInt4>;
+  static_assert(sizeof(Block) == sizeof(Q4KBlock) || !kInt4, "q4k blocks read as int4 blocks");
   auto block = [&](int g, int b) { return q_block<kInt4>(group + g * group_bytes, b); };  // of group g
   // Few rows x tokens leave vpdpbusd's latency exposed: split each sum into independent chains
   // (at least one: int4 with MT * G = 3 would otherwise round 2 / 3 down to none).
@@ -286,13 +288,32 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
       }
     }
     for (int g = 0; g < G; ++g) {
-      const __m512 d = _mm512_cvtph_ps(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block(g, b)->scales)));
-      for (int m = 0; m < MT; ++m) {
-        __m512i s = _mm512_set1_epi32(-Block::kCodeOffset * xsum[m * lds + b]);
-        for (int j = 0; j < kChains; ++j) s = _mm512_add_epi32(s, isum[g][m][j]);
-        acc[g][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xs[m * lds + b])),
-                                    acc[g][m]);
+      if constexpr (F == QFormat::Q4K) {
+        // xs (D sc isum - M mn xsum): 16 rows' scales and minimums widened from bytes.
+        const Q4KBlock* blk = reinterpret_cast<const Q4KBlock*>(block(g, b));
+        const uint8_t* header = q4k_header(group + g * group_bytes, n_blocks, b / kQ4KSuper);
+        const __m512 scale = _mm512_mul_ps(
+            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(header))),
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->sc)))));
+        const __m512 offset = _mm512_mul_ps(
+            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(header + kQ4KHeaderBytes / 2))),
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->mn)))));
+        for (int m = 0; m < MT; ++m) {
+          __m512i s = isum[g][m][0];
+          for (int j = 1; j < kChains; ++j) s = _mm512_add_epi32(s, isum[g][m][j]);
+          const float xsb = xs[m * lds + b];
+          acc[g][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(scale, _mm512_set1_ps(xsb)), acc[g][m]);
+          acc[g][m] = _mm512_fnmadd_ps(offset, _mm512_set1_ps(xsb * static_cast<float>(xsum[m * lds + b])), acc[g][m]);
+        }
+      } else {
+        const __m512 d = _mm512_cvtph_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block(g, b)->scales)));
+        for (int m = 0; m < MT; ++m) {
+          __m512i s = _mm512_set1_epi32(-Block::kCodeOffset * xsum[m * lds + b]);
+          for (int j = 0; j < kChains; ++j) s = _mm512_add_epi32(s, isum[g][m][j]);
+          acc[g][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xs[m * lds + b])),
+                                      acc[g][m]);
+        }
       }
     }
   }
@@ -306,12 +327,12 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
 
 // kPrefetchL1: the prefetch setting of the one-token (decode) tiles; the tiles of several tokens
 // read each weight block for every token of the tile and keep the L2 setting.
-template <bool kInt4, bool kPrefetchL1>
+template <QFormat F, bool kPrefetchL1>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y,
                 size_t ldy, int rows) {
 #define GLM4RT_QTILE(MT, G) \
-  qtile<MT, G, kInt4, kPrefetchL1 && (MT) == 1>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows)
+  qtile<MT, G, F, kPrefetchL1 && (MT) == 1>(group, group_bytes, n_blocks, xq, xs, xsum, ldq, lds, y, ldy, rows)
   if (n_groups == 2 && mt == 1 && rows > 16) {
     GLM4RT_QTILE(1, 2);
     return;
@@ -351,8 +372,9 @@ const KernelTable& avx512_kernels() {
     t.softmax = avx512::softmax;
     t.silu_mul = avx512::silu_mul;
     t.qmt = 8;
-    t.qgemm_int8 = l1 ? avx512::qgemm_tile<false, true> : avx512::qgemm_tile<false, false>;
-    t.qgemm_int4 = l1 ? avx512::qgemm_tile<true, true> : avx512::qgemm_tile<true, false>;
+    t.qgemm_int8 = l1 ? avx512::qgemm_tile<QFormat::Int8, true> : avx512::qgemm_tile<QFormat::Int8, false>;
+    t.qgemm_int4 = l1 ? avx512::qgemm_tile<QFormat::Int4, true> : avx512::qgemm_tile<QFormat::Int4, false>;
+    t.qgemm_q4k = l1 ? avx512::qgemm_tile<QFormat::Q4K, true> : avx512::qgemm_tile<QFormat::Q4K, false>;
     t.quantize_int4 = quantize_int4_avx512;
     // Prefill with fp32 / bf16 weights (where AVX512-BF16 is absent): the AVX2 panel GEMM (its
     // 6 x 16 ymm tile; every AVX-512 CPU runs AVX2 code).

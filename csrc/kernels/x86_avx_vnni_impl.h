@@ -31,9 +31,10 @@ inline int32_t load_i32(const int8_t* p) {
 // holds 4 consecutive k of all 16 rows, bytes 0-31 rows 0-7 and bytes 32-63 rows 8-15 (one row
 // per 32-bit lane). One broadcast of 4 activation bytes feeds 8 rows per vpdpbusd. Stored quants
 // are unsigned (int8: q + 128, int4: q + 8), so sum(stored * x) - offset * sum(x) is the dot product.
-template <int MT, bool kInt4>
+template <int MT, QFormat F>
 void qtile(const uint8_t* group, int n_blocks, const int8_t* xq, const float* xs, const int32_t* xsum,
            size_t ldq, size_t lds, float* y, size_t ldy, int rows) {
+  constexpr bool kInt4 = F != QFormat::Int8;  // q4k: int4's codes (same bytes, same block size)
   using Block = QBlock<kInt4>;
   const __m256i low4 = _mm256_set1_epi8(0x0f);
   __m256 acc[MT][2];
@@ -61,11 +62,27 @@ void qtile(const uint8_t* group, int n_blocks, const int8_t* xq, const float* xs
             isum[m] = GLM4RT_DPBUSD(isum[m], v, _mm256_set1_epi32(load_i32(xq + m * ldq + b * 32 + 4 * c)));
         }
       }
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->scales + sizeof(uint16_t) * 8 * h)));
-      for (int m = 0; m < MT; ++m) {
-        const __m256i s = _mm256_sub_epi32(isum[m], _mm256_set1_epi32(Block::kCodeOffset * xsum[m * lds + b]));
-        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xs[m * lds + b])),
-                                    acc[m][h]);
+      if constexpr (F == QFormat::Q4K) {  // xs (D sc isum - M mn xsum), rows 8h .. 8h + 7
+        const Q4KBlock* kblk = reinterpret_cast<const Q4KBlock*>(blk);
+        const uint8_t* header = q4k_header(group, n_blocks, b / kQ4KSuper);
+        const __m256 scale = _mm256_mul_ps(
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(header + 16 * h))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kblk->sc + 8 * h)))));
+        const __m256 offset = _mm256_mul_ps(
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(header + kQ4KHeaderBytes / 2 + 16 * h))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kblk->mn + 8 * h)))));
+        for (int m = 0; m < MT; ++m) {
+          const float xsb = xs[m * lds + b];
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_mul_ps(scale, _mm256_set1_ps(xsb)), acc[m][h]);
+          acc[m][h] = _mm256_fnmadd_ps(offset, _mm256_set1_ps(xsb * static_cast<float>(xsum[m * lds + b])), acc[m][h]);
+        }
+      } else {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->scales + sizeof(uint16_t) * 8 * h)));
+        for (int m = 0; m < MT; ++m) {
+          const __m256i s = _mm256_sub_epi32(isum[m], _mm256_set1_epi32(Block::kCodeOffset * xsum[m * lds + b]));
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xs[m * lds + b])),
+                                      acc[m][h]);
+        }
       }
     }
   }
@@ -79,7 +96,7 @@ void qtile(const uint8_t* group, int n_blocks, const int8_t* xq, const float* xs
 
 constexpr int kTokensPerTile = 4;
 
-template <bool kInt4>
+template <QFormat F>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y,
                 size_t ldy, int rows) {
@@ -88,10 +105,10 @@ void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_bl
     const int r = rows - 16 * g < 16 ? rows - 16 * g : 16;
     float* yg = y + 16 * g;
     switch (mt) {
-      case 1: qtile<1, kInt4>(grp, n_blocks, xq, xs, xsum, ldq, lds, yg, ldy, r); break;
-      case 2: qtile<2, kInt4>(grp, n_blocks, xq, xs, xsum, ldq, lds, yg, ldy, r); break;
-      case 3: qtile<3, kInt4>(grp, n_blocks, xq, xs, xsum, ldq, lds, yg, ldy, r); break;
-      default: qtile<4, kInt4>(grp, n_blocks, xq, xs, xsum, ldq, lds, yg, ldy, r); break;
+      case 1: qtile<1, F>(grp, n_blocks, xq, xs, xsum, ldq, lds, yg, ldy, r); break;
+      case 2: qtile<2, F>(grp, n_blocks, xq, xs, xsum, ldq, lds, yg, ldy, r); break;
+      case 3: qtile<3, F>(grp, n_blocks, xq, xs, xsum, ldq, lds, yg, ldy, r); break;
+      default: qtile<4, F>(grp, n_blocks, xq, xs, xsum, ldq, lds, yg, ldy, r); break;
     }
   }
 }
@@ -101,8 +118,9 @@ KernelTable with_vnni_tiles(const KernelTable& avx2, const char* name) {
   KernelTable t = avx2;
   t.name = name;
   t.qmt = kTokensPerTile;
-  t.qgemm_int8 = qgemm_tile<false>;
-  t.qgemm_int4 = qgemm_tile<true>;
+  t.qgemm_int8 = qgemm_tile<QFormat::Int8>;
+  t.qgemm_int4 = qgemm_tile<QFormat::Int4>;
+  t.qgemm_q4k = qgemm_tile<QFormat::Q4K>;
   return t;
 }
 
