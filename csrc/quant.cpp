@@ -147,8 +147,8 @@ float q4k_header_m(const uint8_t* header, int r) {
 void q4k_block_fit_ref(const float* w, const float* v, float* s_out, float* o_out) {
   // The grids run from the block's minimum (or 0, the offset is never positive: as in Q4_K) to
   // about its maximum: q = round((w - min) * (14 + 0.1 i) / range), i = 0 .. 20; each grid's s and
-  // o are the weighted least-squares fit of w by s q + o (o clamped to 0 and s refitted when the
-  // fit wants it positive), and the fit with the smallest weighted error wins.
+  // o are the weighted least-squares fit of w by s q + o (o set to 0 and s refitted alone when the
+  // fit wants it positive or every q is equal), and the fit with the smallest weighted error wins.
   float lo = 0.0f, hi = -INFINITY, sw = 0.0f, swx = 0.0f;
   for (int k = 0; k < kQBlock; ++k) {
     const float vk = v != nullptr ? v[k] : 1.0f;
@@ -173,10 +173,16 @@ void q4k_block_fit_ref(const float* w, const float* v, float* s_out, float* o_ou
       swll += vk * l[k] * l[k];
       swlx += vk * l[k] * w[k];
     }
+    // det = 0 when every q is the same (a constant block): then o = 0 and s alone fits, as when
+    // the fit wants o > 0.
     const float det = sw * swll - swl * swl;
-    if (!(det > 0.0f)) continue;
-    float s = (sw * swlx - swl * swx) / det, o = (swll * swx - swl * swlx) / det;
-    if (o > 0.0f) {
+    float s = 0.0f, o = 0.0f;
+    if (det > 0.0f) {
+      s = (sw * swlx - swl * swx) / det;
+      o = (swll * swx - swl * swlx) / det;
+    }
+    if (!(det > 0.0f) || o > 0.0f) {
+      if (!(swll > 0.0f)) continue;
       o = 0.0f;
       s = swlx / swll;
     }

@@ -18,7 +18,7 @@ from glm4rt.quant import QuantLinear, quantize_weight
 from kernel_reference import ref_linear, ref_qmatmul
 
 ISAS = glm4rt.supported_isas()
-FORMATS = ["f32", "bf16", "int8", "int4"]
+FORMATS = ["f32", "bf16", "int8", "int4", "q4k"]
 # Every M to past twice the 64-token block, both sides of every path threshold (panels 16, AMX
 # 16 / 40), the fp32 panel block (192) and a long prompt.
 SWEEP_M = list(range(1, 131)) + [191, 192, 193, 255, 256, 257, 513]
@@ -31,7 +31,7 @@ def _layer(fmt, w, bias):
     """x -> x @ w.T + bias with w stored in fmt, and its float64 reference (without AMX: the
     mode never takes it)."""
     n, k = w.shape
-    if fmt in ("int8", "int4"):
+    if fmt in ("int8", "int4", "q4k"):
         lin = QuantLinear(quantize_weight(w, fmt), fmt, n, k, bias)
         return lin, lambda x: ref_qmatmul(x, lin.packed, fmt, n) + bias
     wt = ops.f32_to_bf16(w) if fmt == "bf16" else w

@@ -1,4 +1,4 @@
-"""Every token count through every matmul path: fp32, bf16, int8 and int4 weights, on every ISA this
+"""Every token count through every matmul path: fp32, bf16, int8, int4 and q4k weights, on every ISA this
 CPU runs, with 1 and 2 threads.
 
 The kernels tile tokens (1 to 12 per tile, 32 on AMX) and switch paths at token thresholds (GEMV,
@@ -25,7 +25,7 @@ from glm4rt.quant import QuantLinear, quantize_weight
 from kernel_reference import ref_linear, ref_qmatmul, takes_amx_tiles
 
 ISAS = glm4rt.supported_isas()
-FORMATS = ["f32", "bf16", "int8", "int4"]
+FORMATS = ["f32", "bf16", "int8", "int4", "q4k"]
 # Every M from 1 to 130 (twice the 64-token block, and four times AMX's 32), then both sides of the
 # fp32 panel block (192), the AMX span switch (256), the AMX token chunk (512) and the bf16 panel
 # block (43 chunks of 12 = 516), and a long prompt.
@@ -37,7 +37,7 @@ def _layer(fmt, w, bias):
     """A matmul with weights w [N, K] stored in fmt: (x, out=None) -> x @ w.T + bias, and its reference
     (x, amx) -> float64, amx telling whether the quantized matmul ran on the AMX tiles."""
     n, k = w.shape
-    if fmt in ("int8", "int4"):
+    if fmt in ("int8", "int4", "q4k"):
         lin = QuantLinear(quantize_weight(w, fmt), fmt, n, k, bias)
         return lin, lambda x, amx: ref_qmatmul(x, lin.packed, fmt, n, amx) + bias
     wt = ops.f32_to_bf16(w) if fmt == "bf16" else w
