@@ -5,7 +5,8 @@
     glm4rt generate --model DIR "text"   one reply (or a raw completion with --raw), streamed
     glm4rt chat --model DIR              interactive multi-turn chat; Ctrl-C stops the current
                                          reply, Ctrl-D or /exit leaves, /reset starts over
-    glm4rt quantize SRC DST --format int4  write a quantized checkpoint (int4 or int8)
+    glm4rt quantize SRC DST --format int4  write a quantized checkpoint (int4, int8 or q4k;
+                                           q4k with --calibration TEXT: rounded by GPTQ)
 
 DIR is a checkpoint directory or a Hugging Face hub id. Without --model, the commands run the demo
 model shipped inside the package (``glm4rt.DEMO_MODEL``), which needs no network.
@@ -274,8 +275,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     _prepare_output_dir(args.src, args.dst, args.force)
-    # progress=None: a progress bar on a terminal only, never in a log or a pipe
-    model = Glm4ForCausalLM.from_pretrained(args.src, quantization=args.format, progress=None)
+    if args.calibration is not None:
+        from . import calibrate
+
+        if args.format != "q4k":
+            raise ValueError(f"--calibration rounds q4k weights (GPTQ); --format is {args.format}")
+        with open(args.calibration, encoding="utf-8") as f:
+            text = f.read()
+        model = calibrate.quantize_gptq(args.src, text, max_tokens=args.calibration_tokens,
+                                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    else:
+        # progress=None: a progress bar on a terminal only, never in a log or a pipe
+        model = Glm4ForCausalLM.from_pretrained(args.src, quantization=args.format, progress=None)
     model.save_pretrained(args.dst)
     src_dir = model.checkpoint_dir
     for name in os.listdir(src_dir):
@@ -319,7 +330,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight format in memory: auto (default) keeps the checkpoint's, float32 / bfloat16 "
                         "force one; bf16 weights multiply bf16-rounded activations with fp32 sums, "
                         "float32 computes exactly in fp32")
-    p.add_argument("--quantization", default=None, choices=["int4", "int8"],
+    p.add_argument("--quantization", default=None, choices=["int4", "int8", "q4k"],
                    help="quantize while loading (a checkpoint saved quantized needs no flag)")
 
 
@@ -379,7 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (loads by memory map)")
     quant.add_argument("src", help="checkpoint directory or Hugging Face hub id (bf16 / fp32)")
     quant.add_argument("dst", help="output directory")
-    quant.add_argument("--format", default="int4", choices=["int4", "int8"])
+    quant.add_argument("--format", default="int4", choices=["int4", "int8", "q4k"],
+                       help="int4 (4.5 bits/weight, as Q4_0), int8 (8.5, as Q8_0), q4k (4.625, Q4_K's "
+                            "structure; best 4-bit quality with --calibration)")
+    quant.add_argument("--calibration", default=None, metavar="TEXT_FILE",
+                       help="q4k: round with GPTQ on this UTF-8 text (a few thousand tokens or more, like what "
+                            "the model will read; the demo model ships glm4rt/demo_model/calibration.txt)")
+    quant.add_argument("--calibration-tokens", type=int, default=32768, help="tokens of the text used")
     quant.add_argument("--force", action="store_true",
                        help="write into a non-empty output directory, replacing its checkpoint files")
     quant.set_defaults(func=cmd_quantize)

@@ -4,7 +4,6 @@ every ISA are checked with the other formats (test_quant, test_kernel_sweep, tes
 import numpy as np
 import pytest
 
-import glm4rt
 from glm4rt import ops
 from glm4rt.quant import QuantLinear, format_id, pack_q4k, quantize_weight
 from kernel_reference import ref_qmatmul

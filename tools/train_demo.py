@@ -20,6 +20,8 @@ What it makes (in ``--out``):
   2 key/value heads), partial rotary 0.5, q/k/v biases, GLM-4's sandwich norms, untied lm_head.
 - ``training.json``: the settings, the loss curve and the held-out perplexity of the saved bf16
   weights (all of the held-out text, and each language's part).
+- ``calibration.txt``: 40 chapters and 40 poems of the training split, the calibration text of
+  ``glm4rt quantize --format q4k --calibration`` for this model (also alone: ``--calibration-only``).
 
 The text is the Bible one chapter per document (its title, then one verse per line, without verse
 numbers) and the poems one per document (title, author, lines). One chapter in 25 and one poem in
@@ -202,9 +204,25 @@ def evaluate(model, docs: list[list[int]], seq: int) -> float:
     return math.exp(nll / n)
 
 
+CALIBRATION_DOCS = 40  # chapters and poems each, in calibration.txt
+
+
+def calibration_text(seed: int = 0) -> str:
+    """Calibration text for quantization (``glm4rt quantize --calibration``): CALIBRATION_DOCS
+    chapters and as many poems of the training split, drawn with ``seed``, interleaved."""
+    train_ch, _ = split(bible_chapters())
+    train_ps, _ = split(poems())
+    rng = np.random.default_rng(seed)
+    ch = [chapter_text(train_ch[i]) for i in sorted(rng.choice(len(train_ch), CALIBRATION_DOCS, replace=False))]
+    ps = [poem_text(train_ps[i]) for i in sorted(rng.choice(len(train_ps), CALIBRATION_DOCS, replace=False))]
+    return "\n\n".join(d for pair in zip(ch, ps) for d in pair) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
+    p.add_argument("--calibration-only", action="store_true",
+                   help="write only calibration.txt (training-split text for `glm4rt quantize --calibration`)")
     p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--eval-every", type=int, default=450, help="steps between held-out evaluations")
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
@@ -217,6 +235,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.calibration_only:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "calibration.txt"), "w", encoding="utf-8") as f:
+            f.write(calibration_text(args.seed))
+        return 0
 
     import torch
     from transformers import Glm4Config, Glm4ForCausalLM
@@ -303,6 +326,8 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "held_out_perplexity": round(ppl, 3),
               "held_out_perplexity_english": round(ppl_en, 3), "held_out_perplexity_chinese": round(ppl_zh, 3),
               "held_out_tokens": {"english": n_en, "chinese": n_zh}, "loss_curve": log}
+    with open(os.path.join(args.out, "calibration.txt"), "w", encoding="utf-8") as f:
+        f.write(calibration_text(args.seed))
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps({k: v for k, v in report.items() if k != "loss_curve"}), flush=True)
