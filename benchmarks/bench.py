@@ -25,7 +25,8 @@ What it does:
   4. prints the tables and writes benchmarks/results.md and results.json (--quick: results-quick.*).
 
 Format names: bf16 (glm4rt bf16 / llama.cpp BF16 / transformers bf16), int8 (glm4rt int8 /
-llama.cpp Q8_0), int4 (glm4rt int4 / llama.cpp Q4_0), fp32 (glm4rt and transformers float32).
+llama.cpp Q8_0), int4 (glm4rt int4 / llama.cpp Q4_0), fp32 (glm4rt and transformers float32), q4k
+(glm4rt only; in the int4 group when both are run: "glm4rt q4k / glm4rt int4").
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def run_child(spec: dict, timeout: float) -> dict:
 def estimate_rss_bytes(engine: str, fmt: str, g: synth.Geometry) -> int:
     """A rough resident-size estimate used to skip runs that cannot fit in memory."""
     n_params = sum(math.prod(s) for _, s, *_ in synth.tensor_plan(g))
-    per = {"fp32": 4, "bf16": 2, "int8": 1.1, "int4": 0.6}[fmt]
+    per = {"fp32": 4, "bf16": 2, "int8": 1.1, "int4": 0.6, "q4k": 0.62}[fmt]
     if engine == "transformers" and fmt == "fp32":
         per = 4.2  # loading reads the bf16 file too
     return int(n_params * per) + 2 * 2**30
@@ -449,6 +450,8 @@ def render_markdown(results: dict) -> str:
     for fmt in s["formats"]:
         if fmt in LLAMA_TYPES:
             comp.append(("llama", fmt, fmt, f"glm4rt {fmt} / llama.cpp {LLAMA_TYPES[fmt]}"))
+    if "q4k" in s["formats"] and "int4" in s["formats"]:
+        comp.append(("glm4rt", "q4k", "int4", "glm4rt q4k / glm4rt int4"))
     for fmt in s["tf_formats"]:
         ours = fmt if fmt in s["formats"] else "bf16"
         if ours in s["formats"]:
@@ -661,7 +664,11 @@ def plan_groups(args) -> list[list[tuple[str, str, str]]]:
     """Engines measured together, (engine, format, label) each: glm4rt and its peers at one format."""
     groups = []
     for fmt in args.formats:
+        if fmt == "q4k" and "int4" in args.formats:
+            continue  # measured in the int4 group, in lockstep with glm4rt int4
         group = [("glm4rt", fmt, fmt)]
+        if fmt == "int4" and "q4k" in args.formats:
+            group.append(("glm4rt", "q4k", "q4k"))
         if args.baseline:
             group.append(("glm4rt-base", fmt, fmt))
         if "llama" in args.peers and fmt in LLAMA_TYPES:
@@ -697,7 +704,7 @@ def run_group(index: int, group, args, g, base: dict, ggufs: dict, n_ctx: int) -
                 run.update(status="n/a", reason="no GGUF (gguf package missing)")
                 continue
             spec.update(gguf=ggufs[fmt], n_ctx=n_ctx, flash_attn=args.llama_flash_attn == "on")
-        if engine == "glm4rt" and fmt in ("int8", "int4"):
+        if engine == "glm4rt" and fmt in ("int8", "int4", "q4k"):
             spec["saved_dir"] = os.path.join(synth.CACHE, f"saved-{g.tag()}-{fmt}.tmp")
         server = Server(spec, args.child_timeout)
         run.update(server.hello())
@@ -823,7 +830,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="repetitions per measurement, taken in turn across the engines of a format (default 4; --quick: 2)")
     p.add_argument("--formats", default="bf16,int8,int4",
                    help="glm4rt formats and the matching llama.cpp GGUF types: bf16 (BF16), int8 (Q8_0), "
-                        "int4 (Q4_0), fp32 (glm4rt only) (default bf16,int8,int4)")
+                        "int4 (Q4_0), fp32 and q4k (glm4rt only; q4k runs in lockstep with int4 when both "
+                        "are given) (default bf16,int8,int4)")
     p.add_argument("--peers", default="llama,transformers", help="peers to run: llama, transformers, or none")
     p.add_argument("--baseline", metavar="DIR",
                    help="also run glm4rt from this source tree (another commit, built in place: e.g. "
@@ -873,7 +881,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not glob.glob(os.path.join(a.baseline, "glm4rt", "_C*")):
             p.error(f"--baseline {a.baseline}: no glm4rt/_C* extension built in place there")
     for f in a.formats:
-        if f not in ("bf16", "int8", "int4", "fp32"):
+        if f not in ("bf16", "int8", "int4", "q4k", "fp32"):
             p.error(f"unknown format {f!r}")
     for x in a.peers:
         if x not in ("llama", "transformers"):

@@ -68,6 +68,28 @@ def build_program(name: str) -> str:
     return out
 
 
+def open_llama(path: str, **kwargs):
+    """``llama_cpp.Llama(path, **kwargs)`` without llama.cpp's "extra buffer types" (the AMX and
+    repacked CPU weight layouts): on a Xeon with AMX (Sapphire Rapids class), llama.cpp 0.3.36's AMX
+    buffer crashes the process (SIGSEGV) on the demo model's Q8_0 weights at the first eval; the
+    plain CPU path computes the same products."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(path, **kwargs)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default
+
+
 def run_program(name: str, *args: str) -> None:
     binary = build_program(name)
     env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(binary))

@@ -6,7 +6,8 @@ tools/train_demo.py) on its held-out text, glm4rt's formats next to llama.cpp's,
     python benchmarks/quality_text.py               # ~5 min on 2 cores
 
 The reference is glm4rt ``dtype="float32"`` on the demo model (its stored bf16 weights in fp32
-arithmetic). Candidates: glm4rt bf16 (default) / int8 / int4, quantized on load; llama.cpp F32
+arithmetic). Candidates: glm4rt bf16 (default) / int8 / int4 / q4k, quantized on load, and q4k rounded by
+GPTQ on the demo's calibration text (``glm4rt.calibrate``); llama.cpp F32
 (a check of the conversion), Q8_0, Q4_0, Q4_K_M and IQ4_NL, made from the same weights by
 llama.cpp's converter and ``llama-quantize`` (benchmarks/llama_tools.py) and run by
 llama-cpp-python. Every candidate computes the logits at every position of the same windows of the
@@ -55,10 +56,11 @@ def held_out_windows(tokenizer) -> list[list[int]]:
     return windows
 
 
-def glm4rt_logits(windows, **load) -> tuple[list[np.ndarray], float]:
+def glm4rt_logits(windows, model=None, **load) -> tuple[list[np.ndarray], float]:
     import glm4rt
 
-    model = glm4rt.Glm4ForCausalLM.from_pretrained(glm4rt.DEMO_MODEL, **load)
+    if model is None:
+        model = glm4rt.Glm4ForCausalLM.from_pretrained(glm4rt.DEMO_MODEL, **load)
     params = model.named_parameters()
     skip = "model.embed_tokens.weight"
     nbytes = sum(a.nbytes for k, a in params.items() if k != skip)
@@ -68,12 +70,11 @@ def glm4rt_logits(windows, **load) -> tuple[list[np.ndarray], float]:
 
 
 def llama_logits(path: str, windows, threads: int) -> tuple[list[np.ndarray], float]:
-    import llama_cpp
     from gguf import GGUFReader
 
     tensors = [t for t in GGUFReader(path).tensors if t.name != "token_embd.weight"]
     bpw = 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
-    llm = llama_cpp.Llama(path, n_ctx=WINDOW, n_batch=512, n_threads=threads, logits_all=True, verbose=False)
+    llm = llama_tools.open_llama(path, n_ctx=WINDOW, n_batch=512, n_threads=threads, logits_all=True, verbose=False)
     out = []
     for w in windows:
         llm.reset()
@@ -102,7 +103,7 @@ def metrics(ref: list[np.ndarray], cand: list[np.ndarray], windows) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--formats", default="bf16,int8,int4", help="glm4rt formats")
+    p.add_argument("--formats", default="bf16,int8,int4,q4k,q4k+calibration", help="glm4rt formats")
     p.add_argument("--llama", default=",".join(LLAMA_QUANTS), help="llama.cpp types ('' for none)")
     p.add_argument("--out", default="quality-text")
     args = p.parse_args(argv)
@@ -118,8 +119,14 @@ def main(argv=None) -> int:
     ref, ref_bpw = glm4rt_logits(windows, dtype="float32")
     rows = []
     for fmt in [f for f in args.formats.split(",") if f]:
-        load = {"quantization": fmt} if fmt in ("int8", "int4") else {}
-        logits, bpw = glm4rt_logits(windows, **load)
+        model = None
+        if fmt == "q4k+calibration":  # GPTQ on the demo's calibration text (its training split)
+            from glm4rt import calibrate
+
+            with open(os.path.join(glm4rt.DEMO_MODEL, "calibration.txt"), encoding="utf-8") as f:
+                model = calibrate.quantize_gptq(glm4rt.DEMO_MODEL, f.read(), max_tokens=40000, window=WINDOW)
+        load = {"quantization": fmt} if fmt in ("int8", "int4", "q4k") else {}
+        logits, bpw = glm4rt_logits(windows, model, **load)
         rows.append({"candidate": f"glm4rt {fmt}", "bpw": bpw, **metrics(ref, logits, windows)})
         say(json.dumps(rows[-1]))
     quants = [q for q in args.llama.split(",") if q]
@@ -137,6 +144,11 @@ def main(argv=None) -> int:
             rows.append({"candidate": f"llama.cpp {q}" + (" (conversion check)" if q == "F32" else ""), "bpw": bpw,
                          **metrics(ref, logits, windows)})
             say(json.dumps(rows[-1]))
+            if q != "F32":  # the same file read by glm4rt (glm4rt.gguf_io)
+                logits, bpw = glm4rt_logits(windows, glm4rt.Glm4ForCausalLM.from_pretrained(path))
+                rows.append({"candidate": f"glm4rt reading llama.cpp's {q} GGUF", "bpw": bpw,
+                             **metrics(ref, logits, windows)})
+                say(json.dumps(rows[-1]))
 
     results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command,
                "machine": machine_info(), "training": json.load(open(os.path.join(glm4rt.DEMO_MODEL, "training.json")))
@@ -162,7 +174,16 @@ def main(argv=None) -> int:
               "per-tensor choices (Q4_K_M: Q6_K for the output and some ffn_down / attn_v; the demo's ffn_down has 704 "
               "columns, not a multiple of 256, so K-quants fall back to Q5_0 / Q8_0 there). Bits per weight count "
               "those choices.",
-              "- glm4rt int8 / int4: blocks of 32 with an fp16 scale (as Q8_0 / Q4_0); the lm_head included.", ""]
+              "- \"glm4rt reading llama.cpp's X GGUF\": the llama.cpp file loaded by glm4rt: Q8_0 / Q4_0 / Q4_K "
+              "tensors become int8 / int4 / q4k without rounding again; other types (Q6_K, Q5_0, IQ4_NL ...) are "
+              "quantized again to int8 (their bits/weight count glm4rt's int8).",
+              "- llama.cpp runs without its AMX / repacked weight buffers (`use_extra_bufts=False`): on a Xeon with "
+              "AMX its AMX buffer crashes the process on these files (benchmarks/llama_tools.py, open_llama).",
+              "- glm4rt int8 / int4: blocks of 32 with an fp16 scale (as Q8_0 / Q4_0); q4k: blocks of 32 with an 8-bit "
+              "scale and minimum, fp16 D and M per 256 (Q4_K's structure), rounded to the nearest code (quantize on "
+              "load), or with `+calibration` by GPTQ on `glm4rt/demo_model/calibration.txt` (40k tokens of the "
+              "training split; `glm4rt quantize --format q4k --calibration`). Every glm4rt format quantizes every "
+              "projection and the lm_head alike.", ""]
     with open(os.path.join(HERE, args.out + ".md"), "w") as f:
         f.write("\n".join(lines))
     say("\n".join(lines))

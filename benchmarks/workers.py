@@ -337,7 +337,7 @@ def serve_task(spec: dict) -> None:
       {"op": "prepare_depth", "depth": d}  prefill d tokens once (timed) and keep them in the cache
       {"op": "decode", "depth": d, "steps": k}  rewind the cache to d positions, time k greedy steps
       {"op": "decode", ..., "resume": true}      time k more steps from where the last decode stopped
-      {"op": "finish"}                     peak RSS, the saved-checkpoint check (glm4rt int8/int4), exit
+      {"op": "finish"}                     peak RSS, the saved-checkpoint check (glm4rt int8/int4/q4k), exit
     Replies go to the original stdout; stdout itself is pointed at stderr so that nothing a library
     prints can corrupt the channel.
     """
@@ -413,7 +413,7 @@ def serve_task(spec: dict) -> None:
                 last_token = tok
             elif op == "finish":
                 out = {"status": "ok", "peak_rss_bytes": peak_rss_bytes()}
-                if spec["engine"] == "glm4rt" and spec["format"] in ("int8", "int4") and spec.get("saved_dir"):
+                if spec["engine"] == "glm4rt" and spec["format"] in ("int8", "int4", "q4k") and spec.get("saved_dir"):
                     out["saved_checkpoint"] = _saved_roundtrip(engine, spec, ids)
             else:
                 out = {"status": "error", "reason": f"unknown op {op!r}"}

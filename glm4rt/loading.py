@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import bf16
+from . import bf16, gguf_io
 from .config import CONFIG_DEFAULTS, CONFIG_NAME, Glm4Config
 from .errors import CheckpointError, ConfigError
 from .hub import pop_hub_kwargs, resolve_model_dir
@@ -247,6 +247,13 @@ def load_checkpoint(model_class: ModelClass, name_or_path: str | os.PathLike, *,
     unknown = sorted(set(kwargs) - _CONFIG_KWARGS)
     if unknown:
         raise TypeError(f"{model_class.name}.from_pretrained() got unexpected keyword arguments {unknown}")
+    if isinstance(name_or_path, (str, os.PathLike)) and os.fspath(name_or_path).endswith(".gguf") \
+            and not os.path.isfile(name_or_path):
+        raise FileNotFoundError(f"no such GGUF file: {os.fspath(name_or_path)!r}")
+    if gguf_io.is_gguf_file(name_or_path):
+        if config is not None or hub_kwargs:
+            raise ValueError("a GGUF file carries its own config: config= and hub options do not apply")
+        return _load_gguf(model_class, os.fspath(name_or_path), target, quantization, seed, kwargs)
     directory = resolve_model_dir(name_or_path, **hub_kwargs)
     config_source = "the config given" if config is not None else os.path.join(directory, CONFIG_NAME)
     if config is None:
@@ -308,6 +315,31 @@ def load_checkpoint(model_class: ModelClass, name_or_path: str | os.PathLike, *,
     return Loaded(config, tensors, directory)
 
 
+def _load_gguf(model_class: ModelClass, path: str, target: str, quantization: Optional[str],
+               seed: Optional[int], overrides: dict[str, Any]) -> Loaded:
+    """``load_checkpoint`` of a GGUF file (glm4rt.gguf_io)."""
+    f = gguf_io.GgufFile(path)
+    config = gguf_io.read_config(f)
+    if overrides:
+        config = Glm4Config.from_dict(config.to_dict(), **overrides)
+    specs = model_class.tensor_specs(config)
+    tensors, formats, missing = gguf_io.read_tensors(f, specs, config, target, quantization)
+    if not model_class.has_lm_head:  # a head's matrix (score) is float: never quantized
+        formats = {m: fmt for m, fmt in formats.items() if m != "lm_head"}
+    fatal = [n for n in missing if n not in model_class.newly_initialisable]
+    if fatal:
+        raise CheckpointError(f"{path}: the GGUF lacks tensors of a {model_class.name}: {_short_list(fatal)}")
+    config.quantization_config = gguf_io.quantization_config(formats)
+    if missing:
+        rng = np.random.default_rng(seed)
+        for name in missing:
+            tensors[name] = init_tensor(specs[name], config.initializer_range, rng,
+                                        "bfloat16" if target == "bfloat16" else "float32")
+        warnings.warn(f"Some weights of {model_class.name} were not initialized from the GGUF {path} and are "
+                      f"newly initialized: {missing}.", stacklevel=3)
+    return Loaded(config, tensors, path)
+
+
 def _check_tensors(ckpt: Checkpoint, stored: dict[str, str], specs: dict[str, TensorSpec],
                    model_class: ModelClass, directory: str) -> list[str]:
     """Names, shapes and dtypes of the stored tensors against ``specs``; returns the missing ones
@@ -360,6 +392,11 @@ def save_checkpoint(save_directory: str | os.PathLike, config: Glm4Config, param
     """Write ``config.json`` and ``model.safetensors`` of ``params`` (a model's
     ``named_parameters()``; bf16 weights stay BF16) so that glm4rt, or transformers for float
     weights, can load the directory."""
+    qc = getattr(config, "quantization_config", None) or {}
+    if qc.get("quant_method") == "gguf":
+        raise ValueError("a model loaded from a quantized GGUF (its modules have mixed formats) cannot be saved as "
+                         "a glm4rt checkpoint: load the GGUF directly, or quantize the original checkpoint with "
+                         "`glm4rt quantize`")
     os.makedirs(save_directory, exist_ok=True)
     config.save_pretrained(save_directory)
     bf16_names = frozenset(name for name, a in params.items() if a.dtype == np.uint16)

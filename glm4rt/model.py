@@ -110,7 +110,8 @@ def make_linear(tensors: dict[str, np.ndarray], name: str, config: Glm4Config,
     """The layer ``name`` from loaded tensors: packed (``.qweight``) or a float matrix (``.weight``)."""
     bias = tensors.get(name + ".bias")
     if name + ".qweight" in tensors:
-        fmt = config.quantization_config["format"]
+        qc = config.quantization_config  # a GGUF's modules may differ: module_formats
+        fmt = qc.get("module_formats", {}).get(name, qc["format"])
         return QuantLinear(tensors[name + ".qweight"], fmt, out_features, in_features, bias)
     return Linear(tensors[name + ".weight"], bias)
 

@@ -184,7 +184,7 @@ class Glm4Tokenizer:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "Glm4Tokenizer":
-        """Load the tokenizer of a checkpoint directory or Hugging Face hub id.
+        """Load the tokenizer of a checkpoint directory, Hugging Face hub id or GGUF file.
 
         Reads ``tokenizer.json`` (required), ``tokenizer_config.json`` (optional), and a
         ``chat_template.jinja`` next to them, which takes precedence over the config's
@@ -203,6 +203,10 @@ class Glm4Tokenizer:
         """
         from tokenizers import Tokenizer
 
+        from . import gguf_io
+
+        if gguf_io.is_gguf_file(pretrained_model_name_or_path):
+            return gguf_io.read_tokenizer(pretrained_model_name_or_path, **kwargs)
         directory = resolve_model_dir(pretrained_model_name_or_path, **pop_hub_kwargs(kwargs))
         tok_path = os.path.join(directory, TOKENIZER_FILE)
         if not os.path.isfile(tok_path):

@@ -39,9 +39,9 @@ from __future__ import annotations
 import json
 import os
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers, trainers
 
-from glm4rt.tokenizer import GLM4_SPLIT_REGEX
+from glm4rt.tokenizer_build import GLM4_SPECIAL_TOKENS, glm4_bpe, glm4_tokenizer_config, glm4_tokenizer_spec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = {
@@ -50,12 +50,7 @@ TEMPLATES = {
 }
 
 # id -> token, as in GLM-4's tokenizer_config.json (added_tokens_decoder).
-SPECIAL_TOKENS = {
-    151329: "<|endoftext|>", 151330: "[MASK]", 151331: "[gMASK]", 151332: "[sMASK]",
-    151333: "<sop>", 151334: "<eop>", 151335: "<|system|>", 151336: "<|user|>",
-    151337: "<|assistant|>", 151338: "<|observation|>", 151339: "<|begin_of_image|>",
-    151340: "<|end_of_image|>", 151341: "<|begin_of_video|>", 151342: "<|end_of_video|>",
-}
+SPECIAL_TOKENS = {151329 + i: t for i, t in enumerate(GLM4_SPECIAL_TOKENS)}
 
 
 _CORPUS = [
@@ -88,64 +83,16 @@ def build_glm_tokenizer(directory: str, template: str = "glm4") -> str:
         raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {template!r}")
     os.makedirs(directory, exist_ok=True)
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GLM4_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tok = glm4_bpe()
     trainer = trainers.BpeTrainer(vocab_size=1500, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-
-    spec = json.loads(tok.to_str())
-    vocab = spec["model"]["vocab"]
-    assert max(vocab.values()) < min(SPECIAL_TOKENS), "trained vocab reaches the special ids"
-    added = []
-    for idx, content in SPECIAL_TOKENS.items():
-        vocab[content] = idx  # in the model vocab, so the added token keeps its real id
-        added.append({"id": idx, "content": content, "single_word": False, "lstrip": False,
-                      "rstrip": False, "normalized": False, "special": True})
-    spec["added_tokens"] = added
-    # add_special_tokens=True prepends [gMASK]<sop>, like GLM-4's published tokenizer.json.
-    spec["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "[gMASK]", "type_id": 0}},
-                   {"SpecialToken": {"id": "<sop>", "type_id": 0}},
-                   {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": "[gMASK]", "type_id": 0}},
-                 {"SpecialToken": {"id": "<sop>", "type_id": 0}},
-                 {"Sequence": {"id": "A", "type_id": 0}},
-                 {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {
-            "[gMASK]": {"id": "[gMASK]", "ids": [151331], "tokens": ["[gMASK]"]},
-            "<sop>": {"id": "<sop>", "ids": [151333], "tokens": ["<sop>"]},
-        },
-    }
+    assert tok.get_vocab_size() < min(SPECIAL_TOKENS), "trained vocab reaches the special ids"
+    special_ids = {content: idx for idx, content in SPECIAL_TOKENS.items()}
     with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(spec, f, ensure_ascii=False)
-
+        json.dump(glm4_tokenizer_spec(tok, special_ids), f, ensure_ascii=False)
     with open(TEMPLATES[template], encoding="utf-8") as f:
         chat_template = f.read()
-    config = {
-        "added_tokens_decoder": {
-            str(idx): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                       "single_word": False, "special": True}
-            for idx, content in SPECIAL_TOKENS.items()
-        },
-        "additional_special_tokens": list(SPECIAL_TOKENS.values()),
-        "chat_template": chat_template,
-        "clean_up_tokenization_spaces": False,
-        "do_lower_case": False,
-        "eos_token": "<|endoftext|>",
-        "extra_special_tokens": {},
-        "model_input_names": ["input_ids", "attention_mask"],
-        "model_max_length": 128000,
-        "pad_token": "<|endoftext|>",
-        "padding_side": "left",
-        "remove_space": False,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, ensure_ascii=False, indent=2)
+        json.dump(glm4_tokenizer_config(special_ids, chat_template, 128000), f, ensure_ascii=False, indent=2)
     return directory

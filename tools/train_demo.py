@@ -42,15 +42,15 @@ import time
 
 import numpy as np
 
+from glm4rt.tokenizer_build import GLM4_SPECIAL_TOKENS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = os.path.join(ROOT, "tests", "data", "glm-4-0414.jinja")
 POEMS = ["/usr/share/games/fortunes/tang300", "/usr/share/games/fortunes/song100"]
 HELD_OUT_EVERY = 25  # one document in 25 is held out (the 13th of each 25)
 
 # GLM-4's special tokens, in GLM-4's order (ids 151329.. there; here right after the BPE vocab).
-SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
-                  "<|user|>", "<|assistant|>", "<|observation|>", "<|begin_of_image|>",
-                  "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"]
+SPECIAL_TOKENS = list(GLM4_SPECIAL_TOKENS)
 
 
 # ---- the texts -----------------------------------------------------------------------------------
@@ -116,54 +116,22 @@ def split(docs: list) -> tuple[list, list]:
 # ---- the tokenizer -------------------------------------------------------------------------------
 
 def build_tokenizer(out: str, texts: list[str], vocab: int) -> None:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import pre_tokenizers, trainers
 
-    from glm4rt.tokenizer import GLM4_SPLIT_REGEX
+    from glm4rt.tokenizer_build import glm4_bpe, glm4_tokenizer_config, glm4_tokenizer_spec
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GLM4_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tok = glm4_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
-    spec = json.loads(tok.to_str())
-    bpe_vocab = spec["model"]["vocab"]
-    first = max(bpe_vocab.values()) + 1
+    first = tok.get_vocab_size()
     ids = {t: first + i for i, t in enumerate(SPECIAL_TOKENS)}
-    spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                             "normalized": False, "special": True} for t, i in ids.items()]
-    bpe_vocab.update(ids)  # in the model vocabulary too, so that every loader keeps these ids
-    prefix = [{"SpecialToken": {"id": "[gMASK]", "type_id": 0}}, {"SpecialToken": {"id": "<sop>", "type_id": 0}}]
-    spec["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": prefix + [{"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": prefix + [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {t: {"id": t, "ids": [ids[t]], "tokens": [t]} for t in ("[gMASK]", "<sop>")},
-    }
     with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(spec, f, ensure_ascii=False)
+        json.dump(glm4_tokenizer_spec(tok, ids), f, ensure_ascii=False)
     with open(TEMPLATE, encoding="utf-8") as f:
         template = f.read()
-    config = {
-        "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True} for t, i in ids.items()},
-        "additional_special_tokens": SPECIAL_TOKENS,
-        "chat_template": template,
-        "clean_up_tokenization_spaces": False,
-        "do_lower_case": False,
-        "eos_token": "<|endoftext|>",
-        "model_input_names": ["input_ids", "attention_mask"],
-        "model_max_length": 1024,
-        "pad_token": "<|endoftext|>",
-        "padding_side": "left",
-        "remove_space": False,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
     with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, ensure_ascii=False, indent=2)
+        json.dump(glm4_tokenizer_config(ids, template, 1024), f, ensure_ascii=False, indent=2)
 
 
 # ---- training ------------------------------------------------------------------------------------
