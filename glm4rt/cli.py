@@ -7,6 +7,7 @@
                                          reply, Ctrl-D or /exit leaves, /reset starts over
     glm4rt quantize SRC DST --format int4  write a quantized checkpoint (int4, int8 or q4k;
                                            q4k with --calibration TEXT: rounded by GPTQ)
+    glm4rt export-gguf SRC DST.gguf        write a checkpoint as GGUF (llama.cpp, Ollama)
 
 DIR is a checkpoint directory or a Hugging Face hub id. Without --model, the commands run the demo
 model shipped inside the package (``glm4rt.DEMO_MODEL``), which needs no network.
@@ -298,6 +299,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from . import gguf_io
+    from .tokenizer import Glm4Tokenizer
+
+    t0 = time.perf_counter()
+    if os.path.exists(args.dst) and not args.force:
+        raise FileExistsError(f"{args.dst!r} exists: pass --force to replace it")
+    if not args.dst.endswith(".gguf"):
+        raise ValueError(f"the output {args.dst!r} must be a .gguf file name")
+    model = Glm4ForCausalLM.from_pretrained(args.src, quantization=args.quantization, progress=None)
+    tokenizer = Glm4Tokenizer.from_pretrained(model.checkpoint_dir)
+    gguf_io.export_gguf(model, tokenizer, args.dst, name=os.path.basename(os.path.normpath(args.src)))
+    print(f"exported {args.src} -> {args.dst} ({os.path.getsize(args.dst) / 2**30:.2f} GiB) "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .server import run_server
@@ -400,6 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--force", action="store_true",
                        help="write into a non-empty output directory, replacing its checkpoint files")
     quant.set_defaults(func=cmd_quantize)
+
+    export = sub.add_parser("export-gguf", help="write a checkpoint as a GGUF file for llama.cpp / Ollama")
+    export.add_argument("src", help="checkpoint directory or hub id (float, or quantized by glm4rt)")
+    export.add_argument("dst", help="output .gguf file")
+    export.add_argument("--quantization", default=None, choices=["int4", "int8", "q4k"],
+                        help="quantize a float checkpoint first: int8 -> Q8_0, int4 -> Q4_0 (exact), q4k -> "
+                             "Q4_K (sub-scales rounded to 6 bits); default: as stored (float -> F32 / BF16)")
+    export.add_argument("--force", action="store_true", help="replace an existing output file")
+    export.set_defaults(func=cmd_export_gguf)
     return parser
 
 

@@ -291,3 +291,203 @@ def read_tokenizer(path: str | os.PathLike, **overrides: Any):
                                    pad_token=tokens[pad_id] if pad_id is not None else None)
     config.update(overrides)
     return Glm4Tokenizer(tok, config, name_or_path=f.path)
+
+
+# ---- GGUF out -----------------------------------------------------------------------------------
+
+def _unpacked(lin) -> tuple[np.ndarray, np.ndarray]:
+    """codes ``[out, in]`` (int8: -127..127; int4: 0..15) and fp16 scales ``[out, nb]`` of an
+    int8 / int4 QuantLinear, read from the packed layout (quant.h)."""
+    n, k = lin.out_features, lin.in_features
+    nb, ng = -(-k // 32), -(-n // GROUP_ROWS)
+    block = 544 if lin.fmt == "int8" else 288
+    blocks = np.asarray(lin.packed).reshape(ng, nb, block)
+    scales = blocks[:, :, block - 32:].copy().view(np.float16)  # [g, b, 16 rows]
+    if lin.fmt == "int8":
+        q = blocks[:, :, :512].reshape(ng, nb, 8, 16, 4).astype(np.int16) - 128  # [g, b, chunk, row, byte]
+    else:
+        raw = blocks[:, :, :256].reshape(ng, nb, 4, 16, 4)
+        q = np.concatenate([raw & 0x0F, raw >> 4], axis=2).astype(np.int16)
+    codes = q.transpose(0, 3, 1, 2, 4).reshape(ng * GROUP_ROWS, nb * 32)[:n, :k]
+    return codes, scales.transpose(0, 2, 1).reshape(ng * GROUP_ROWS, nb)[:n]
+
+
+def _q8_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    blocks = codes.reshape(codes.shape[0], -1, 32).astype(np.int8).view(np.uint8)
+    return np.concatenate([d.astype(np.float16).view(np.uint8).reshape(*d.shape, 2), blocks], axis=2).reshape(codes.shape[0], -1)
+
+
+def _q4_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    b = codes.reshape(codes.shape[0], -1, 32).astype(np.uint8)
+    qs = b[:, :, :16] | (b[:, :, 16:] << 4)
+    return np.concatenate([d.astype(np.float16).view(np.uint8).reshape(*d.shape, 2), qs], axis=2).reshape(codes.shape[0], -1)
+
+
+def _q4_k_bytes(w: np.ndarray) -> np.ndarray:
+    """Q4_K blocks of float32 ``w [rows, cols]`` (cols a multiple of 256): per sub-block of 32 the
+    least-squares scale and offset of the q4k fit (glm4rt's quantizer on the values), rounded to
+    Q4_K's 6-bit sub-scales under fp16 d / dmin per 256, then each weight's nearest code."""
+    from .calibrate import unpack_q4k_grid
+
+    rows, cols = w.shape
+    # the grid of glm4rt's q4k fit, its 8-bit sub-scales read back as floats
+    packed = quantize_weight(w, "q4k")
+    sc8, mn8, d8, m8 = unpack_q4k_grid(packed, rows, cols)
+    s = (np.repeat(d8.astype(np.float32), 8, 1) * sc8).reshape(rows, -1, 8)  # [rows, supers, 8]
+    o = (np.repeat(m8.astype(np.float32), 8, 1) * mn8).reshape(rows, -1, 8)
+    d = (s.max(-1) / 63).astype(np.float16)
+    dmin = (o.max(-1) / 63).astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[..., None] > 0, np.clip(np.rint(s / d.astype(np.float32)[..., None]), 0, 63), 0).astype(np.uint8)
+        mn = np.where(dmin[..., None] > 0, np.clip(np.rint(o / dmin.astype(np.float32)[..., None]), 0, 63), 0).astype(np.uint8)
+        scale = d.astype(np.float32)[..., None] * sc  # [rows, supers, 8]
+        offset = dmin.astype(np.float32)[..., None] * mn
+        x = w.reshape(rows, -1, 8, 32)
+        q = np.where(scale[..., None] > 0, np.clip(np.rint((x + offset[..., None]) / scale[..., None]), 0, 15), 0)
+    q = q.astype(np.uint8).reshape(rows, -1, 4, 2, 32)  # chunk c of 64: sub-blocks 2c (low nibble), 2c + 1 (high)
+    qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(rows, -1, 128)
+    packed_scales = np.empty((rows, sc.shape[1], 12), np.uint8)  # get_scale_min_k4's layout
+    packed_scales[..., 0:4] = (sc[..., 0:4] & 63) | ((sc[..., 4:8] >> 4) << 6)
+    packed_scales[..., 4:8] = (mn[..., 0:4] & 63) | ((mn[..., 4:8] >> 4) << 6)
+    packed_scales[..., 8:12] = (sc[..., 4:8] & 0x0F) | ((mn[..., 4:8] & 0x0F) << 4)
+    head = np.concatenate([d.view(np.uint8).reshape(rows, -1, 2), dmin.view(np.uint8).reshape(rows, -1, 2)], axis=2)
+    return np.concatenate([head, packed_scales, qs], axis=2).reshape(rows, -1)
+
+
+def _matrix_data(lin, rows: slice | None = None):
+    """``(data, GGML type name)`` of a projection (rows of it for a stacked q/k/v)."""
+    if hasattr(lin, "packed"):
+        fmt = lin.fmt
+        if fmt in ("int8", "int4"):
+            codes, d = _unpacked(lin)
+            if rows is not None:
+                codes, d = codes[rows], d[rows]
+            if codes.shape[1] % 32:
+                raise ValueError(f"rows of {codes.shape[1]} weights are not whole GGUF blocks of 32")
+            return (_q8_0_bytes(codes, d), "Q8_0") if fmt == "int8" else (_q4_0_bytes(codes + 0, d), "Q4_0")
+        w = lin.dequantize()[rows if rows is not None else slice(None)]
+        if w.shape[1] % 256 == 0:
+            return _q4_k_bytes(w), "Q4_K"
+        codes_fmt = quantize_weight(w, "int8")  # as llama.cpp falls back where rows are not whole super-blocks
+        from .quant import QuantLinear
+        codes, d = _unpacked(QuantLinear(codes_fmt, "int8", *w.shape))
+        return _q8_0_bytes(codes, d), "Q8_0"
+    w = lin.weight[rows if rows is not None else slice(None)]
+    if w.dtype == np.uint16:
+        return np.ascontiguousarray(w), "BF16"
+    return np.ascontiguousarray(w, dtype=np.float32), "F32"
+
+
+def export_gguf(model, tokenizer, path: str | os.PathLike, name: str = "glm4rt export") -> str:
+    """Write ``model`` (a ``Glm4ForCausalLM``) and its ``tokenizer`` as a GGUF file that llama.cpp
+    runs (architecture ``glm4``, the names and metadata of llama.cpp's converter).
+
+    Weights: float matrices as F32 / BF16 (as stored); int8 as Q8_0 and int4 as Q4_0, the same
+    codes and scales (no rounding); q4k as Q4_K where rows are whole 256-weight super-blocks, its
+    8-bit sub-scales rounded to Q4_K's 6 bits and the codes chosen again on that grid (a second
+    rounding), else as Q8_0 (llama.cpp's own fallback for such rows). The embedding, norms and
+    biases as F32 (BF16 where stored so).
+    """
+    gguf = _gguf()
+    cfg = model.config
+    path = os.fspath(path)
+    tmp = path + ".partial"
+    w = gguf.GGUFWriter(tmp, ARCH)
+    w.add_name(name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_rope_dimension_count(cfg.rotary_dim)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(w, tokenizer, cfg.vocab_size)
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4, cfg.num_hidden_layers)
+    types = Counter()
+
+    def add(hf_name: str, data: np.ndarray, kind: str) -> None:
+        gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        types[kind] += 1
+        if kind == "F32":
+            w.add_tensor(gname, np.ascontiguousarray(data, dtype=np.float32))
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            raw = np.ascontiguousarray(data).view(np.uint8)
+            w.add_tensor(gname, raw.reshape(data.shape[0], -1), raw_shape=raw.reshape(data.shape[0], -1).shape,
+                         raw_dtype=qtype)
+
+    def vector(x):
+        return np.asarray(x, dtype=np.float32)
+
+    emb = model.model.embed_tokens
+    add("model.embed_tokens.weight", *((emb, "BF16") if emb.dtype == np.uint16 else (emb, "F32")))
+    d = cfg.head_dim
+    q_rows, kv_rows = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"):
+            add(p + norm + ".weight", vector(getattr(layer, norm)), "F32")
+        qkv = layer.self_attn.qkv_proj
+        spans = {"q_proj": slice(0, q_rows), "k_proj": slice(q_rows, q_rows + kv_rows),
+                 "v_proj": slice(q_rows + kv_rows, q_rows + 2 * kv_rows)}
+        for proj, span in spans.items():
+            part = qkv.parts[proj] if hasattr(qkv, "parts") else None
+            add(p + f"self_attn.{proj}.weight", *(_matrix_data(part) if part is not None else _matrix_data(qkv, span)))
+            bias = part.bias if part is not None else (qkv.bias[span] if qkv.bias is not None else None)
+            if bias is not None:
+                add(p + f"self_attn.{proj}.bias", vector(bias), "F32")
+        add(p + "self_attn.o_proj.weight", *_matrix_data(layer.self_attn.o_proj))
+        add(p + "mlp.gate_up_proj.weight", *_matrix_data(layer.mlp.gate_up_proj))
+        add(p + "mlp.down_proj.weight", *_matrix_data(layer.mlp.down_proj))
+    add("model.norm.weight", vector(model.model.norm), "F32")
+    if not cfg.tie_word_embeddings or hasattr(model.lm_head, "packed"):
+        add("lm_head.weight", *_matrix_data(model.lm_head))
+    main = max((t for t in types if t != "F32"), key=lambda t: types[t], default="F32")
+    w.add_file_type(int({"F32": gguf.LlamaFileType.ALL_F32, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+                         "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                         "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S}[main]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def _add_tokenizer(w, tokenizer, vocab_size: int) -> None:
+    """tokenizer.ggml.* of a GLM-4-style tokenizer, as llama.cpp's converter writes them."""
+    spec = json.loads(tokenizer._tk.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"the tokenizer is {model.get('type')}, not GLM-4's byte-level BPE")
+    special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    by_id = {i: t for t, i in model["vocab"].items()}
+    by_id.update({i: t for t, i in special.items()})
+    if max(by_id) >= vocab_size:
+        raise ValueError(f"token id {max(by_id)} is past the model's vocab_size {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):  # the converter fills unused ids with [PAD<id>], type UNUSED
+        t = by_id.get(i)
+        tokens.append(t if t is not None else f"[PAD{i}]")
+        types.append(3 if t in special else 1 if t is not None else 5)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("glm4")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    eos = special.get("<|endoftext|>")
+    if eos is not None:
+        for add in (w.add_eos_token_id, w.add_bos_token_id, w.add_unk_token_id, w.add_pad_token_id):
+            add(eos)
+    if "<|user|>" in special:
+        w.add_eot_token_id(special["<|user|>"])
+    w.add_add_bos_token(False)
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)

@@ -116,17 +116,23 @@ def _module_weights(path):
 def _glm4rt_matrices(model):
     """{gguf name: (format, float32 matrix)} of a loaded model's projections."""
     out = {}
+    cfg = model.config
+    q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     for i, layer in enumerate(model.model.layers):
-        parts = dict(getattr(layer.self_attn.qkv_proj, "parts", {}))
-        for proj, g in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")):
-            out[f"blk.{i}.{g}.weight"] = parts[proj]
+        qkv = layer.self_attn.qkv_proj
+        parts = dict(getattr(qkv, "parts", {}))
+        spans = (slice(0, q_rows), slice(q_rows, q_rows + kv_rows), slice(q_rows + kv_rows, None))
+        for (proj, g), span in zip((("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")), spans):
+            out[f"blk.{i}.{g}.weight"] = parts[proj] if parts else (qkv, span)  # glm4rt stacks q, k, v packed
         out[f"blk.{i}.attn_output.weight"] = layer.self_attn.o_proj
         out[f"blk.{i}.ffn_up.weight"] = layer.mlp.gate_up_proj
         out[f"blk.{i}.ffn_down.weight"] = layer.mlp.down_proj
     out["output.weight"] = model.lm_head
     res = {}
     for name, lin in out.items():
-        if hasattr(lin, "packed"):
+        if isinstance(lin, tuple):
+            res[name] = (lin[0].fmt, lin[0].dequantize()[lin[1]])
+        elif hasattr(lin, "packed"):
             res[name] = (lin.fmt, lin.dequantize())
         else:
             res[name] = ("float", ops.bf16_to_f32(lin.weight) if lin.weight.dtype == np.uint16 else lin.weight)
@@ -271,3 +277,79 @@ def test_cli_generates_from_a_gguf(demo_f32, tmp_path):
     assert r.stdout == ChatSession(model, tok, max_new_tokens=8, do_sample=False).ask("In the beginning") + "\n"
     info = subprocess.run(glm4rt_command("info", "--model", demo_f32), capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr
+
+
+# ---- GGUF out ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """The demo model exported by the CLI as stored (BF16) and quantized to int8 / int4 / q4k."""
+    d = tmp_path_factory.mktemp("export")
+    out = {}
+    for q in ("bf16", "int8", "int4", "q4k"):
+        path = str(d / f"demo-{q}.gguf")
+        args = ["export-gguf", glm4rt.DEMO_MODEL, path] + ([] if q == "bf16" else ["--quantization", q])
+        r = subprocess.run(glm4rt_command(*args), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        out[q] = path
+    again = subprocess.run(glm4rt_command("export-gguf", glm4rt.DEMO_MODEL, out["bf16"]), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode != 0 and "--force" in again.stderr and "Traceback" not in again.stderr
+    return out
+
+
+def test_export_reads_back_as_the_model(exports):
+    """BF16 / Q8_0 / Q4_0 exports hold the model's very weights (glm4rt reads them back to the same
+    greedy tokens); the q4k export is Q4_K, its 6-bit grid close to q4k's."""
+    tok = glm4rt.Glm4Tokenizer.from_pretrained(glm4rt.DEMO_MODEL)
+    ids = _ids(tok)
+    for q, path in exports.items():
+        source = glm4rt.Glm4ForCausalLM.from_pretrained(glm4rt.DEMO_MODEL, **({} if q == "bf16" else {"quantization": q}))
+        back = glm4rt.Glm4ForCausalLM.from_pretrained(path)
+        expected_types = {"bf16": {"BF16"}, "int8": {"Q8_0"}, "int4": {"Q4_0"}, "q4k": {"Q4_K", "Q8_0"}}[q]
+        ref = _module_weights(path)
+        assert {t for n, (t, _) in ref.items() if n != "token_embd.weight"} == expected_types, q
+        src, got = _glm4rt_matrices(source), _glm4rt_matrices(back)
+        for name, (fmt, w) in got.items():
+            np.testing.assert_array_equal(w, ref[name][1], err_msg=f"{q} {name}")  # glm4rt reads what gguf reads
+            if q != "q4k":
+                np.testing.assert_array_equal(w, src[name][1], err_msg=f"{q} {name}")
+            else:  # rounded again to Q4_K's 6-bit sub-scales (704-wide ffn_down: Q8_0)
+                scale = np.abs(src[name][1]).max()
+                assert np.abs(w - src[name][1]).max() < 0.08 * scale, name
+        if q != "q4k":
+            np.testing.assert_array_equal(back.generate(ids, max_new_tokens=8, do_sample=False),
+                                          source.generate(ids, max_new_tokens=8, do_sample=False))
+        assert glm4rt.Glm4Tokenizer.from_pretrained(path).encode(TEXTS[1]) == tok.encode(TEXTS[1])
+
+
+def test_llama_cpp_runs_the_exports_to_the_same_greedy_tokens(exports):
+    """llama.cpp (llama-cpp-python) and glm4rt, each reading the exported file, agree on the logits
+    (up to llama.cpp's f16 KV cache and its own activation quantization) and on the greedy reply's
+    first tokens."""
+    pytest.importorskip("llama_cpp", reason="the llama.cpp peer: pip install .[bench]")
+    tok = glm4rt.Glm4Tokenizer.from_pretrained(glm4rt.DEMO_MODEL)
+    for q, path in exports.items():
+        llm = llama_tools.open_llama(path, n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+        model = glm4rt.Glm4ForCausalLM.from_pretrained(path)
+        ids = _ids(tok)[0].tolist()
+        llm.eval(ids)
+        a, b = np.array(llm.scores[:len(ids)]), model(np.array([ids])).logits[0]
+        assert np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()) < 0.02, q  # measured 0.1% (bf16) - 0.8% (q4k)
+        assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95, q
+        for prompt in ("In the beginning", "The LORD is my shepherd", "静夜思"):
+            chat = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            p = tok.encode(chat, add_special_tokens=False)
+            llm.reset()
+            llm.eval(p)
+            theirs = []
+            for _ in range(8):
+                theirs.append(llm.sample(temp=0.0))
+                llm.eval([theirs[-1]])
+            # glm4rt on llama.cpp's reply: each of llama.cpp's greedy tokens is glm4rt's greedy token
+            # too, unless glm4rt's best two are a near tie (within 1% of its logit range), where the
+            # two engines' rounding may pick either (seen once in 12 replies, on q4k's Q4_K)
+            logits = model(np.array([p + theirs])).logits[0, len(p) - 1:-1]
+            for step, (row, t) in enumerate(zip(logits, theirs)):
+                if row.argmax() != t:
+                    assert row.max() - row[t] < 0.01 * (row.max() - row.min()), (q, prompt, step)
