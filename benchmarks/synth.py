@@ -370,6 +370,7 @@ def write_gguf(ckpt_dir: str, fmt: str, out_path: str | None = None, log=print) 
     Q4_0); norms and biases stay F32. Q8_0/Q4_0 come from ``gguf.quants.quantize`` of the bf16
     values; BF16 copies the checkpoint's bits."""
     import gguf
+    from glm4rt.gguf_io import add_glm4_metadata
     from glm4rt.weights import Checkpoint
 
     qtype = gguf.GGMLQuantizationType[GGUF_FORMATS[fmt][0]]
@@ -387,19 +388,8 @@ def write_gguf(ckpt_dir: str, fmt: str, out_path: str | None = None, log=print) 
     tmp = out_path + ".partial"
     w = gguf.GGUFWriter(tmp, "glm4")
     w.add_name(f"synthetic {g.tag()} ({fmt})")
-    w.add_context_length(g.max_position_embeddings)
-    w.add_embedding_length(g.hidden_size)
-    w.add_block_count(g.num_hidden_layers)
-    w.add_feed_forward_length(g.intermediate_size)
-    w.add_head_count(g.num_attention_heads)
-    w.add_head_count_kv(g.num_key_value_heads)
-    w.add_key_length(g.head_dim)
-    w.add_value_length(g.head_dim)
-    w.add_rope_freq_base(float(g.rope_theta))
-    w.add_rope_dimension_count(g.rotary_dim)
-    w.add_layer_norm_rms_eps(float(g.rms_norm_eps))
+    add_glm4_metadata(w, g)
     w.add_file_type(int(ftype))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, types, merges = synthetic_vocab(g.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("glm4")

@@ -394,18 +394,7 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, name: str = "glm4rt e
     tmp = path + ".partial"
     w = gguf.GGUFWriter(tmp, ARCH)
     w.add_name(name)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(float(cfg.rope_theta))
-    w.add_rope_dimension_count(cfg.rotary_dim)
-    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_glm4_metadata(w, cfg)
     _add_tokenizer(w, tokenizer, cfg.vocab_size)
 
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4, cfg.num_hidden_layers)
@@ -458,6 +447,23 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, name: str = "glm4rt e
     w.close()
     os.replace(tmp, path)
     return path
+
+
+def add_glm4_metadata(w, cfg) -> None:
+    """The ``glm4.*`` hyperparameters of llama.cpp's converter, from a config (a ``Glm4Config`` or
+    anything with its field names and ``rotary_dim``), into a ``gguf.GGUFWriter``."""
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_rope_dimension_count(cfg.rotary_dim)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_quantization_version(_gguf().GGML_QUANT_VERSION)
 
 
 def _add_tokenizer(w, tokenizer, vocab_size: int) -> None:
