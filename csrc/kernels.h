@@ -191,6 +191,9 @@ using SiluMulF32 = void (*)(const float* gate, const float* up, float* out, int 
 // quantize_int4_group_ref in quant.cpp, bit for bit (the SIMD versions run one row per lane).
 //   wt [32][16] k-major: wt[k * 16 + r] (rows past the matrix and k past K are zeros)
 using QuantizeInt4 = void (*)(const float* wt, Q4Block* blk);
+// q4k quantization of one super-block of a group by the specification, quantize_q4k_super_ref
+// (quant.cpp), bit for bit (the SIMD version runs one row per lane).
+using QuantizeQ4K = void (*)(const float* wt, int kb, const float* v, Q4KBlock* blk, uint8_t* header);
 
 // XOR of every 8-byte word of data[n_bytes] (n_bytes a multiple of 64): the bandwidth probe, with
 // the widest loads of the ISA so that it measures the memory, not the loop.
@@ -217,6 +220,7 @@ struct KernelTable {
   QGemmTile qgemm_int4 = nullptr;
   QGemmTile qgemm_q4k = nullptr;
   QuantizeInt4 quantize_int4 = nullptr;
+  QuantizeQ4K quantize_q4k = nullptr;
   // fp32 panels: avx2 (and avx_vnni, avx512, avx512_bf16, amx, which take avx2's); null in generic.
   F32Panel f32_panel = nullptr;
   F32PackF32 f32_pack = nullptr;
@@ -263,6 +267,7 @@ const KernelTable& generic_kernels();
 #if defined(GLM4RT_X86)
 void quantize_int4_avx2(const float* wt, Q4Block* blk);    // x86_avx2_quant.cpp
 void quantize_int4_avx512(const float* wt, Q4Block* blk);  // x86_avx512_quant.cpp
+void quantize_q4k_avx512(const float* wt, int kb, const float* v, Q4KBlock* blk, uint8_t* header);
 const KernelTable& avx2_kernels();
 const KernelTable& avx_vnni_kernels();       // the avx2 table + 256-bit VNNI quantized tiles (VEX)
 const KernelTable& avx_vnni_evex_kernels();  // the same tiles in EVEX encoding (AVX512-VNNI CPUs)

@@ -480,7 +480,8 @@ void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N,
   const int nb = q_blocks(K);
   const size_t bb = q_block_bytes(f), gb = q_group_bytes(f, K);
   const int g0 = row0 / kQGroupRows, g1 = q_groups(row0 + n_rows);
-  const QuantizeInt4 quantize_int4 = kernels().quantize_int4;  // the reference or its SIMD twin
+  const QuantizeInt4 quantize_int4 = kernels().quantize_int4;  // the references or their SIMD twins
+  const QuantizeQ4K quantize_q4k = kernels().quantize_q4k;
   // Blocks at a time: one, or a q4k super-block (its sub-scales share the header's D and M).
   const int step = f == QFormat::Q4K ? kQ4KSuper : 1;
 #pragma omp parallel for num_threads(get_num_threads()) schedule(dynamic, 1)
@@ -508,7 +509,7 @@ void quantize_pack(QFormat f, const float* w_f32, const uint16_t* w_bf16, int N,
       }
       uint8_t* blk = group + static_cast<size_t>(b0) * bb;
       if (f == QFormat::Q4K)
-        quantize_q4k_super_ref(wt, kb, v, reinterpret_cast<Q4KBlock*>(blk),
+        quantize_q4k(wt, kb, v, reinterpret_cast<Q4KBlock*>(blk),
                                group + static_cast<size_t>(nb) * bb + static_cast<size_t>(b0 / kQ4KSuper) * kQ4KHeaderBytes);
       else if (f == QFormat::Int4)
         quantize_int4(wt, reinterpret_cast<Q4Block*>(blk));

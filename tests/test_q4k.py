@@ -4,6 +4,7 @@ every ISA are checked with the other formats (test_quant, test_kernel_sweep, tes
 import numpy as np
 import pytest
 
+import glm4rt
 from glm4rt import ops
 from glm4rt.quant import QuantLinear, format_id, pack_q4k, quantize_weight
 from kernel_reference import ref_qmatmul
@@ -171,3 +172,22 @@ def test_bad_importance_is_refused():
         quantize_weight(w, "q4k", np.full(64, np.nan, np.float32))
     with pytest.raises(ValueError, match="q4k only"):
         quantize_weight(w, "int4", np.ones(64, np.float32))
+
+
+@pytest.mark.parametrize("isa", glm4rt.supported_isas())
+def test_quantizer_is_bitwise_the_reference_on_every_isa(isa):
+    """The SIMD twin (AVX-512: one row per lane) writes the specification's bytes, with and
+    without importance, for the hard cases, a bf16 source and a long row."""
+    w = _hard_cases()
+    big = np.random.default_rng(12).standard_normal((64, 4096)).astype(np.float32)
+    imp = np.random.default_rng(13).uniform(0.0, 4.0, 704).astype(np.float32)
+    imp[::7] = 0.0
+    cases = [(w, None), (w, imp), (big, None), (ops.f32_to_bf16(w), imp)]
+    glm4rt.set_isa("generic")
+    try:
+        expected = [quantize_weight(x, "q4k", i) for x, i in cases]
+        glm4rt.set_isa(isa)
+        for (x, i), e in zip(cases, expected):
+            np.testing.assert_array_equal(quantize_weight(x, "q4k", i), e)
+    finally:
+        glm4rt.set_isa("auto")

@@ -193,6 +193,7 @@ const KernelTable& generic_kernels() {
     t.qgemm_int4 = generic::qgemm_tile<QFormat::Int4>;
     t.qgemm_q4k = generic::qgemm_tile<QFormat::Q4K>;
     t.quantize_int4 = quantize_int4_group_ref;
+    t.quantize_q4k = quantize_q4k_super_ref;
     return t;
   }();
   return table;

@@ -529,6 +529,7 @@ const KernelTable& avx2_kernels() {
     t.qgemm_int4 = avx2::qgemm_tile<QFormat::Int4>;
     t.qgemm_q4k = avx2::qgemm_tile<QFormat::Q4K>;
     t.quantize_int4 = quantize_int4_avx2;
+    t.quantize_q4k = quantize_q4k_super_ref;  // no AVX2 twin yet: the scalar specification
     t.f32_panel = avx2::f32_panel;
     t.f32_pack = avx2::f32_pack<float>;
     t.f32_pack_bf16 = avx2::f32_pack<uint16_t>;

@@ -239,6 +239,7 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
   __m512 acc[G][MT];
   for (int g = 0; g < G; ++g)
     for (int m = 0; m < MT; ++m) acc[g][m] = _mm512_setzero_ps();
+  __m512 super_d[G], super_m[G];  // q4k: D and M of the current super-block, per group
   for (int b = 0; b < n_blocks; ++b) {
     // Software prefetch a few blocks ahead in every group stream: decoding one token, the hardware
     // prefetchers alone leave bandwidth unused. Two settings, chosen per CPU (CpuTuning in
@@ -250,6 +251,20 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
       for (size_t off = 0; off < sizeof(Block); off += 64)
         _mm_prefetch(reinterpret_cast<const char*>(block(g, b + kAhead)) + off,
                      kPrefetchL1 ? _MM_HINT_T0 : _MM_HINT_T1);
+    if constexpr (F == QFormat::Q4K) {
+      // q4k: each group's super-block headers are a second stream (at the group's end), one
+      // 64-byte line per 8 blocks; fetched a super-block ahead, and read once per super-block.
+      if (b % kQ4KSuper == 0) {
+        for (int g = 0; g < G; ++g) {
+          const uint8_t* grp = group + g * group_bytes;
+          if (b / kQ4KSuper + 1 < q4k_supers(n_blocks))
+            _mm_prefetch(reinterpret_cast<const char*>(q4k_header(grp, n_blocks, b / kQ4KSuper + 1)), _MM_HINT_T0);
+          const uint8_t* header = q4k_header(grp, n_blocks, b / kQ4KSuper);
+          super_d[g] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(header)));
+          super_m[g] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(header + kQ4KHeaderBytes / 2)));
+        }
+      }
+    }
     __m512i isum[G][MT][kChains], isum_hi[G][MT][kChains];
     for (int g = 0; g < G; ++g)
       for (int m = 0; m < MT; ++m)
@@ -291,13 +306,10 @@ void qtile(const uint8_t* group, size_t group_bytes, int n_blocks, const int8_t*
       if constexpr (F == QFormat::Q4K) {
         // xs (D sc isum - M mn xsum): 16 rows' scales and minimums widened from bytes.
         const Q4KBlock* blk = reinterpret_cast<const Q4KBlock*>(block(g, b));
-        const uint8_t* header = q4k_header(group + g * group_bytes, n_blocks, b / kQ4KSuper);
         const __m512 scale = _mm512_mul_ps(
-            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(header))),
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->sc)))));
+            super_d[g], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->sc)))));
         const __m512 offset = _mm512_mul_ps(
-            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(header + kQ4KHeaderBytes / 2))),
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->mn)))));
+            super_m[g], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->mn)))));
         for (int m = 0; m < MT; ++m) {
           __m512i s = isum[g][m][0];
           for (int j = 1; j < kChains; ++j) s = _mm512_add_epi32(s, isum[g][m][j]);
@@ -376,6 +388,7 @@ const KernelTable& avx512_kernels() {
     t.qgemm_int4 = l1 ? avx512::qgemm_tile<QFormat::Int4, true> : avx512::qgemm_tile<QFormat::Int4, false>;
     t.qgemm_q4k = l1 ? avx512::qgemm_tile<QFormat::Q4K, true> : avx512::qgemm_tile<QFormat::Q4K, false>;
     t.quantize_int4 = quantize_int4_avx512;
+    t.quantize_q4k = quantize_q4k_avx512;
     // Prefill with fp32 / bf16 weights (where AVX512-BF16 is absent): the AVX2 panel GEMM (its
     // 6 x 16 ymm tile; every AVX-512 CPU runs AVX2 code).
     t.f32_panel = avx2_kernels().f32_panel;

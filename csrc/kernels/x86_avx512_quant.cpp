@@ -74,3 +74,118 @@ void quantize_int4_avx512(const float* wt, Q4Block* blk) {
 }
 
 }  // namespace glm4rt
+
+namespace glm4rt {
+namespace {
+
+// std::min(a, b) is (b < a) ? b : a, which _mm512_min_ps(b, a) computes (the same value and the
+// same zero sign when a == b); likewise std::max(a, b) = _mm512_max_ps(b, a).
+inline __m512 std_min(__m512 a, __m512 b) { return _mm512_min_ps(b, a); }
+inline __m512 std_max(__m512 a, __m512 b) { return _mm512_max_ps(b, a); }
+inline __m512 negate(__m512 x) {  // -x: the sign bit flipped, as the reference's unary minus
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
+}
+
+// q4k_block_fit_ref for 16 rows: w[k] and v[k] of the block's weight k, one row per lane.
+void q4k_block_fit(const __m512* w, const float* v, __m512* s_out, __m512* o_out) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), fifteen = _mm512_set1_ps(15.0f);
+  __m512 lo = zero, hi = _mm512_set1_ps(-INFINITY), sw = zero, swx = zero;
+  for (int k = 0; k < kQBlock; ++k) {
+    const __m512 vk = v != nullptr ? _mm512_set1_ps(v[k]) : one;
+    lo = std_min(lo, w[k]);
+    hi = std_max(hi, w[k]);
+    sw = _mm512_add_ps(sw, vk);
+    swx = _mm512_add_ps(swx, _mm512_mul_ps(vk, w[k]));
+  }
+  const __m512 range = _mm512_sub_ps(hi, lo);
+  __m512 s_best = zero, o_best = lo;
+  const __mmask16 live = _mm512_cmp_ps_mask(range, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(sw, zero, _CMP_GT_OQ);
+  if (live == 0) {
+    *s_out = s_best;
+    *o_out = o_best;
+    return;
+  }
+  __m512 best_err = _mm512_set1_ps(INFINITY);
+  for (int step = 0; step <= 20; ++step) {
+    const __m512 iscale = _mm512_div_ps(_mm512_set1_ps(14.0f + 0.1f * static_cast<float>(step)), range);
+    __m512 l[kQBlock];
+    __m512 swl = zero, swll = zero, swlx = zero;
+    for (int k = 0; k < kQBlock; ++k)
+      l[k] = std_min(fifteen, std_max(zero, round_even(_mm512_mul_ps(iscale, _mm512_sub_ps(w[k], lo)))));
+    for (int k = 0; k < kQBlock; ++k) {
+      const __m512 vk = v != nullptr ? _mm512_set1_ps(v[k]) : one, vl = _mm512_mul_ps(vk, l[k]);
+      swl = _mm512_add_ps(swl, vl);
+      swll = _mm512_add_ps(swll, _mm512_mul_ps(vl, l[k]));
+      swlx = _mm512_add_ps(swlx, _mm512_mul_ps(vl, w[k]));
+    }
+    const __m512 det = _mm512_sub_ps(_mm512_mul_ps(sw, swll), _mm512_mul_ps(swl, swl));
+    const __mmask16 solved = _mm512_cmp_ps_mask(det, zero, _CMP_GT_OQ);
+    __m512 s = _mm512_maskz_div_ps(solved, _mm512_sub_ps(_mm512_mul_ps(sw, swlx), _mm512_mul_ps(swl, swx)), det);
+    __m512 o = _mm512_maskz_div_ps(solved, _mm512_sub_ps(_mm512_mul_ps(swll, swx), _mm512_mul_ps(swl, swlx)), det);
+    const __mmask16 refit = ~solved | _mm512_cmp_ps_mask(o, zero, _CMP_GT_OQ);
+    const __mmask16 usable = ~refit | _mm512_cmp_ps_mask(swll, zero, _CMP_GT_OQ);  // else: continue
+    o = _mm512_mask_mov_ps(o, refit, zero);
+    s = _mm512_mask_div_ps(s, refit, swlx, swll);
+    s = std_max(s, zero);
+    __m512 err = zero;
+    for (int k = 0; k < kQBlock; ++k) {
+      const __m512 vk = v != nullptr ? _mm512_set1_ps(v[k]) : one;
+      const __m512 e = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(s, l[k]), o), w[k]);
+      err = _mm512_add_ps(err, _mm512_mul_ps(_mm512_mul_ps(vk, e), e));
+    }
+    const __mmask16 take = live & usable & _mm512_cmp_ps_mask(err, best_err, _CMP_LT_OQ);
+    best_err = _mm512_mask_mov_ps(best_err, take, err);
+    s_best = _mm512_mask_mov_ps(s_best, take, s);
+    o_best = _mm512_mask_mov_ps(o_best, take, o);
+  }
+  *s_out = s_best;
+  *o_out = o_best;
+}
+
+}  // namespace
+
+// quantize_q4k_super_ref (quant.cpp) for the 16 rows of a group at once, one row per lane, every
+// operation in the reference's order: the same bytes.
+void quantize_q4k_avx512(const float* wt, int kb, const float* v, Q4KBlock* blk, uint8_t* header) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 s[kQ4KSuper], o[kQ4KSuper];
+  __m512 s_max = zero, o_max = zero;
+  for (int j = 0; j < kb; ++j) {
+    __m512 w[kQBlock];
+    for (int k = 0; k < kQBlock; ++k) w[k] = _mm512_loadu_ps(wt + (j * kQBlock + k) * kQGroupRows);
+    q4k_block_fit(w, v != nullptr ? v + j * kQBlock : nullptr, &s[j], &o[j]);
+    s_max = std_max(s_max, s[j]);
+    o_max = std_max(o_max, negate(o[j]));
+  }
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m256i dh = _mm512_cvtps_ph(_mm512_div_ps(s_max, _mm512_set1_ps(255.0f)), kRound);
+  const __m256i mh = _mm512_cvtps_ph(_mm512_div_ps(o_max, _mm512_set1_ps(255.0f)), kRound);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(header), dh);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(header + kQ4KHeaderBytes / 2), mh);
+  const __m512 d = _mm512_cvtph_ps(dh), m = _mm512_cvtph_ps(mh), c255 = _mm512_set1_ps(255.0f);
+  const __mmask16 d_pos = _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ), m_pos = _mm512_cmp_ps_mask(m, zero, _CMP_GT_OQ);
+  for (int j = 0; j < kb; ++j) {
+    const __m512 sc = _mm512_maskz_mov_ps(d_pos, std_min(c255, round_even(_mm512_div_ps(s[j], d))));
+    const __m512 mn = _mm512_maskz_mov_ps(m_pos, std_min(c255, round_even(_mm512_div_ps(negate(o[j]), m))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk[j].sc), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(sc)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk[j].mn), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(mn)));
+    const __m512 scale = _mm512_mul_ps(d, sc), offset = _mm512_mul_ps(m, mn);
+    const __mmask16 scale_pos = _mm512_cmp_ps_mask(scale, zero, _CMP_GT_OQ);
+    auto code = [&](int k) {
+      const __m512 w = _mm512_loadu_ps(wt + (j * kQBlock + k) * kQGroupRows);
+      const __m512 q = std_min(_mm512_set1_ps(15.0f),
+                               std_max(zero, round_even(_mm512_div_ps(_mm512_add_ps(w, offset), scale))));
+      return _mm512_cvttps_epi32(_mm512_maskz_mov_ps(scale_pos, q));
+    };
+    for (int c = 0; c < 4; ++c) {
+      __m512i bytes = _mm512_setzero_si512();
+      for (int b = 0; b < 4; ++b) {
+        const int k = 4 * c + b;
+        bytes = _mm512_or_si512(bytes, _mm512_slli_epi32(_mm512_or_si512(code(k), _mm512_slli_epi32(code(k + 16), 4)), 8 * b));
+      }
+      _mm512_storeu_si512(blk[j].codes + Q4KBlock::code_byte(0, 4 * c), bytes);
+    }
+  }
+}
+
+}  // namespace glm4rt
