@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--positions", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--formats", default="int8,int4", help="quantized formats (glm4rt int8/int4, llama.cpp Q8_0/Q4_0)")
+    p.add_argument("--formats", default="int8,int4,q4k",
+                   help="quantized formats (glm4rt int8/int4/q4k, llama.cpp Q8_0/Q4_0; q4k is glm4rt's only)")
     p.add_argument("--peers", default="llama,transformers", help="llama (GGUF logits), transformers (reference check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="quality")
@@ -120,8 +121,8 @@ def main(argv=None) -> int:
         say(f"\n== {label}")
         out = os.path.join(work, f"{engine}-{fmt}{'-' + isa if isa else ''}.npy")
         spec = dict(base, engine=engine, format=fmt, out=out, isa=isa)
-        if engine == "llama":
-            spec.update(gguf=built["gguf"][fmt], flash_attn=True)
+        if engine == "llama":  # without the AMX / repacked buffers: values, not speed (llama_tools.open_llama)
+            spec.update(gguf=built["gguf"][fmt], flash_attn=True, no_extra_bufts=True)
         r = run_child(spec, timeout)
         r.update(engine=engine, format=fmt, label=label, path=out)
         if r.get("status") != "ok":
@@ -176,8 +177,10 @@ def main(argv=None) -> int:
               + (", except glm4rt's AMX rows: on this CPU a forward of 40 tokens or more multiplies bf16 activations "
                  "with the weights dequantized to bf16 (what its prompts compute); the VNNI rows force the int8-"
                  "activation kernels (what its decode steps compute)." if amx else "."),
-              "- llama.cpp rows: `Llama(logits_all=True, flash_attn=True)`, f16 KV cache. GGUF tensors are "
+              "- llama.cpp rows: `Llama(logits_all=True, flash_attn=True)`, f16 KV cache, without its AMX / repacked "
+              "weight buffers (`use_extra_bufts=False`: its AMX buffer crashes on some Xeons). GGUF tensors are "
               "'pure' (token_embd and output in the named type as well).",
+              "- glm4rt q4k: plain rounding (no calibration text: random weights have no meaningful one).",
               "- With random weights the two best logits are close (gap above), so top-1 agreement understates what a "
               "trained model with peaked distributions would show; rel. RMS error and KL are the steadier figures.",
               "- A random network amplifies weight errors on their way to the logits (8-bit blocks have ~0.5% RMS weight "

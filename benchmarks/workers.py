@@ -210,9 +210,14 @@ class LlamaEngine:
         path = self.spec["gguf"]
         if not os.path.isfile(path):
             raise NotAvailable(f"no GGUF file {path}")
-        self.llm = Llama(model_path=path, n_ctx=self.spec["n_ctx"], n_threads=t, n_threads_batch=t,
-                         n_batch=512, n_ubatch=512, logits_all=logits_all,
-                         flash_attn=self.spec.get("flash_attn", True), verbose=False)
+        kwargs = dict(n_ctx=self.spec["n_ctx"], n_threads=t, n_threads_batch=t, n_batch=512, n_ubatch=512,
+                      logits_all=logits_all, flash_attn=self.spec.get("flash_attn", True), verbose=False)
+        if self.spec.get("no_extra_bufts"):  # llama.cpp's AMX buffer crashes on some Xeons (llama_tools.open_llama)
+            import llama_tools
+
+            self.llm = llama_tools.open_llama(path, **kwargs)
+        else:
+            self.llm = Llama(model_path=path, **kwargs)
         self.n_vocab = self.llm.n_vocab()
 
     def allocate(self, capacity: int) -> None:
