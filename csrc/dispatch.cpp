@@ -117,6 +117,9 @@ const CpuFeatures& cpu() {
 
 const KernelTable* table_for(const std::string& name) {
   if (name == "generic") return &generic_kernels();
+#if defined(GLM4RT_ARM64)
+  if (name == "neon") return &neon_kernels();
+#endif
 #if defined(GLM4RT_X86)
   if (name == "avx2" && cpu().avx2) return &avx2_kernels();
   if (name == "avx_vnni") {
@@ -214,6 +217,9 @@ void read_settings() {
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out{"generic"};
+#if defined(GLM4RT_ARM64)
+  out.push_back("neon");  // Advanced SIMD: every AArch64 CPU
+#endif
   if (cpu().avx2) out.push_back("avx2");
 #if defined(GLM4RT_AVXVNNI)
   const bool vex_vnni = cpu().avx_vnni;

@@ -264,6 +264,9 @@ const CpuTuning& cpu_tuning();
 
 // One function per ISA file; each returns its static table.
 const KernelTable& generic_kernels();
+#if defined(GLM4RT_ARM64)
+const KernelTable& neon_kernels();  // arm_neon.cpp: the generic table + NEON tiles
+#endif
 #if defined(GLM4RT_X86)
 void quantize_int4_avx2(const float* wt, Q4Block* blk);    // x86_avx2_quant.cpp
 void quantize_int4_avx512(const float* wt, Q4Block* blk);  // x86_avx512_quant.cpp

@@ -77,12 +77,23 @@ EOF
   run_python -c "import glm4rt, platform; print('glm4rt on', platform.machine(), 'ISAs', glm4rt.supported_isas())"
 }
 
-# From outside the source tree: there `import glm4rt` would find the sources, which have no aarch64
-# module.
+# The arm64 interpreter behind wrappers: qemu-user does not follow execve, so a program the emulated
+# Python starts would run natively; the tests start `sys.executable` and the `glm4rt` console
+# script, which are these wrappers (qemu's -0 sets argv[0], from which Python takes
+# sys.executable), first on PATH. From outside the source tree: there `import glm4rt` would find
+# the sources, which have no aarch64 module.
+wrappers() {
+  mkdir -p "$CACHE/bin"
+  printf '#!/bin/sh\nexec qemu-aarch64 -L "%s" -0 "%s" "%s" "$@"\n' "$ROOT" "$CACHE/bin/python" \
+    "$ROOT/usr/bin/python3.11" > "$CACHE/bin/python"
+  printf '#!/bin/sh\nexec "%s" -m glm4rt "$@"\n' "$CACHE/bin/python" > "$CACHE/bin/glm4rt"
+  chmod +x "$CACHE/bin/python" "$CACHE/bin/glm4rt"
+  ln -sf python "$CACHE/bin/python3"
+}
+
 run_python() {
-  local env=(-E PYTHONPATH="$PKG:$SITE")
-  [[ -n "${GLM4RT_ISA:-}" ]] && env+=(-E GLM4RT_ISA="$GLM4RT_ISA")
-  (cd "$CACHE" && qemu-aarch64 -L "$ROOT" "${env[@]}" "$ROOT/usr/bin/python3.11" "$@")
+  wrappers
+  (cd "$CACHE" && env PYTHONPATH="$PKG:$SITE" PATH="$CACHE/bin:$PATH" "$CACHE/bin/python" "$@")
 }
 
 # Test paths are taken relative to the repository.
