@@ -32,6 +32,7 @@ import numpy as np
 
 from .config import Glm4Config
 from .errors import CheckpointError, ConfigError
+from .weights import replacing
 from .quant import GROUP_ROWS, pack_codes, pack_q4k, quantize_weight
 
 ARCH = "glm4"
@@ -389,9 +390,14 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, name: str = "glm4rt e
     biases as F32 (BF16 where stored so).
     """
     gguf = _gguf()
-    cfg = model.config
     path = os.fspath(path)
-    tmp = path + ".partial"
+    with replacing(path) as tmp:
+        _write_gguf(gguf, model, tokenizer, tmp, name)
+    return path
+
+
+def _write_gguf(gguf, model, tokenizer, tmp: str, name: str) -> None:
+    cfg = model.config
     w = gguf.GGUFWriter(tmp, ARCH)
     w.add_name(name)
     add_glm4_metadata(w, cfg)
@@ -445,8 +451,6 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, name: str = "glm4rt e
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    os.replace(tmp, path)
-    return path
 
 
 def add_glm4_metadata(w, cfg) -> None:

@@ -7,7 +7,9 @@ are uint16 arrays holding the bit patterns, which the kernels read directly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ _DTYPES = {
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 _MAX_HEADER = 100_000_000  # the safetensors library's MAX_HEADER_SIZE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class SafetensorsFile:
                 pass
         except SafetensorError as e:
             raise CheckpointError(f"{path}: the safetensors library rejects the file ({e})") from None
-        self._map: np.memmap | None = None
+        self._map: np.memmap | None | bool = None  # False: the file cannot be mapped
 
     def _read_header(self) -> tuple[dict, int, int]:
         """The header as a dict, where the data section starts, and its size in bytes."""
@@ -173,15 +177,33 @@ class SafetensorsFile:
         copy when the tensor starts at an offset that is not a multiple of its element size, which
         the format allows but the kernels, reading typed pointers, do not)."""
         info = self.tensors[name]
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         dtype = _DTYPES[info.dtype]
-        view = self._map[info.start:info.end].view(dtype).reshape(info.shape)
-        if info.start % dtype.itemsize == 0:
+        data = self._bytes(info)
+        view = data.view(dtype).reshape(info.shape)
+        if data.ctypes.data % dtype.itemsize == 0:
             return view
         copy = view.copy()
         copy.flags.writeable = False
         return copy
+
+    def _bytes(self, info: TensorInfo) -> np.ndarray:
+        """A tensor's bytes: a view of the file's memory map, or (where the file cannot be mapped: a
+        file system without mmap, an address space too small) a read-only copy read from the file."""
+        if self._map is None:
+            try:
+                self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            except (OSError, ValueError) as e:
+                log.warning("%s: cannot memory-map the file (%s); reading its tensors into memory", self.path, e)
+                self._map = False
+        if self._map is not False:
+            return self._map[info.start:info.end]
+        data = np.empty(info.end - info.start, np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(data) != data.size:
+                raise CheckpointError(f"{self.path}: the file is shorter than when it was opened ({info.name!r} is cut)")
+        data.flags.writeable = False
+        return data
 
 
 class Checkpoint:
@@ -354,8 +376,32 @@ def save_safetensors(path: str, tensors: dict[str, np.ndarray], bf16: frozenset[
         arrays.append(a)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for a in arrays:
             f.write(memoryview(a).cast("B"))  # no copy: a 1 GB embedding must not be duplicated
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """Yields a temporary path beside ``path``; when the block ends without an error the file
+    written there replaces ``path`` in one rename (else it is removed).
+
+    A loaded model memory-maps its weights file: writing the new file over it in place (a model
+    saved back into its own directory) would truncate the pages the model is still reading from
+    while it is being written. After the rename the old file lives on, unnamed, until its map
+    closes (POSIX). Windows refuses to replace a mapped file: that is a clear error there.
+    """
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except PermissionError as e:
+            raise PermissionError(
+                f"cannot replace {path}: it is open, e.g. memory-mapped by a loaded model (Windows does not "
+                f"allow that); save to another directory ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

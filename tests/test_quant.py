@@ -256,6 +256,39 @@ def test_quantized_model_save_and_mmap_load(tmp_path, name, fmt):
         glm4rt.Glm4ForCausalLM.from_pretrained(tmp_path, quantization="int8" if fmt != "int8" else "int4")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_model_saved_back_into_its_own_directory(tmp_path, fmt):
+    """The loaded model reads its weights from the file's memory map while it writes the new file:
+    written in place, the file was truncated under the map (OSError 'Bad address' halfway, and the
+    checkpoint lost). The new file replaces the old one by a rename instead."""
+    g = golden("gqa1_official")
+    glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir("gqa1_official"), quantization=fmt).save_pretrained(tmp_path)
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(tmp_path)
+    logits = model(g["ids"]).logits
+    model.save_pretrained(tmp_path)
+    np.testing.assert_array_equal(model(g["ids"]).logits, logits)
+    np.testing.assert_array_equal(glm4rt.Glm4ForCausalLM.from_pretrained(tmp_path)(g["ids"]).logits, logits)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temporary file left
+
+
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_a_file_that_cannot_be_memory_mapped_is_read(tmp_path, monkeypatch, caplog, fmt):
+    """Where mmap fails (a file system without it, a 32-bit address space), the tensors are read
+    into memory instead, with a warning: the same logits."""
+    g = golden("gqa8_bf16_sharded")
+    expected = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir("gqa8_bf16_sharded"), quantization=fmt)
+    expected.save_pretrained(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap says on a file system that cannot map
+
+    monkeypatch.setattr(np, "memmap", refuse)
+    model = glm4rt.Glm4ForCausalLM.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(model(g["ids"]).logits, expected(g["ids"]).logits)
+    assert "cannot memory-map" in caplog.text
+    assert not model.named_parameters()["lm_head.weight" if fmt is None else "lm_head.qweight"].flags.writeable
+
+
 def test_streamed_quantization_equals_whole_matrix(monkeypatch):
     name = "gqa8_bf16_sharded"
     whole = glm4rt.Glm4ForCausalLM.from_pretrained(fixture_dir(name), quantization="int4")
