@@ -33,6 +33,7 @@ import http.client
 import json
 import os
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -75,6 +76,10 @@ def safetensors_bytes(ckpt: str) -> int:
     return total
 
 
+class ServerCrashed(RuntimeError):
+    """A server process died of SIGSEGV before it was ready."""
+
+
 class Server:
     """A server subprocess on a loopback port."""
 
@@ -85,7 +90,8 @@ class Server:
         deadline = time.time() + 900
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {self.proc.returncode}: see {self.log.name}")
+                error = ServerCrashed if self.proc.returncode == -signal.SIGSEGV else RuntimeError
+                raise error(f"{name} exited with {self.proc.returncode}: see {self.log.name}")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 conn.request("GET", "/health")
@@ -246,7 +252,7 @@ def parse_args(argv=None):
     return args
 
 
-def start_servers(args, fmt: str, ckpt: str) -> list[Server]:
+def start_servers(args, fmt: str, ckpt: str, notes: list[str]) -> list[Server]:
     n = max(args.clients + [4]) + 2  # the arrival measurement adds 2 requests to 4 streams
     servers = []
     qdir = os.path.join(CACHE, os.path.basename(ckpt) + f"-{fmt}")
@@ -265,11 +271,20 @@ def start_servers(args, fmt: str, ckpt: str) -> list[Server]:
         gguf = synth.ensure_gguf(ckpt, fmt, log=say)
         port = free_port()
         env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(binary))
-        servers.append(Server(f"llama.cpp {LLAMA_TYPES[fmt]}", [
-            binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
-            "-tb", str(args.threads), "-np", str(n), "-c", str(n * args.ctx), "-cb", "--no-webui",
-            "-b", "2048", "-ub", "512"], port,
-            sum(v for k, v in synth.gguf_tensor_bytes(gguf).items() if k != "token_embd.weight"), env=env))
+        cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
+               "-tb", str(args.threads), "-np", str(n), "-c", str(n * args.ctx), "-cb", "--no-webui",
+               "-b", "2048", "-ub", "512"]
+        weight_bytes = sum(v for k, v in synth.gguf_tensor_bytes(gguf).items() if k != "token_embd.weight")
+        name = f"llama.cpp {LLAMA_TYPES[fmt]}"
+        try:
+            servers.append(Server(name, cmd, port, weight_bytes, env=env))
+        except ServerCrashed:
+            # On Xeons with AMX, llama.cpp's AMX weight buffer (one of its "repacked" layouts) crashes
+            # at the first evaluation (SIGSEGV); --no-repack is what its users have to pass there.
+            say(f"{name} crashed at start; again with --no-repack")
+            notes.append(f"{name} crashed (SIGSEGV) at start with its default weight repacking on this "
+                         "CPU and ran with `--no-repack`")
+            servers.append(Server(name, cmd + ["--no-repack"], port, weight_bytes, env=env))
     for s in servers:  # the first request pages the memory-mapped weights in: not measured
         stream_completion(s.port, list(range(300, 316)), 4)
     return servers
@@ -287,9 +302,10 @@ def main(argv=None) -> int:
     ckpt = synth.ensure_checkpoint(g, log=say)
     synth.ensure_tokenizer(ckpt, g.vocab_size)
     results = {"command": command, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "machine": os.popen("lscpu | grep 'Model name'").read().strip(), "settings": vars(args), "formats": {}}
+               "machine": os.popen("lscpu | grep 'Model name'").read().strip(), "settings": vars(args), "formats": {},
+               "notes": []}
     for fmt in args.formats:
-        servers = start_servers(args, fmt, ckpt)
+        servers = start_servers(args, fmt, ckpt, results["notes"])
         res = {s.name: {"concurrency": {}, "arrival": [], "prefix": [], "one_stream": [],
                         "weight_gb": s.weight_bytes / 1e9} for s in servers}
         try:
@@ -335,6 +351,7 @@ def main(argv=None) -> int:
 def render(results: dict) -> str:
     lines = [f"# Serving benchmark ({results['date']})", "", f"Command: `{results['command']}`", "",
              f"Machine: {results['machine']}", ""]
+    lines += [f"Note: {n}." for n in results.get("notes", [])] + ([""] if results.get("notes") else [])
     ms = lambda x: f"{x * 1e3:.0f}"  # noqa: E731
     for fmt, res in results["formats"].items():
         names = list(res)
