@@ -10,14 +10,26 @@
 #include <omp.h>
 #endif
 
-#if defined(GLM4RT_X86)
+#if defined(GLM4RT_X86) && defined(_MSC_VER)
+#include <intrin.h>  // __cpuidex, _xgetbv
+#elif defined(GLM4RT_X86)
 #include <cpuid.h>
 #endif
 #if defined(GLM4RT_AMX)
 #include <sys/syscall.h>
+#include <unistd.h>
 #endif
-#if defined(__unix__)
-#include <unistd.h>  // environ (and syscall)
+#if defined(GLM4RT_ARM64) && defined(__linux__)
+#include <sys/auxv.h>  // getauxval
+#elif defined(GLM4RT_ARM64) && defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+#if defined(_WIN32)
+#include <stdlib.h>  // _environ
+#elif defined(__APPLE__)
+#include <crt_externs.h>  // _NSGetEnviron
+#else
+extern char** environ;  // POSIX: the process environment (declared by <unistd.h> only with _GNU_SOURCE)
 #endif
 
 namespace glm4rt {
@@ -29,6 +41,8 @@ struct CpuFeatures {
   bool avx512 = false;
   bool avx512_bf16 = false;
   bool amx = false;  // AMX-TILE + AMX-BF16, tile state enabled by the OS and granted to this process
+  bool dotprod = false;  // ARM64 SDOT / UDOT (FEAT_DotProd)
+  bool i8mm = false;     // ARM64 SMMLA (FEAT_I8MM)
 };
 
 #if defined(GLM4RT_AMX)
@@ -41,24 +55,62 @@ bool request_amx_permission() {
 #endif
 
 #if defined(GLM4RT_X86)
+// CPUID leaf / sub-leaf into r = {eax, ebx, ecx, edx}; false where the CPU lacks the leaf.
+bool cpuid(unsigned int leaf, unsigned int sub, unsigned int (&r)[4]) {
+#if defined(_MSC_VER)
+  int regs[4];
+  __cpuid(regs, static_cast<int>(leaf & 0x80000000u));  // the highest leaf of this range
+  if (static_cast<unsigned int>(regs[0]) < leaf) return false;
+  __cpuidex(regs, static_cast<int>(leaf), static_cast<int>(sub));
+  for (int i = 0; i < 4; ++i) r[i] = static_cast<unsigned int>(regs[i]);
+  return true;
+#else
+  return __get_cpuid_count(leaf, sub, &r[0], &r[1], &r[2], &r[3]) != 0;
+#endif
+}
+
+// XCR0: which register states the OS saves (and so allows).
 unsigned long long xgetbv0() {
+#if defined(_MSC_VER)
+  return _xgetbv(0);
+#else
   unsigned int eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
   return (static_cast<unsigned long long>(edx) << 32) | eax;
+#endif
+}
+#endif
+
+#if defined(GLM4RT_ARM64) && defined(__APPLE__)
+bool sysctl_flag(const char* name) {  // hw.optional.arm.FEAT_*: 1 where the CPU has it
+  int value = 0;
+  size_t size = sizeof value;
+  return sysctlbyname(name, &value, &size, nullptr, 0) == 0 && value == 1;
 }
 #endif
 
 CpuFeatures detect() {
   CpuFeatures f;
+#if defined(GLM4RT_ARM64) && defined(__linux__)
+  // The kernel's hardware capability words (asm/hwcap.h): HWCAP_ASIMDDP, HWCAP2_I8MM.
+  constexpr unsigned long kHwcapAsimdDp = 1ul << 20, kHwcap2I8mm = 1ul << 13;
+  f.dotprod = (getauxval(AT_HWCAP) & kHwcapAsimdDp) != 0;
+  f.i8mm = f.dotprod && (getauxval(AT_HWCAP2) & kHwcap2I8mm) != 0;
+#elif defined(GLM4RT_ARM64) && defined(__APPLE__)
+  f.dotprod = sysctl_flag("hw.optional.arm.FEAT_DotProd");
+  f.i8mm = f.dotprod && sysctl_flag("hw.optional.arm.FEAT_I8MM");
+#endif
 #if defined(GLM4RT_X86)
-  unsigned int eax, ebx, ecx, edx;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return f;
+  unsigned int r[4];
+  if (!cpuid(1, 0, r)) return f;
+  unsigned int eax = r[0], ebx = r[1], ecx = r[2], edx = r[3];
   bool osxsave = ecx & (1u << 27), fma = ecx & (1u << 12), f16c = ecx & (1u << 29);
   if (!osxsave) return f;
   unsigned long long xcr0 = xgetbv0();
   bool os_avx = (xcr0 & 0x6) == 0x6;        // XMM and YMM state saved by the OS
   bool os_avx512 = (xcr0 & 0xE6) == 0xE6;   // + opmask, ZMM_Hi256, Hi16_ZMM
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return f;
+  if (!cpuid(7, 0, r)) return f;
+  eax = r[0], ebx = r[1], ecx = r[2], edx = r[3];
   bool avx2 = ebx & (1u << 5);
   bool avx512f = ebx & (1u << 16), avx512dq = ebx & (1u << 17);
   bool avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31), avx512vnni = ecx & (1u << 11);
@@ -68,7 +120,8 @@ CpuFeatures detect() {
   // The avx512 kernels use VNNI for the quantized dot products (Ice Lake, Zen 4 and later);
   // AVX-512 CPUs without it (Skylake-X) run the avx2 kernels.
   f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni;
-  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) {
+  if (cpuid(7, 1, r)) {
+    eax = r[0];
     f.avx_vnni = f.avx2 && (eax & (1u << 4));
     // bf16 dot products (vdpbf16ps) for bf16 weights: CPUID.(7, 1):EAX bit 5.
     f.avx512_bf16 = f.avx512 && (eax & (1u << 5));
@@ -86,8 +139,9 @@ CpuFeatures detect() {
 // CPUID leaf 0's vendor string (EBX, EDX, ECX), e.g. "GenuineIntel", "AuthenticAMD".
 bool vendor_is(const char (&name)[13]) {
 #if defined(GLM4RT_X86)
-  unsigned int eax, regs[3];
-  if (!__get_cpuid(0, &eax, &regs[0], &regs[2], &regs[1])) return false;
+  unsigned int r[4];
+  if (!cpuid(0, 0, r)) return false;
+  const unsigned int regs[3] = {r[1], r[3], r[2]};  // EBX, EDX, ECX
   char vendor[12];
   std::memcpy(vendor, regs, sizeof vendor);
   return std::memcmp(vendor, name, sizeof vendor) == 0;
@@ -100,8 +154,9 @@ bool vendor_is(const char (&name)[13]) {
 // AMD family 0x1A (Zen 5) and later.
 bool detect_zen5_or_later() {
 #if defined(GLM4RT_X86)
-  unsigned int eax, ebx, ecx, edx;
-  if (!vendor_is("AuthenticAMD") || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  unsigned int r[4];
+  if (!vendor_is("AuthenticAMD") || !cpuid(1, 0, r)) return false;
+  const unsigned int eax = r[0];
   unsigned int family = (eax >> 8) & 0xF;
   if (family == 0xF) family += (eax >> 20) & 0xFF;
   return family >= 0x1A;
@@ -119,6 +174,8 @@ const KernelTable* table_for(const std::string& name) {
   if (name == "generic") return &generic_kernels();
 #if defined(GLM4RT_ARM64)
   if (name == "neon") return &neon_kernels();
+  if (name == "dotprod" && cpu().dotprod) return &dotprod_kernels();
+  if (name == "i8mm" && cpu().i8mm) return &i8mm_kernels();
 #endif
 #if defined(GLM4RT_X86)
   if (name == "avx2" && cpu().avx2) return &avx2_kernels();
@@ -179,9 +236,15 @@ constexpr const char* kDevSettings[] = {"GLM4RT_DEV_DECODE_PREFETCH", "GLM4RT_DE
 // Every GLM4RT_DEV_* variable must be one of kDevSettings: a misspelt override would otherwise
 // be ignored, and a benchmark would measure the default without saying so.
 void reject_unknown_dev_settings() {
-#if defined(__unix__)
+#if defined(_WIN32)
+  char** const env = _environ;
+#elif defined(__APPLE__)
+  char** const env = *_NSGetEnviron();
+#else
+  char** const env = environ;
+#endif
   constexpr char kPrefix[] = "GLM4RT_DEV_";
-  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+  for (char** e = env; e != nullptr && *e != nullptr; ++e) {
     if (std::strncmp(*e, kPrefix, sizeof kPrefix - 1) != 0) continue;
     const std::string name(*e, std::strcspn(*e, "="));
     bool known = false;
@@ -192,7 +255,6 @@ void reject_unknown_dev_settings() {
     }
     GLM4RT_CHECK(known) << "unknown developer setting " << name << " (known: " << list << ")";
   }
-#endif
 }
 
 CpuTuning read_cpu_tuning() {
@@ -219,6 +281,8 @@ std::vector<std::string> supported_isas() {
   std::vector<std::string> out{"generic"};
 #if defined(GLM4RT_ARM64)
   out.push_back("neon");  // Advanced SIMD: every AArch64 CPU
+  if (cpu().dotprod) out.push_back("dotprod");
+  if (cpu().i8mm) out.push_back("i8mm");
 #endif
   if (cpu().avx2) out.push_back("avx2");
 #if defined(GLM4RT_AVXVNNI)

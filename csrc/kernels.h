@@ -4,10 +4,18 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <limits>
+#if defined(_MSC_VER) && defined(_M_X64)
+#include <intrin.h>  // _mm_prefetch
+#endif
 
 #include "quant.h"
 
 namespace glm4rt {
+
+// -inf as a constant (a constant expression: no call of numeric_limits' inline function is left in
+// the ISA files, whose copy of it could be the one the linker keeps).
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // A float the compiler must hold in a register: the scalar k tails that contract into FMAs
 // (-mfma) read their operands through it, so that they stay the same FMA, in register form.
@@ -15,17 +23,34 @@ namespace glm4rt {
 // (vfmadd231ss m32) and faults when the float is the last one before an unmapped page. Without
 // FMA contraction (the generic kernels, other architectures) it is the identity.
 inline float in_register(float v) {
-#if defined(__FMA__)
+#if defined(__FMA__) && defined(__GNUC__)
   __asm__("" : "+x"(v));
 #endif
   return v;
 }
 
+// Prefetch the cache line at p for reading; locality 3 = into L1 (and every level), 2 = into L2.
+// GCC and Clang have the builtin; MSVC has the x86 intrinsic; elsewhere it is a hint left out.
+#if defined(__GNUC__)
+#define GLM4RT_PREFETCH(p, locality) __builtin_prefetch((p), 0, (locality))
+#elif defined(_MSC_VER) && defined(_M_X64)
+#define GLM4RT_PREFETCH(p, locality) \
+  _mm_prefetch(reinterpret_cast<const char*>(p), (locality) == 3 ? _MM_HINT_T0 : _MM_HINT_T1)
+#else
+#define GLM4RT_PREFETCH(p, locality) static_cast<void>(p)
+#endif
+
 // Put before each loop over a tile's accumulator array that runs after its k loop (the sums'
 // reduction and store): fully unrolled, so that every accumulator is a register. A loop GCC leaves
 // rolled indexes the array, which then lives on the stack, and GCC stores every accumulator to it
 // on every step of the k loop (a 4 x 4 bf16 dot tile ran at a third of its speed).
+#if defined(__clang__)
+#define GLM4RT_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
 #define GLM4RT_UNROLL _Pragma("GCC unroll 64")
+#else
+#define GLM4RT_UNROLL
+#endif
 
 // How far ahead of their loads the dot-form tiles (avx2, avx512, avx512_bf16) prefetch each weight
 // row into L1: without it a tile of 4 tokens read its weights at half the bandwidth of one token's
@@ -265,7 +290,9 @@ const CpuTuning& cpu_tuning();
 // One function per ISA file; each returns its static table.
 const KernelTable& generic_kernels();
 #if defined(GLM4RT_ARM64)
-const KernelTable& neon_kernels();  // arm_neon.cpp: the generic table + NEON tiles
+const KernelTable& neon_kernels();     // arm_neon.cpp: the generic table + NEON tiles
+const KernelTable& dotprod_kernels();  // arm_dotprod.cpp: the neon table + SDOT quantized tiles
+const KernelTable& i8mm_kernels();     // arm_i8mm.cpp: the neon table + SMMLA (and SDOT) quantized tiles
 #endif
 #if defined(GLM4RT_X86)
 void quantize_int4_avx2(const float* wt, Q4Block* blk);    // x86_avx2_quant.cpp

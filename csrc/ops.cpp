@@ -201,7 +201,7 @@ void matmul_f32_panels(const KernelTable& kt, Pack pack, const float* x, int M, 
           if (k0 + kb < K)  // the next block's rows, into L2 while the tiles run
             for (int r = 0; r < nn; ++r)
               for (size_t off = 0; off < kF32PanelK * sizeof(W); off += 64)
-                __builtin_prefetch(reinterpret_cast<const char*>(w + static_cast<size_t>(n0 + r) * K + k0 + kb) + off, 0, 2);
+                GLM4RT_PREFETCH(reinterpret_cast<const char*>(w + static_cast<size_t>(n0 + r) * K + k0 + kb) + off, 2);
           for (int i = 0; i < mb; i += T)
             kt.f32_panel(x + static_cast<size_t>(m0 + i) * K + k0, K, buf, kb,
                          y + static_cast<size_t>(m0 + i) * N + n0, N, std::min(T, mb - i), nn, k0 > 0);
@@ -399,8 +399,8 @@ void matmul_bf16(const float* x, int M, int K, const uint16_t* w, int N, const f
       }, [&](int row0, int n, int b) {  // 64 bytes of each row (w rows are not 64-byte aligned: 2 lines)
         for (int r = 0; r < n; ++r) {
           const char* p = reinterpret_cast<const char*>(w + static_cast<size_t>(row0 + r) * K + 32 * b);
-          __builtin_prefetch(p, 0, 2);
-          __builtin_prefetch(p + 63, 0, 2);
+          GLM4RT_PREFETCH(p, 2);
+          GLM4RT_PREFETCH(p + 63, 2);
         }
       }, bias, y);
       break;
@@ -440,7 +440,7 @@ void qmatmul(QFormat f, const float* x, int M, int K, const uint8_t* packed, int
     }, [&](int row0, int n, int b) {
       for (int g = row0 / kQGroupRows; g < (row0 + n + kQGroupRows - 1) / kQGroupRows; ++g)
         for (size_t off = 0; off < block_bytes; off += 64)
-          __builtin_prefetch(packed + g * group_bytes + b * block_bytes + off, 0, 2);
+          GLM4RT_PREFETCH(packed + g * group_bytes + b * block_bytes + off, 2);
     }, bias, y);
     return;
   }

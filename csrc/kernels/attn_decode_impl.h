@@ -35,7 +35,7 @@ constexpr int kPrefetchKeys = 16;
 
 inline void prefetch_row(const float* row, int d) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int off = 0; off < d * static_cast<int>(sizeof(float)); off += 64) __builtin_prefetch(p + off, 0, 3);
+  for (int off = 0; off < d * static_cast<int>(sizeof(float)); off += 64) GLM4RT_PREFETCH(p + off, 3);
 }
 
 // Scores of the keys [s0, s0 + ns) of one chunk: sc[j * 16 + h] = scale * q_h . k_{s0+j}, -inf

@@ -313,7 +313,7 @@ void attn_rows(const AmxAttnRows& a) {
   float* st = ot + static_cast<size_t>(kAmxAttnRows) * d;                // S^T [32 keys][32 rows]
   float* mx = st + 32 * 32;                                              // [rows] running maxima
   float* l = mx + kAmxAttnRows;                                          // [rows] running sums
-  const float neg_inf = -__builtin_inff();
+  const float neg_inf = kNegInf;
   int vis[kAmxAttnRows];  // causal limits, 0 for the padding rows of the last block
   int rb_vis[kAmxAttnRows / 32] = {};
   for (int r = 0; r < n_rb * 32; ++r) {

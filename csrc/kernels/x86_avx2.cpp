@@ -2,6 +2,8 @@
 // <immintrin.h>, everything internal to this file. k tails are finished with scalar code.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "../kernels.h"
 #include "../quant.h"
 #include "attn_decode_impl.h"
@@ -238,14 +240,14 @@ struct Vec8 {  // the decode attention's vector (attn_decode_impl.h)
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
-  static R finite_or_zero(R m) { return _mm256_and_ps(_mm256_cmp_ps(m, set1(-__builtin_inff()), _CMP_NEQ_OQ), m); }
+  static R finite_or_zero(R m) { return _mm256_and_ps(_mm256_cmp_ps(m, set1(kNegInf), _CMP_NEQ_OQ), m); }
   static R exp_visible(R s, R m) {
-    return _mm256_and_ps(_mm256_cmp_ps(s, set1(-__builtin_inff()), _CMP_NEQ_OQ), exp8(_mm256_sub_ps(s, m)));
+    return _mm256_and_ps(_mm256_cmp_ps(s, set1(kNegInf), _CMP_NEQ_OQ), exp8(_mm256_sub_ps(s, m)));
   }
 };
 
 void softmax(float* x, int n) {
-  const float neg_inf = -__builtin_inff();
+  const float neg_inf = kNegInf;
   float m = neg_inf;
   for (int i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   if (m == neg_inf) {
@@ -373,7 +375,7 @@ void f32_pack(const W* w, size_t ldw, int n, int kc, float* wp) {
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
-  __builtin_memcpy(&v, p, sizeof v);
+  std::memcpy(&v, p, sizeof v);
   return v;
 }
 

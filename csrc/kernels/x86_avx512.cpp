@@ -3,6 +3,8 @@
 // no AVX-512 code can leak into the generic path through a shared inline function.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "../kernels.h"
 #include "../quant.h"
 #include "attn_decode_impl.h"
@@ -164,18 +166,18 @@ struct Vec16 {  // the decode attention's vector (attn_decode_impl.h)
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
-  static R finite_or_zero(R m) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, set1(-__builtin_inff()), _CMP_NEQ_OQ), m); }
+  static R finite_or_zero(R m) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, set1(kNegInf), _CMP_NEQ_OQ), m); }
   static R exp_visible(R s, R m) {
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, set1(-__builtin_inff()), _CMP_NEQ_OQ), exp16(_mm512_sub_ps(s, m)));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, set1(kNegInf), _CMP_NEQ_OQ), exp16(_mm512_sub_ps(s, m)));
   }
 };
 
 void softmax(float* x, int n) {
-  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
   __m512 mx = neg_inf;
   for (int i = 0; i < n; i += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, tail_mask(n - i), x + i));
   const float m = _mm512_reduce_max_ps(mx);
-  if (m == -__builtin_inff()) {
+  if (m == kNegInf) {
     for (int i = 0; i < n; ++i) x[i] = 0.0f;
     return;
   }
@@ -208,17 +210,17 @@ void silu_mul(const float* gate, const float* up, float* out, int n) {
 
 // ---- quantized weights (layout in quant.h): VNNI dot products, 16 rows per zmm -------------
 
-inline int32_t load_i32(const int8_t* p) {
-  int32_t v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
 // acc += dot4(w (u8), broadcast of the 4 bytes at x (s8)): the broadcast is folded into the
 // instruction ({1to16} memory operand), which the compiler does not do by itself.
 inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* x) {
+#if defined(__GNUC__)
   __asm__("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*reinterpret_cast<const int32_t*>(x)));
   return acc;
+#else  // MSVC: no GNU inline assembly; the same instruction after a separate broadcast
+  int32_t x4;
+  std::memcpy(&x4, x, sizeof x4);
+  return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4));
+#endif
 }
 
 // mt tokens x 16 rows (x G groups). Each 64-byte load holds 4 consecutive k of all 16 rows (one

@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "../quant.h"
 
@@ -23,7 +24,7 @@ namespace avx_vnni {
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
-  __builtin_memcpy(&v, p, sizeof v);
+  std::memcpy(&v, p, sizeof v);
   return v;
 }
 
