@@ -130,7 +130,7 @@ def on_isa(isa, fn):
 def test_supported_isas_and_set_isa():
     assert ISAS[0] == "generic"
     assert set(ISAS) <= {"generic", "avx2", "avx_vnni", "avx512", "avx512_bf16", "amx"} or \
-        set(ISAS) <= {"generic", "neon"}  # x86-64 or ARM64
+        set(ISAS) <= {"generic", "neon", "dotprod", "i8mm"}  # x86-64 or ARM64
     for isa in ISAS:
         ops.set_isa(isa)
         assert ops.cpu_isa() == isa
