@@ -43,6 +43,7 @@ struct CpuFeatures {
   bool amx = false;  // AMX-TILE + AMX-BF16, tile state enabled by the OS and granted to this process
   bool dotprod = false;  // ARM64 SDOT / UDOT (FEAT_DotProd)
   bool i8mm = false;     // ARM64 SMMLA (FEAT_I8MM)
+  bool bf16 = false;     // ARM64 BFDOT / BFMMLA (FEAT_BF16), with FEAT_I8MM (both Armv8.6)
 };
 
 #if defined(GLM4RT_AMX)
@@ -93,12 +94,14 @@ CpuFeatures detect() {
   CpuFeatures f;
 #if defined(GLM4RT_ARM64) && defined(__linux__)
   // The kernel's hardware capability words (asm/hwcap.h): HWCAP_ASIMDDP, HWCAP2_I8MM.
-  constexpr unsigned long kHwcapAsimdDp = 1ul << 20, kHwcap2I8mm = 1ul << 13;
+  constexpr unsigned long kHwcapAsimdDp = 1ul << 20, kHwcap2I8mm = 1ul << 13, kHwcap2Bf16 = 1ul << 14;
   f.dotprod = (getauxval(AT_HWCAP) & kHwcapAsimdDp) != 0;
   f.i8mm = f.dotprod && (getauxval(AT_HWCAP2) & kHwcap2I8mm) != 0;
+  f.bf16 = f.i8mm && (getauxval(AT_HWCAP2) & kHwcap2Bf16) != 0;
 #elif defined(GLM4RT_ARM64) && defined(__APPLE__)
   f.dotprod = sysctl_flag("hw.optional.arm.FEAT_DotProd");
   f.i8mm = f.dotprod && sysctl_flag("hw.optional.arm.FEAT_I8MM");
+  f.bf16 = f.i8mm && sysctl_flag("hw.optional.arm.FEAT_BF16");
 #endif
 #if defined(GLM4RT_X86)
   unsigned int r[4];
@@ -176,6 +179,7 @@ const KernelTable* table_for(const std::string& name) {
   if (name == "neon") return &neon_kernels();
   if (name == "dotprod" && cpu().dotprod) return &dotprod_kernels();
   if (name == "i8mm" && cpu().i8mm) return &i8mm_kernels();
+  if (name == "bf16" && cpu().bf16) return &bf16_kernels();
 #endif
 #if defined(GLM4RT_X86)
   if (name == "avx2" && cpu().avx2) return &avx2_kernels();
@@ -283,6 +287,7 @@ std::vector<std::string> supported_isas() {
   out.push_back("neon");  // Advanced SIMD: every AArch64 CPU
   if (cpu().dotprod) out.push_back("dotprod");
   if (cpu().i8mm) out.push_back("i8mm");
+  if (cpu().bf16) out.push_back("bf16");
 #endif
   if (cpu().avx2) out.push_back("avx2");
 #if defined(GLM4RT_AVXVNNI)

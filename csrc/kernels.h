@@ -250,7 +250,7 @@ struct KernelTable {
   F32Panel f32_panel = nullptr;
   F32PackF32 f32_pack = nullptr;
   F32PackBF16 f32_pack_bf16 = nullptr;
-  // AVX512-BF16: avx512_bf16 and amx only.
+  // bf16 x bf16 products: avx512_bf16 and amx (AVX512-BF16), and ARM64's bf16 (BFDOT; dot tiles only).
   GemmTileBF16x gemm_tile_bf16x = nullptr;
   // The same dot tiles for one token too (no 4-chain GEMV): every output element is summed in
   // one order whatever m, for batch-invariant mode (ops.cpp, matmul_path).
@@ -293,6 +293,7 @@ const KernelTable& generic_kernels();
 const KernelTable& neon_kernels();     // arm_neon.cpp: the generic table + NEON tiles
 const KernelTable& dotprod_kernels();  // arm_dotprod.cpp: the neon table + SDOT quantized tiles
 const KernelTable& i8mm_kernels();     // arm_i8mm.cpp: the neon table + SMMLA (and SDOT) quantized tiles
+const KernelTable& bf16_kernels();     // arm_bf16.cpp: the i8mm table + BFDOT tiles for bf16 weights
 #endif
 #if defined(GLM4RT_X86)
 void quantize_int4_avx2(const float* wt, Q4Block* blk);    // x86_avx2_quant.cpp

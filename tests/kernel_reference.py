@@ -20,6 +20,12 @@ def ref_linear(x, w, bias=None):
     return y
 
 
+# The kernel sets whose bf16-weight products run on bf16 dot-product instructions (vdpbf16ps, the AMX
+# tile unit, ARM's BFDOT): their sums round differently from fp32 FMAs, and denormal inputs are
+# flushed to zero.
+BF16_DOT_ISAS = ("avx512_bf16", "amx", "bf16")
+
+
 def takes_amx_tiles(isa: str, m: int) -> bool:
     """Whether a quantized matmul of m tokens runs on the AMX tiles (bf16 activations)."""
     return isa == "amx" and m >= ops.AMX_MIN_TOKENS_QUANT

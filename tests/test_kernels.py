@@ -14,7 +14,7 @@ import pytest
 import glm4rt
 from glm4rt import ops
 from helpers import round_bf16, widen_bf16
-from kernel_reference import ref_linear
+from kernel_reference import BF16_DOT_ISAS, ref_linear
 
 ISAS = glm4rt.supported_isas()
 
@@ -130,7 +130,7 @@ def on_isa(isa, fn):
 def test_supported_isas_and_set_isa():
     assert ISAS[0] == "generic"
     assert set(ISAS) <= {"generic", "avx2", "avx_vnni", "avx512", "avx512_bf16", "amx"} or \
-        set(ISAS) <= {"generic", "neon", "dotprod", "i8mm"}  # x86-64 or ARM64
+        set(ISAS) <= {"generic", "neon", "dotprod", "i8mm", "bf16"}  # x86-64 or ARM64
     for isa in ISAS:
         ops.set_isa(isa)
         assert ops.cpu_isa() == isa
@@ -216,15 +216,15 @@ def test_linear_matches_reference(isa, wdtype, with_bias, M, K, N):
 @pytest.mark.parametrize("M", [1, 5, 70])  # gemv, dot-form tiles, panels (bf16 or fp32)
 def test_linear_bf16_is_fp32_on_rounded_inputs(isa, M):
     # bf16 weights take bf16-rounded activations: the same products as the fp32 path on the
-    # rounded x and the widened weights. Without AVX512-BF16 it is that very computation (bitwise);
-    # vdpbf16ps sums in another order.
+    # rounded x and the widened weights. Without bf16 dot products it is that very computation
+    # (bitwise); vdpbf16ps and BFDOT sum in another order (BFDOT: rounded to odd).
     rng = np.random.default_rng(5)
     x = f32(rng, M, 600)
     bits = ops.f32_to_bf16(f32(rng, 70, 600))
     ops.set_isa(isa)
     y_bf16 = ops.linear(x, bits)
     y_f32 = ops.linear(round_bf16(x).astype(np.float32), widen_bf16(bits).astype(np.float32))
-    if isa in ("avx512_bf16", "amx"):
+    if isa in BF16_DOT_ISAS:
         np.testing.assert_allclose(y_bf16, y_f32, rtol=1e-5, atol=1e-5 * np.sqrt(600))
     else:
         np.testing.assert_array_equal(y_bf16, y_f32)
@@ -260,7 +260,7 @@ def test_bf16_rounding_of_activations_is_nearest_even_everywhere():
         for isa in ISAS:
             ops.set_isa(isa)
             y = ops.linear(x, w)
-            if isa in ("avx512_bf16", "amx"):  # vdpbf16ps and the tile unit flush denormal inputs to zero
+            if isa in BF16_DOT_ISAS:  # vdpbf16ps, the tile unit and BFDOT flush denormal inputs to zero
                 expected_isa = expected.copy()
                 expected_isa[:, 4] = 0.0
                 np.testing.assert_array_equal(y, expected_isa, err_msg=isa)

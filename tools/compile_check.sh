@@ -101,6 +101,7 @@ EOF
   file "$build/libglm4rt_kernels.a" | head -1
   llvm-objdump-14 -d --mattr=+dotprod,+i8mm "$build"/CMakeFiles/glm4rt_kernels.dir/csrc/kernels/arm_i8mm.cpp.o | grep -c smmla | sed 's/^/smmla instructions in arm_i8mm.o: /'
   llvm-objdump-14 -d --mattr=+dotprod,+i8mm "$build"/CMakeFiles/glm4rt_kernels.dir/csrc/kernels/arm_dotprod.cpp.o | grep -c sdot | sed 's/^/sdot instructions in arm_dotprod.o: /'
+  llvm-objdump-14 -d --mattr=+bf16 "$build"/CMakeFiles/glm4rt_kernels.dir/csrc/kernels/arm_bf16.cpp.o | grep -c bfdot | sed "s/^/bfdot instructions in arm_bf16.o: /"
 }
 
 status=0

@@ -13,11 +13,9 @@ template <QFormat F>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y, size_t ldy,
                 int rows) {
-  for (int g = 0; g < n_groups && rows > g * kQGroupRows; ++g) {
-    const int r = rows - g * kQGroupRows < kQGroupRows ? rows - g * kQGroupRows : kQGroupRows;
-    arm_dot::sdot_group<F>(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, 0, mt,
-                           y + g * kQGroupRows, ldy, r);
-  }
+  arm_quant::for_each_group(group, group_bytes, n_groups, y, rows, [&](const uint8_t* gp, float* yg, int r) {
+    arm_dot::sdot_group<F>(gp, n_blocks, xq, xs, xsum, ldq, lds, 0, mt, yg, ldy, r);
+  });
 }
 
 }  // namespace

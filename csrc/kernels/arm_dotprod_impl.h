@@ -1,64 +1,25 @@
 // The quantized group kernel of CPUs with the dot product instructions (FEAT_DotProd: SDOT),
-// included by arm_dotprod.cpp and arm_i8mm.cpp inside their own anonymous namespaces (each file
-// compiles it with its own -march).
+// included by arm_dotprod.cpp and arm_i8mm.cpp (each compiles it with its own -march, inside its
+// own anonymous namespace).
 //
 // Quantized layout (quant.h): a 16-byte load of a 64-byte chunk is 4 rows x 4 consecutive k, row r
 // in 32-bit lane r, so one SDOT by the 4 activation bytes of those k (lane-indexed from a 16-byte
-// load of x) adds the 4 rows' dot products to 4 int32 lanes directly.
-//
-// Per token, row and block the float arithmetic is the NEON kernel's, operation for operation
-// (integer block sum -> float, one multiply-add by scale * x-scale, in block order), so every
-// ARM quantized path gives the same bits for a row whatever the number of tokens beside it.
+// load of x) adds the 4 rows' dot products to 4 int32 lanes directly. The float part is
+// arm_quant::scale_block, the NEON kernel's.
 #pragma once
 #include <arm_neon.h>
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 
 #include "../quant.h"
+#include "arm_quant_common.h"
 
 namespace glm4rt {
 namespace {  // one copy per including file: each is compiled with its own -march
 namespace arm_dot {
 
-inline float32x4_t widen_fp16(const uint8_t* p) {  // 4 fp16 -> fp32
-  uint16_t h[4];
-  std::memcpy(h, p, sizeof h);
-  return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
-}
-
-inline float32x4_t widen_u8(const uint8_t* p) {  // 4 bytes -> fp32
-  uint8_t b[8] = {p[0], p[1], p[2], p[3], 0, 0, 0, 0};
-  return vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vld1_u8(b)))));
-}
-
-// The signed codes of 16 stored bytes (4 rows x 4 k): int8 stored q + 128, int4 nibbles 0..15.
-template <QFormat F, bool kHigh>
-inline int8x16_t codes_of(uint8x16_t v) {
-  if constexpr (F == QFormat::Int8) return vreinterpretq_s8_u8(veorq_u8(v, vdupq_n_u8(0x80)));
-  else if constexpr (kHigh) return vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
-  else return vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
-}
-
-// acc[qr] (rows 4 qr .. 4 qr + 3) += the block's contribution, given its integer sums isum.
-template <QFormat F>
-inline float32x4_t scale_block(float32x4_t acc, int32x4_t isum, const uint8_t* group, int n_blocks, int b,
-                               const uint8_t* blk, int qr, float xsb, int32_t sx) {
-  if constexpr (F == QFormat::Q4K) {
-    const Q4KBlock* kb = reinterpret_cast<const Q4KBlock*>(blk);
-    const uint8_t* header = q4k_header(group, n_blocks, b / kQ4KSuper);
-    const float32x4_t scale = vmulq_f32(widen_fp16(header + 8 * qr), widen_u8(kb->sc + 4 * qr));
-    const float32x4_t offset = vmulq_f32(widen_fp16(header + kQ4KHeaderBytes / 2 + 8 * qr), widen_u8(kb->mn + 4 * qr));
-    acc = vfmaq_f32(acc, vcvtq_f32_s32(isum), vmulq_n_f32(scale, xsb));
-    return vfmsq_f32(acc, offset, vdupq_n_f32(xsb * static_cast<float>(sx)));
-  } else {
-    using Block = QBlock<F != QFormat::Int8>;
-    const Block* q = reinterpret_cast<const Block*>(blk);
-    const int32x4_t s = F == QFormat::Int4 ? vsubq_s32(isum, vdupq_n_s32(8 * sx)) : isum;
-    return vfmaq_f32(acc, vcvtq_f32_s32(s), vmulq_n_f32(widen_fp16(q->scales + 8 * qr), xsb));
-  }
-}
+using arm_quant::codes_of;
 
 // One group (16 rows) for tokens m0 .. m1 - 1, one token at a time: y[m, r] for r < rows.
 template <QFormat F>
@@ -97,7 +58,7 @@ void sdot_group(const uint8_t* group, int n_blocks, const int8_t* xq, const floa
           isum = vdotq_laneq_s32(isum, (codes_of<F, false>(vld1q_u8(c + 6 * kQChunkBytes))), x1, 2);
           isum = vdotq_laneq_s32(isum, (codes_of<F, false>(vld1q_u8(c + 7 * kQChunkBytes))), x1, 3);
         }
-        acc[qr] = scale_block<F>(acc[qr], isum, group, n_blocks, b, blk, qr, xs[m * lds + b], xsum[m * lds + b]);
+        acc[qr] = arm_quant::scale_block<F>(acc[qr], isum, group, n_blocks, b, blk, qr, xs[m * lds + b], xsum[m * lds + b]);
       }
     }
     float out[16];

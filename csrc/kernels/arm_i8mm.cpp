@@ -48,37 +48,37 @@ void smmla_group(const uint8_t* group, int n_blocks, const int8_t* xq, const flo
       if constexpr (kInt4) {  // chunk j: low nibbles k = 4j .., high nibbles k = 16 + 4j ..
         for (int j = 0; j < 4; j += 2) {
           const uint8x16_t v0 = vld1q_u8(c + j * kQChunkBytes), v1 = vld1q_u8(c + (j + 1) * kQChunkBytes);
-          zip_rows(arm_dot::codes_of<F, false>(v0), arm_dot::codes_of<F, false>(v1), w01, w23);
+          zip_rows(arm_quant::codes_of<F, false>(v0), arm_quant::codes_of<F, false>(v1), w01, w23);
           const int8x16_t lo = vcombine_s8(vld1_s8(xa + 4 * j), vld1_s8(xb + 4 * j));
           s01 = vmmlaq_s32(s01, lo, w01);
           s23 = vmmlaq_s32(s23, lo, w23);
-          zip_rows(arm_dot::codes_of<F, true>(v0), arm_dot::codes_of<F, true>(v1), w01, w23);
+          zip_rows(arm_quant::codes_of<F, true>(v0), arm_quant::codes_of<F, true>(v1), w01, w23);
           const int8x16_t hi = vcombine_s8(vld1_s8(xa + 16 + 4 * j), vld1_s8(xb + 16 + 4 * j));
           s01 = vmmlaq_s32(s01, hi, w01);
           s23 = vmmlaq_s32(s23, hi, w23);
         }
       } else {  // chunk j: k = 4j ..
         for (int j = 0; j < 8; j += 2) {
-          zip_rows(arm_dot::codes_of<F, false>(vld1q_u8(c + j * kQChunkBytes)),
-                   arm_dot::codes_of<F, false>(vld1q_u8(c + (j + 1) * kQChunkBytes)), w01, w23);
+          zip_rows(arm_quant::codes_of<F, false>(vld1q_u8(c + j * kQChunkBytes)),
+                   arm_quant::codes_of<F, false>(vld1q_u8(c + (j + 1) * kQChunkBytes)), w01, w23);
           const int8x16_t x = vcombine_s8(vld1_s8(xa + 4 * j), vld1_s8(xb + 4 * j));
           s01 = vmmlaq_s32(s01, x, w01);
           s23 = vmmlaq_s32(s23, x, w23);
         }
       }
-      // Per token and row the operations of arm_dot::scale_block, in its order.
+      // Per token and row the operations of arm_quant::scale_block, in its order.
       const float32x4_t xsv = per_token(xsa, xsb);
       if constexpr (F == QFormat::Q4K) {
         const Q4KBlock* kb = reinterpret_cast<const Q4KBlock*>(blk);
         const uint8_t* header = q4k_header(group, n_blocks, b / kQ4KSuper);
-        const float32x4_t scale = vmulq_f32(arm_dot::widen_fp16(header + 8 * qr), arm_dot::widen_u8(kb->sc + 4 * qr));
+        const float32x4_t scale = vmulq_f32(arm_quant::widen_fp16(header + 8 * qr), arm_quant::widen_u8(kb->sc + 4 * qr));
         const float32x4_t offset =
-            vmulq_f32(arm_dot::widen_fp16(header + kQ4KHeaderBytes / 2 + 8 * qr), arm_dot::widen_u8(kb->mn + 4 * qr));
+            vmulq_f32(arm_quant::widen_fp16(header + kQ4KHeaderBytes / 2 + 8 * qr), arm_quant::widen_u8(kb->mn + 4 * qr));
         const float32x4_t xsx = per_token(xsa * static_cast<float>(sxa), xsb * static_cast<float>(sxb));
         acc[qr][0] = vfmsq_f32(vfmaq_f32(acc[qr][0], vcvtq_f32_s32(s01), vmulq_f32(rows01(scale), xsv)), rows01(offset), xsx);
         acc[qr][1] = vfmsq_f32(vfmaq_f32(acc[qr][1], vcvtq_f32_s32(s23), vmulq_f32(rows23(scale), xsv)), rows23(offset), xsx);
       } else {
-        const float32x4_t d = arm_dot::widen_fp16(reinterpret_cast<const Block*>(blk)->scales + 8 * qr);
+        const float32x4_t d = arm_quant::widen_fp16(reinterpret_cast<const Block*>(blk)->scales + 8 * qr);
         if constexpr (F == QFormat::Int4) {
           const int32x4_t off = vcombine_s32(vdup_n_s32(8 * sxa), vdup_n_s32(8 * sxb));
           s01 = vsubq_s32(s01, off);
@@ -107,14 +107,11 @@ template <QFormat F>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y, size_t ldy,
                 int rows) {
-  for (int g = 0; g < n_groups && rows > g * kQGroupRows; ++g) {
-    const int r = rows - g * kQGroupRows < kQGroupRows ? rows - g * kQGroupRows : kQGroupRows;
-    const uint8_t* gp = group + g * group_bytes;
-    float* yg = y + g * kQGroupRows;
+  arm_quant::for_each_group(group, group_bytes, n_groups, y, rows, [&](const uint8_t* gp, float* yg, int r) {
     int m = 0;
     for (; m + 2 <= mt; m += 2) smmla_group<F>(gp, n_blocks, xq, xs, xsum, ldq, lds, m, yg, ldy, r);
     if (m < mt) arm_dot::sdot_group<F>(gp, n_blocks, xq, xs, xsum, ldq, lds, m, mt, yg, ldy, r);
-  }
+  });
 }
 
 }  // namespace

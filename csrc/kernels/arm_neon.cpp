@@ -14,6 +14,7 @@
 
 #include "../kernels.h"
 #include "../quant.h"
+#include "arm_quant_common.h"
 #include "attn_decode_impl.h"
 
 namespace glm4rt {
@@ -115,17 +116,6 @@ inline int8x16_t bcast4(const int8_t* x) {
   return vreinterpretq_s8_s32(vdupq_n_s32(v));
 }
 
-inline float32x4_t widen_fp16(const uint8_t* p) {  // 4 fp16 -> fp32
-  uint16_t h[4];
-  std::memcpy(h, p, sizeof h);
-  return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
-}
-
-inline float32x4_t widen_u8(const uint8_t* p) {  // 4 bytes -> fp32
-  uint8_t b[8] = {p[0], p[1], p[2], p[3], 0, 0, 0, 0};
-  return vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vld1_u8(b)))));
-}
-
 // One group (16 rows) for mt tokens: y[m, r] = sum_b xs (d (sum q x - offset sum x)) (int8 / int4),
 // or sum_b xs (D sc sum q x - M mn sum x) (q4k).
 template <QFormat F>
@@ -133,7 +123,6 @@ void qgemm_group(const uint8_t* group, int n_blocks, const int8_t* xq, const flo
                  size_t ldq, size_t lds, int mt, float* y, size_t ldy, int rows) {
   constexpr bool kInt4 = F != QFormat::Int8;
   using Block = QBlock<kInt4>;
-  const uint8x16_t low4 = vdupq_n_u8(0x0f), flip = vdupq_n_u8(0x80);
   for (int m = 0; m < mt; ++m) {
     float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
     for (int b = 0; b < n_blocks; ++b) {
@@ -146,27 +135,18 @@ void qgemm_group(const uint8_t* group, int n_blocks, const int8_t* xq, const flo
         if (kInt4) {
           for (int c = 0; c < 4; ++c) {
             const uint8x16_t v = vld1q_u8(blk->codes + Block::code_byte(4 * qr, 4 * c));
-            mac4x4(pairs, vreinterpretq_s8_u8(vandq_u8(v, low4)), bcast4(x + 4 * c));          // k = 4c ..
-            mac4x4(pairs, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), bcast4(x + 16 + 4 * c));      // k = 16 + 4c ..
+            mac4x4(pairs, arm_quant::codes_of<F, false>(v), bcast4(x + 4 * c));       // k = 4c ..
+            mac4x4(pairs, arm_quant::codes_of<F, true>(v), bcast4(x + 16 + 4 * c));   // k = 16 + 4c ..
           }
         } else {
           for (int c = 0; c < 8; ++c) {
             const uint8x16_t v = vld1q_u8(blk->codes + Block::code_byte(4 * qr, 4 * c));
-            mac4x4(pairs, vreinterpretq_s8_u8(veorq_u8(v, flip)), bcast4(x + 4 * c));  // stored q + 128 -> q
+            mac4x4(pairs, arm_quant::codes_of<F, false>(v), bcast4(x + 4 * c));
           }
         }
         const int32x4_t isum = vpaddq_s32(pairs[0], pairs[1]);  // rows 4 qr .. 4 qr + 3
-        if constexpr (F == QFormat::Q4K) {
-          const Q4KBlock* kb = reinterpret_cast<const Q4KBlock*>(blk);
-          const uint8_t* header = q4k_header(group, n_blocks, b / kQ4KSuper);
-          const float32x4_t scale = vmulq_f32(widen_fp16(header + 8 * qr), widen_u8(kb->sc + 4 * qr));
-          const float32x4_t offset = vmulq_f32(widen_fp16(header + kQ4KHeaderBytes / 2 + 8 * qr), widen_u8(kb->mn + 4 * qr));
-          acc[qr] = vfmaq_f32(acc[qr], vcvtq_f32_s32(isum), vmulq_n_f32(scale, xsb));
-          acc[qr] = vfmsq_f32(acc[qr], offset, vdupq_n_f32(xsb * static_cast<float>(sx)));
-        } else {
-          const int32x4_t s = F == QFormat::Int4 ? vsubq_s32(isum, vdupq_n_s32(8 * sx)) : isum;
-          acc[qr] = vfmaq_f32(acc[qr], vcvtq_f32_s32(s), vmulq_n_f32(widen_fp16(blk->scales + 8 * qr), xsb));
-        }
+        acc[qr] = arm_quant::scale_block<F>(acc[qr], isum, group, n_blocks, b, reinterpret_cast<const uint8_t*>(blk),
+                                            qr, xsb, sx);
       }
     }
     float out[16];
@@ -179,10 +159,9 @@ template <QFormat F>
 void qgemm_tile(const uint8_t* group, size_t group_bytes, int n_groups, int n_blocks, const int8_t* xq,
                 const float* xs, const int32_t* xsum, size_t ldq, size_t lds, int mt, float* y, size_t ldy,
                 int rows) {
-  for (int g = 0; g < n_groups && rows > g * kQGroupRows; ++g) {
-    const int r = rows - g * kQGroupRows < kQGroupRows ? rows - g * kQGroupRows : kQGroupRows;
-    qgemm_group<F>(group + g * group_bytes, n_blocks, xq, xs, xsum, ldq, lds, mt, y + g * kQGroupRows, ldy, r);
-  }
+  arm_quant::for_each_group(group, group_bytes, n_groups, y, rows, [&](const uint8_t* gp, float* yg, int r) {
+    qgemm_group<F>(gp, n_blocks, xq, xs, xsum, ldq, lds, mt, yg, ldy, r);
+  });
 }
 
 }  // namespace
