@@ -22,6 +22,11 @@ def test_python_m_pytest_from_the_source_tree_with_a_regular_install(tmp_path):
     site = tmp_path / "site"
     shutil.copytree(os.path.join(ROOT, "glm4rt"), site / "glm4rt", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(glm4rt.ops._C.__file__, site / "glm4rt")
+    # A wheel repaired by auditwheel loads its own copy of libgomp from glm4rt.libs/ beside the
+    # package (_C's RPATH is $ORIGIN/../glm4rt.libs).
+    libs = os.path.join(os.path.dirname(os.path.dirname(glm4rt.ops._C.__file__)), "glm4rt.libs")
+    if os.path.isdir(libs):
+        shutil.copytree(libs, site / "glm4rt.libs")
     check = "tests/test_source_tree.py::test_the_imported_glm4rt_has_its_kernels"
     paths = os.pathsep.join([str(site), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     env = {**os.environ, "PYTHONPATH": paths}
