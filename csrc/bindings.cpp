@@ -319,6 +319,20 @@ PYBIND11_MODULE(_C, m) {
     return glm4rt::stream_read(p, n);
   }, py::arg("data"), "Read every byte with the kernel threads (memory bandwidth probe); returns a checksum.");
   m.def("supported_isas", &glm4rt::supported_isas);
+  m.def("x86_cpuid", [] {
+    const glm4rt::X86Cpuid c = glm4rt::x86_cpuid();
+    py::dict d;
+    d["leaf1_ecx"] = c.leaf1_ecx, d["leaf7_ebx"] = c.leaf7_ebx, d["leaf7_ecx"] = c.leaf7_ecx;
+    d["leaf7_edx"] = c.leaf7_edx, d["leaf7_1_eax"] = c.leaf7_1_eax, d["xcr0"] = c.xcr0;
+    return d;
+  }, "This CPU's CPUID feature words and XCR0 (zeros on other architectures).");
+  m.def("x86_isas_for", [](unsigned int leaf1_ecx, unsigned int leaf7_ebx, unsigned int leaf7_ecx,
+                           unsigned int leaf7_edx, unsigned int leaf7_1_eax, unsigned long long xcr0,
+                           bool amx_granted) {
+    return glm4rt::x86_isas_for({leaf1_ecx, leaf7_ebx, leaf7_ecx, leaf7_edx, leaf7_1_eax, xcr0}, amx_granted);
+  }, py::arg("leaf1_ecx"), py::arg("leaf7_ebx"), py::arg("leaf7_ecx"), py::arg("leaf7_edx"),
+     py::arg("leaf7_1_eax"), py::arg("xcr0"), py::arg("amx_granted"),
+     "The kernel sets supported_isas() would list for these CPUID / XCR0 values (tests of the OS checks).");
   m.attr("AMX_MIN_TOKENS_QUANT") = glm4rt::kAmxMinTokensQuant;
   m.attr("AMX_MIN_QUERIES_ATTN") = glm4rt::kAmxMinQueriesAttn;
   m.attr("AMX_MIN_KEYS_ATTN") = glm4rt::kAmxMinKeysAttn;

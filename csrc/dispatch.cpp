@@ -82,6 +82,19 @@ unsigned long long xgetbv0() {
 }
 #endif
 
+#if defined(GLM4RT_X86)
+X86Cpuid read_x86_cpuid() {
+  X86Cpuid c;
+  unsigned int r[4];
+  if (!cpuid(1, 0, r)) return c;
+  c.leaf1_ecx = r[2];
+  if (c.leaf1_ecx & (1u << 27)) c.xcr0 = xgetbv0();  // XGETBV exists where OSXSAVE is set
+  if (cpuid(7, 0, r)) c.leaf7_ebx = r[1], c.leaf7_ecx = r[2], c.leaf7_edx = r[3];
+  if (cpuid(7, 1, r)) c.leaf7_1_eax = r[0];
+  return c;
+}
+#endif
+
 #if defined(GLM4RT_ARM64) && defined(__APPLE__)
 bool sysctl_flag(const char* name) {  // hw.optional.arm.FEAT_*: 1 where the CPU has it
   int value = 0;
@@ -89,6 +102,56 @@ bool sysctl_flag(const char* name) {  // hw.optional.arm.FEAT_*: 1 where the CPU
   return sysctlbyname(name, &value, &size, nullptr, 0) == 0 && value == 1;
 }
 #endif
+
+// The x86 kernel sets that CPUID's feature bits and the OS's XCR0 allow: an instruction set counts
+// only where the OS also saves its registers (YMM for AVX2; opmask and ZMM for AVX-512; the tile
+// state for AMX, which Linux further grants per process: grant_amx, asked last, may be null).
+// Pure bit logic, also reachable from Python for the tests (x86_isas_for).
+CpuFeatures x86_features(const X86Cpuid& c, bool (*grant_amx)()) {
+  CpuFeatures f;
+  const bool osxsave = c.leaf1_ecx & (1u << 27), fma = c.leaf1_ecx & (1u << 12), f16c = c.leaf1_ecx & (1u << 29);
+  if (!osxsave) return f;  // no XGETBV: the OS saves no AVX state
+  const bool os_avx = (c.xcr0 & 0x6) == 0x6;         // XMM and YMM state saved by the OS
+  const bool os_avx512 = (c.xcr0 & 0xE6) == 0xE6;    // + opmask, ZMM_Hi256, Hi16_ZMM
+  const bool os_amx = (c.xcr0 & 0x60000) == 0x60000;  // XTILECFG and XTILEDATA
+  const unsigned int ebx = c.leaf7_ebx, ecx = c.leaf7_ecx, edx = c.leaf7_edx;
+  const bool avx2 = ebx & (1u << 5);
+  const bool avx512f = ebx & (1u << 16), avx512dq = ebx & (1u << 17);
+  const bool avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31), avx512vnni = ecx & (1u << 11);
+  const bool amx_bf16 = edx & (1u << 22), amx_tile = edx & (1u << 24);
+  f.avx2 = os_avx && avx2 && fma && f16c;
+  // The avx512 kernels use VNNI for the quantized dot products (Ice Lake, Zen 4 and later);
+  // AVX-512 CPUs without it (Skylake-X) run the avx2 kernels.
+  f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni;
+  f.avx_vnni = f.avx2 && (c.leaf7_1_eax & (1u << 4));
+  // bf16 dot products (vdpbf16ps) for bf16 weights: CPUID.(7, 1):EAX bit 5.
+  f.avx512_bf16 = f.avx512 && (c.leaf7_1_eax & (1u << 5));
+  // The amx table extends the avx512_bf16 one (its packing kernels convert with AVX512-BF16).
+  f.amx = f.avx512_bf16 && amx_tile && amx_bf16 && os_amx && grant_amx != nullptr && grant_amx();
+  return f;
+}
+
+// The names of the sets `f` allows, best last.
+std::vector<std::string> isas_of(const CpuFeatures& f) {
+  std::vector<std::string> out{"generic"};
+#if defined(GLM4RT_ARM64)
+  out.push_back("neon");  // Advanced SIMD: every AArch64 CPU
+  if (f.dotprod) out.push_back("dotprod");
+  if (f.i8mm) out.push_back("i8mm");
+  if (f.bf16) out.push_back("bf16");
+#endif
+  if (f.avx2) out.push_back("avx2");
+#if defined(GLM4RT_AVXVNNI)
+  const bool vex_vnni = f.avx_vnni;
+#else
+  const bool vex_vnni = false;
+#endif
+  if (vex_vnni || f.avx512) out.push_back("avx_vnni");
+  if (f.avx512) out.push_back("avx512");
+  if (f.avx512_bf16) out.push_back("avx512_bf16");
+  if (f.amx) out.push_back("amx");
+  return out;
+}
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -104,36 +167,10 @@ CpuFeatures detect() {
   f.bf16 = f.i8mm && sysctl_flag("hw.optional.arm.FEAT_BF16");
 #endif
 #if defined(GLM4RT_X86)
-  unsigned int r[4];
-  if (!cpuid(1, 0, r)) return f;
-  unsigned int eax = r[0], ebx = r[1], ecx = r[2], edx = r[3];
-  bool osxsave = ecx & (1u << 27), fma = ecx & (1u << 12), f16c = ecx & (1u << 29);
-  if (!osxsave) return f;
-  unsigned long long xcr0 = xgetbv0();
-  bool os_avx = (xcr0 & 0x6) == 0x6;        // XMM and YMM state saved by the OS
-  bool os_avx512 = (xcr0 & 0xE6) == 0xE6;   // + opmask, ZMM_Hi256, Hi16_ZMM
-  if (!cpuid(7, 0, r)) return f;
-  eax = r[0], ebx = r[1], ecx = r[2], edx = r[3];
-  bool avx2 = ebx & (1u << 5);
-  bool avx512f = ebx & (1u << 16), avx512dq = ebx & (1u << 17);
-  bool avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31), avx512vnni = ecx & (1u << 11);
-  bool amx_bf16 = edx & (1u << 22), amx_tile = edx & (1u << 24);
-  bool os_amx = (xcr0 & 0x60000) == 0x60000;  // XTILECFG and XTILEDATA
-  f.avx2 = os_avx && avx2 && fma && f16c;
-  // The avx512 kernels use VNNI for the quantized dot products (Ice Lake, Zen 4 and later);
-  // AVX-512 CPUs without it (Skylake-X) run the avx2 kernels.
-  f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni;
-  if (cpuid(7, 1, r)) {
-    eax = r[0];
-    f.avx_vnni = f.avx2 && (eax & (1u << 4));
-    // bf16 dot products (vdpbf16ps) for bf16 weights: CPUID.(7, 1):EAX bit 5.
-    f.avx512_bf16 = f.avx512 && (eax & (1u << 5));
-  }
 #if defined(GLM4RT_AMX)
-  // The amx table extends the avx512_bf16 one (its packing kernels convert with AVX512-BF16).
-  f.amx = f.avx512_bf16 && amx_tile && amx_bf16 && os_amx && request_amx_permission();
+  f = x86_features(read_x86_cpuid(), request_amx_permission);
 #else
-  (void)amx_bf16, (void)amx_tile, (void)os_amx;
+  f = x86_features(read_x86_cpuid(), nullptr);
 #endif
 #endif
   return f;
@@ -281,25 +318,26 @@ void read_settings() {
   kernels();
 }
 
-std::vector<std::string> supported_isas() {
-  std::vector<std::string> out{"generic"};
-#if defined(GLM4RT_ARM64)
-  out.push_back("neon");  // Advanced SIMD: every AArch64 CPU
-  if (cpu().dotprod) out.push_back("dotprod");
-  if (cpu().i8mm) out.push_back("i8mm");
-  if (cpu().bf16) out.push_back("bf16");
-#endif
-  if (cpu().avx2) out.push_back("avx2");
-#if defined(GLM4RT_AVXVNNI)
-  const bool vex_vnni = cpu().avx_vnni;
+std::vector<std::string> supported_isas() { return isas_of(cpu()); }
+
+X86Cpuid x86_cpuid() {
+#if defined(GLM4RT_X86)
+  return read_x86_cpuid();
 #else
-  const bool vex_vnni = false;
+  return X86Cpuid{};
 #endif
-  if (vex_vnni || cpu().avx512) out.push_back("avx_vnni");
-  if (cpu().avx512) out.push_back("avx512");
-  if (cpu().avx512_bf16) out.push_back("avx512_bf16");
-  if (cpu().amx) out.push_back("amx");
-  return out;
+}
+
+std::vector<std::string> x86_isas_for(const X86Cpuid& c, bool amx_granted) {
+  bool (*const grant)() = [] { return true; };
+  CpuFeatures f = x86_features(c, amx_granted ? grant : nullptr);
+#if !defined(GLM4RT_AMX)
+  f.amx = false;  // this build has no AMX kernels (not Linux, or the compiler lacks AMX)
+#endif
+#if !defined(GLM4RT_X86)
+  f = CpuFeatures{};  // no x86 kernel sets in this build
+#endif
+  return isas_of(f);
 }
 
 void set_isa(const std::string& name) {

@@ -11,6 +11,18 @@ namespace glm4rt {
 
 // ISAs this CPU (and its OS) can run, best last: always starts with "generic".
 std::vector<std::string> supported_isas();
+
+// What x86's CPUID (leaf 1 ECX; leaf 7 EBX, ECX, EDX; leaf 7.1 EAX) and XGETBV(0) report.
+struct X86Cpuid {
+  unsigned int leaf1_ecx = 0, leaf7_ebx = 0, leaf7_ecx = 0, leaf7_edx = 0, leaf7_1_eax = 0;
+  unsigned long long xcr0 = 0;
+};
+// The ISAs supported_isas() would list for these register values (amx_granted: whether Linux
+// would grant the AMX tile state), for the tests of the OS checks (an OS that does not save
+// AVX-512 or AMX state). Only the sets of this build.
+std::vector<std::string> x86_isas_for(const X86Cpuid& c, bool amx_granted);
+// This CPU's values (zeros on other architectures).
+X86Cpuid x86_cpuid();
 // Select the kernel table by name; throws if the name is unknown or the CPU cannot run it.
 void set_isa(const std::string& name);
 // Name of the active table.

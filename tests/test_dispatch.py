@@ -9,6 +9,7 @@ import tempfile
 import pytest
 
 import glm4rt
+from glm4rt import ops
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -141,3 +142,65 @@ def test_openmp_threads_spin_briefly_unless_the_user_chose():
         theirs = _run("import os, glm4rt; print(os.environ['%s'])" % var, OMP_DISPLAY_ENV="verbose", **{var: value})
         assert theirs.returncode == 0, theirs.stderr
         assert shown in theirs.stderr and theirs.stdout.strip() == value
+
+
+# ---- the OS checks: what CPUID and XCR0 allow (csrc/dispatch.cpp, x86_features) -----------------
+
+# A CPU with every x86 feature the kernel sets use (a Sapphire Rapids class Xeon), bit by bit from
+# Intel's SDM: CPUID.1:ECX OSXSAVE 27, FMA 12, F16C 29; CPUID.7.0:EBX AVX2 5, AVX512F 16, DQ 17,
+# BW 30, VL 31; ECX AVX512_VNNI 11; EDX AMX_BF16 22, AMX_TILE 24; CPUID.7.1:EAX AVX_VNNI 4,
+# AVX512_BF16 5. XCR0: x87 0, SSE 1, AVX 2, opmask 5, ZMM_Hi256 6, Hi16_ZMM 7, XTILECFG 17,
+# XTILEDATA 18.
+FULL = dict(leaf1_ecx=(1 << 27) | (1 << 12) | (1 << 29),
+            leaf7_ebx=(1 << 5) | (1 << 16) | (1 << 17) | (1 << 30) | (1 << 31),
+            leaf7_ecx=1 << 11, leaf7_edx=(1 << 22) | (1 << 24), leaf7_1_eax=(1 << 4) | (1 << 5),
+            xcr0=0b111 | (0b111 << 5) | (0b11 << 17))
+x86_only = pytest.mark.skipif("neon" in glm4rt.supported_isas(), reason="x86 kernel sets: not in an ARM64 build")
+
+
+def _isas(amx_granted=True, **changes):
+    return ops._C.x86_isas_for(**{**FULL, **changes}, amx_granted=amx_granted)
+
+
+@x86_only
+def test_the_sets_of_this_cpu_follow_from_its_cpuid_and_xcr0():
+    regs = ops._C.x86_cpuid()
+    assert ops._C.x86_isas_for(**regs, amx_granted="amx" in glm4rt.supported_isas()) == glm4rt.supported_isas()
+
+
+@x86_only
+def test_every_feature_and_state_gives_every_set():
+    isas = _isas()
+    assert isas[:5] == ["generic", "avx2", "avx_vnni", "avx512", "avx512_bf16"]
+    assert isas[5:] in ([], ["amx"])  # amx where this build has its kernels (Linux, GCC 11 / Clang 12)
+
+
+@x86_only
+def test_an_os_that_does_not_save_avx512_state_gets_no_avx512_set():
+    # The CPU has AVX-512, but the OS does not save opmask / ZMM registers (XCR0 bits 5-7 clear):
+    # AVX-512 instructions would fault, so no set that uses them is offered.
+    for missing in (1 << 5, 1 << 6, 1 << 7):
+        isas = _isas(xcr0=FULL["xcr0"] & ~missing)
+        assert not {"avx512", "avx512_bf16", "amx"} & set(isas), hex(missing)
+        assert isas[:2] == ["generic", "avx2"] and isas[2:] in ([], ["avx_vnni"])  # VEX VNNI, if built
+    assert _isas(xcr0=FULL["xcr0"] & ~0xE0, leaf7_1_eax=1 << 5) == ["generic", "avx2"]  # no AVX-VNNI either
+
+
+@x86_only
+def test_an_os_that_does_not_save_ymm_state_gets_only_generic():
+    assert _isas(xcr0=0b011) == ["generic"]
+    assert _isas(leaf1_ecx=FULL["leaf1_ecx"] & ~(1 << 27)) == ["generic"]  # no OSXSAVE: no XGETBV
+
+
+@x86_only
+def test_amx_needs_the_tile_state_and_the_permission():
+    assert "amx" not in _isas(xcr0=FULL["xcr0"] & ~(1 << 18))
+    assert "amx" not in _isas(xcr0=FULL["xcr0"] & ~(1 << 17))
+    assert "amx" not in _isas(amx_granted=False)  # Linux refused the tile data permission
+    assert _isas(amx_granted=False)[-1] == "avx512_bf16"
+
+
+@x86_only
+def test_avx512_without_vnni_runs_the_avx2_sets():
+    # Skylake-X: AVX-512 F/BW/VL/DQ but no VNNI; the avx512 kernels need VNNI.
+    assert _isas(leaf7_ecx=0, leaf7_1_eax=0) == ["generic", "avx2"]
