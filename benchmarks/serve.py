@@ -77,7 +77,7 @@ def safetensors_bytes(ckpt: str) -> int:
 
 
 class ServerCrashed(RuntimeError):
-    """A server process died of SIGSEGV before it was ready."""
+    """A server process died of SIGSEGV or SIGILL before it was ready."""
 
 
 class Server:
@@ -90,7 +90,7 @@ class Server:
         deadline = time.time() + 900
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                error = ServerCrashed if self.proc.returncode == -signal.SIGSEGV else RuntimeError
+                error = ServerCrashed if self.proc.returncode in (-signal.SIGSEGV, -signal.SIGILL) else RuntimeError
                 raise error(f"{name} exited with {self.proc.returncode}: see {self.log.name}")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -280,9 +280,10 @@ def start_servers(args, fmt: str, ckpt: str, notes: list[str]) -> list[Server]:
             servers.append(Server(name, cmd, port, weight_bytes, env=env))
         except ServerCrashed:
             # On Xeons with AMX, llama.cpp's AMX weight buffer (one of its "repacked" layouts) crashes
-            # at the first evaluation (SIGSEGV); --no-repack is what its users have to pass there.
+            # at the first evaluation (SIGSEGV, or SIGILL: seen both on one machine); --no-repack is
+            # what its users have to pass there.
             say(f"{name} crashed at start; again with --no-repack")
-            notes.append(f"{name} crashed (SIGSEGV) at start with its default weight repacking on this "
+            notes.append(f"{name} crashed (SIGSEGV / SIGILL) at start with its default weight repacking on this "
                          "CPU and ran with `--no-repack`")
             servers.append(Server(name, cmd + ["--no-repack"], port, weight_bytes, env=env))
     for s in servers:  # the first request pages the memory-mapped weights in: not measured
