@@ -8,6 +8,9 @@
     glm4rt quantize SRC DST --format int4  write a quantized checkpoint (int4, int8 or q4k;
                                            q4k with --calibration TEXT: rounded by GPTQ)
     glm4rt export-gguf SRC DST.gguf        write a checkpoint as GGUF (llama.cpp, Ollama)
+    glm4rt batch --model DIR --input IN.parquet --output OUT.parquet --task classify|score|generate
+                                         a table of texts through a model, resumable, on Ray with
+                                         --ray-address
 
 DIR is a checkpoint directory or a Hugging Face hub id. Without --model, the commands run the demo
 model shipped inside the package (``glm4rt.DEMO_MODEL``), which needs no network.
@@ -341,6 +344,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_job
+
+    if args.demo and args.task in ("classify", "token-classify"):
+        raise ValueError(f"--task {args.task} needs --model: a checkpoint with a classification head")
+    options = {"model": args.model, "text_column": args.text_column, "dtype": args.dtype,
+               "quantization": args.quantization, "max_length": args.max_length,
+               "max_batch_tokens": args.max_batch_tokens, "batch_invariant": not args.fast}
+    if args.task == "generate":
+        options.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed, chat=not args.raw, parallel=args.parallel)
+    run_blocks = None
+    if args.ray_address is not None:
+        try:
+            import ray
+
+            from .integrations.ray import block_runner
+        except ImportError as e:
+            print(f"glm4rt: error: --ray-address needs the 'ray' extra (pip install 'glm4rt[ray]'): {e}",
+                  file=sys.stderr)
+            return 2
+        ray.init(address=None if args.ray_address == "local" else args.ray_address, log_to_driver=False)
+        run_blocks = block_runner(actors=args.actors, cpus_per_actor=args.cpus_per_actor)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as e:
+        print(f"glm4rt: error: batch needs pyarrow (pip install 'glm4rt[batch]'): {e}", file=sys.stderr)
+        return 2
+    summary = run_job(args.input, args.output, args.task, options, block_rows=args.block_rows,
+                      run_blocks=run_blocks, log=lambda s: print(f"glm4rt: {s}", file=sys.stderr, flush=True))
+    print(f"{summary.rows} rows ({summary.blocks} blocks, {summary.blocks_done_before} done before) -> "
+          f"{args.output} in {summary.seconds:.1f} s ({summary.rows / max(summary.seconds, 1e-9):.1f} rows/s)")
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint directory or Hugging Face hub id (default: the demo model in the package)")
@@ -404,6 +442,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
     serve.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
     serve.set_defaults(func=cmd_serve)
+
+    batch = sub.add_parser("batch", help="run a Parquet file of texts through a model (resumable; Ray optional)")
+    _add_model_args(batch)
+    batch.add_argument("--input", required=True, help="Parquet file with a text column")
+    batch.add_argument("--output", required=True,
+                       help="Parquet file to write: the input's columns and the results, in input order")
+    batch.add_argument("--task", required=True, choices=["classify", "token-classify", "score", "generate"],
+                       help="classify: label and probabilities (a sequence-classification checkpoint); "
+                            "token-classify: a label per token; score: log-likelihood and perplexity of "
+                            "each text (causal LM); generate: a reply to each text")
+    batch.add_argument("--text-column", default="text", help="the column of texts (default: text)")
+    batch.add_argument("--block-rows", type=int, default=1024,
+                       help="rows per block (default 1024); finished blocks are kept in OUTPUT.parts/ and "
+                            "not redone when a stopped job is run again")
+    batch.add_argument("--max-length", type=int, default=None,
+                       help="cut texts to this many tokens (default: refuse texts longer than the model's context)")
+    batch.add_argument("--max-batch-tokens", type=int, default=2048,
+                       help="padded tokens per forward pass (rows are grouped by length)")
+    batch.add_argument("--fast", action="store_true",
+                       help="leave batch-invariant mode: faster prompts on AMX CPUs, but a row's last bits "
+                            "then depend on the rows batched with it")
+    batch.add_argument("--max-new-tokens", type=int, default=256, help="generate: reply length limit (default 256)")
+    batch.add_argument("--temperature", type=float, default=0.0, help="generate: 0 (default) is greedy")
+    batch.add_argument("--top-p", type=float, default=1.0)
+    batch.add_argument("--seed", type=int, default=None, help="generate: sampling seed (mixed with each text)")
+    batch.add_argument("--raw", action="store_true", help="generate: continue the raw text, no chat template")
+    batch.add_argument("--parallel", type=int, default=8, help="generate: sequences decoded together (default 8)")
+    batch.add_argument("--ray-address", default=None,
+                       help="run on Ray: 'auto' (the running cluster), 'local' (start one here) or an address")
+    batch.add_argument("--actors", type=int, default=1, help="Ray: model actors (default 1)")
+    batch.add_argument("--cpus-per-actor", type=float, default=1,
+                       help="Ray: CPUs each actor reserves and runs kernel threads on (default 1)")
+    batch.set_defaults(func=cmd_batch)
 
     quant = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (loads by memory map)")
     quant.add_argument("src", help="checkpoint directory or Hugging Face hub id (bf16 / fp32)")

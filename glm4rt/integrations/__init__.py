@@ -1,0 +1,1 @@
+"""glm4rt inside other engines: ``glm4rt.integrations.ray`` (Ray Data batch jobs, Ray Serve)."""
