@@ -408,6 +408,11 @@ def run_job(input_path: str, output_path: str, task: str, options: dict, *, bloc
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"no input file {input_path!r}")
     try:
+        json.dumps(options)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"the job's options must be JSON values (a checkpoint path, not a loaded model; "
+                        f"plain numbers and strings), as they are recorded in job.json: {e}") from None
+    try:
         manifest = _manifest(input_path, task, options, block_rows)
     except pa.ArrowInvalid as e:
         raise ValueError(f"{input_path!r} is not a Parquet file: {e}") from None

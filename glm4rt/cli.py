@@ -18,6 +18,7 @@ model shipped inside the package (``glm4rt.DEMO_MODEL``), which needs no network
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -355,6 +356,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.task == "generate":
         options.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed, chat=not args.raw, parallel=args.parallel)
+    if importlib.util.find_spec("pyarrow") is None:
+        print("glm4rt: error: batch needs pyarrow (pip install 'glm4rt[batch]')", file=sys.stderr)
+        return 2
     run_blocks = None
     if args.ray_address is not None:
         try:
@@ -367,11 +371,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
             return 2
         ray.init(address=None if args.ray_address == "local" else args.ray_address, log_to_driver=False)
         run_blocks = block_runner(actors=args.actors, cpus_per_actor=args.cpus_per_actor)
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError as e:
-        print(f"glm4rt: error: batch needs pyarrow (pip install 'glm4rt[batch]'): {e}", file=sys.stderr)
-        return 2
     summary = run_job(args.input, args.output, args.task, options, block_rows=args.block_rows,
                       run_blocks=run_blocks, log=lambda s: print(f"glm4rt: {s}", file=sys.stderr, flush=True))
     print(f"{summary.rows} rows ({summary.blocks} blocks, {summary.blocks_done_before} done before) -> "

@@ -4,7 +4,6 @@ Parquet jobs that resume after a crash and refuse bad input."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -257,6 +256,10 @@ def test_job_of_an_empty_input_keeps_the_columns(tmp_path, models):
 def test_job_bad_input(tmp_path, models):
     with pytest.raises(FileNotFoundError, match="no input file"):
         run_job(str(tmp_path / "missing.parquet"), str(tmp_path / "o.parquet"), "classify", {"model": models["seqcls"]})
+    src = _write_input(str(tmp_path / "in.parquet"), 3)
+    with pytest.raises(TypeError, match="JSON values"):
+        run_job(src, str(tmp_path / "o.parquet"), "classify", {"model": glm4rt.Glm4ForSequenceClassification.from_pretrained(models["seqcls"])})
+    assert not os.path.exists(parts_dir(str(tmp_path / "o.parquet")))
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match="not a Parquet file"):
