@@ -300,6 +300,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="runs of each mode (medians when > 1)")
     p.add_argument("--labels", type=int, default=4, help="num_labels of the classification head")
     p.add_argument("--seed", type=int, default=0, help="seed of the texts")
+    p.add_argument("--fast", action="store_true",
+                   help="run outside batch-invariant mode (`glm4rt batch --fast`): on AMX CPUs the prompt "
+                        "paths the mode gives up; outputs of different modes may then differ in the last bits")
     p.add_argument("--modes", default=",".join(m[0] for m in MODES),
                    help="a comma-separated subset of: " + ", ".join(m[0] for m in MODES))
     p.add_argument("--corpus", default=CORPUS, help="text the texts are cut from")
@@ -364,6 +367,8 @@ def main(argv=None) -> int:
     # model_kwargs makes run_job fail with "Object of type Glm4Config is not JSON serializable").
     cfg = glm4rt.Glm4Config.from_pretrained(model_dir, num_labels=args.labels)
     options = {"model": model_dir, "model_kwargs": {"num_labels": args.labels, "seed": 0}}
+    if args.fast:  # outside batch-invariant mode: the faster prompt paths (AMX tiles), bits per batch
+        options["batch_invariant"] = False
     sizes = safetensors_sizes(model_dir)
     file_bytes = sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir)
                      if n.endswith(".safetensors"))

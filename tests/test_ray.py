@@ -17,7 +17,8 @@ import glm4rt  # noqa: E402
 from batch_models import build_model, texts  # noqa: E402
 from chat_model import build_chat_checkpoint  # noqa: E402
 from glm4rt.batch import BatchPredictor, run_job  # noqa: E402
-from glm4rt.integrations.ray import block_runner, map_texts, serve_app  # noqa: E402
+from glm4rt.integrations.ray import app, block_runner, map_texts, serve_app  # noqa: E402
+from helpers import glm4rt_command  # noqa: E402
 
 N_TEXTS = 3000
 # Ray Serve's own pydantic models warn on import; nothing to do with glm4rt.
@@ -55,12 +56,40 @@ def test_ray_job_gives_the_in_process_results(cluster, classifier, job, tmp_path
     assert pq.read_table(dst).equals(expected)
 
 
+def test_actor_threads_follow_num_cpus(cluster, classifier):
+    @ray.remote
+    def threads_of_a_predictor():
+        from glm4rt.integrations.ray import RayBatchPredictor
+
+        RayBatchPredictor(classifier, "classify")
+        return glm4rt.get_num_threads()
+
+    for cpus in (1, 2):
+        assert ray.get(threads_of_a_predictor.options(num_cpus=cpus).remote()) == cpus
+
+
+def test_cli_batch_on_the_running_cluster(cluster, classifier, job, tmp_path):
+    """`glm4rt batch --ray-address ADDRESS` joins the cluster as a second driver."""
+    import subprocess
+
+    src, expected = job
+    dst = str(tmp_path / "out.parquet")
+    address = ray.get_runtime_context().gcs_address
+    res = subprocess.run(glm4rt_command("batch", "--model", classifier, "--input", src, "--output", dst,
+                                        "--task", "classify", "--block-rows", "500", "--ray-address", address,
+                                        "--actors", "2", "--cpus-per-actor", "1"),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{N_TEXTS} rows (6 blocks, 0 done before)" in res.stdout
+    assert pq.read_table(dst).equals(expected)
+
+
 def _map_workers() -> list[int]:
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"MapWorker(MapBatches(Glm4Predictor))" in f.read():
+                if b"MapWorker(MapBatches(RayBatchPredictor))" in f.read():
                     pids.append(int(pid))
         except OSError:
             pass
@@ -93,6 +122,19 @@ def test_map_texts_on_a_ray_dataset(cluster, classifier, job):
     out = map_texts(ds, classifier, "classify", actors=1, cpus_per_actor=1, batch_size=200)
     got = pa.concat_tables(list(out.iter_batches(batch_format="pyarrow", batch_size=None))).sort_by("ticket")
     assert got.equals(expected)
+
+
+def test_serve_app_builder_arguments():
+    """`serve run glm4rt.integrations.ray:app key=value ...` gets strings: numbers are parsed."""
+    application = app({"model": "some/dir", "replicas": "3", "cpus_per_replica": "2", "parallel": "2",
+                       "ctx": "512", "api_key": "k"})
+    deployment = application._bound_deployment
+    assert deployment.num_replicas == 3 and deployment.ray_actor_options["num_cpus"] == 2.0
+    assert deployment.max_ongoing_requests == 2 + 64
+    assert application._bound_deployment.init_args == ("some/dir",)
+    assert deployment.init_kwargs == {"parallel": 2, "ctx": 512, "api_key": "k"}
+    with pytest.raises(ValueError, match="model="):
+        app({"replicas": "2"})
 
 
 def _free_port() -> int:

@@ -58,12 +58,8 @@ def map_texts(dataset, model: str, task: str, *, actors: int = 1, cpus_per_actor
     reserving ``cpus_per_actor`` CPUs (its kernel threads). ``options``: ``BatchPredictor``'s.
     ``batch_size`` rows go to an actor at a time (None: whole blocks); the predictor pads them by
     length buckets. A failed actor is restarted and its batch retried (Ray Data's default)."""
-    # The arguments travel inside the class (pickled with it), not as constructor arguments: Ray
-    # warns about those in the object store for actors it may restart (ray-project/ray#53727).
-    settings = dict(model=model, task=task, **options)
-    predictor = type("Glm4Predictor", (RayBatchPredictor,),
-                     {"__init__": lambda self: RayBatchPredictor.__init__(self, **settings)})
-    return dataset.map_batches(predictor, batch_format="pyarrow", batch_size=batch_size,
+    return dataset.map_batches(RayBatchPredictor, fn_constructor_kwargs=dict(model=model, task=task, **options),
+                               batch_format="pyarrow", batch_size=batch_size,
                                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor)
 
 
