@@ -135,6 +135,9 @@ def test_serve_app_builder_arguments():
     assert deployment.init_kwargs == {"parallel": 2, "ctx": 512, "api_key": "k"}
     with pytest.raises(ValueError, match="model="):
         app({"replicas": "2"})
+    scaled = serve_app("some/dir", autoscaling_config={"min_replicas": 1, "max_replicas": 8})._bound_deployment
+    assert (scaled._deployment_config.autoscaling_config.min_replicas,
+            scaled._deployment_config.autoscaling_config.max_replicas) == (1, 8)
 
 
 def _free_port() -> int:
