@@ -84,6 +84,27 @@ def test_cli_batch_on_the_running_cluster(cluster, classifier, job, tmp_path):
     assert pq.read_table(dst).equals(expected)
 
 
+def test_ray_job_resumes_after_the_driver_stops(cluster, classifier, job, tmp_path):
+    src, expected = job
+    dst = str(tmp_path / "out.parquet")
+    seen = []
+
+    def stop_after_four_blocks(message: str) -> None:
+        seen.append(message)
+        if len(seen) == 4:
+            raise KeyboardInterrupt("the driver is stopped")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(src, dst, "classify", {"model": classifier}, block_rows=300,
+                run_blocks=block_runner(actors=2, cpus_per_actor=1), log=stop_after_four_blocks)
+    logs = []
+    summary = run_job(src, dst, "classify", {"model": classifier}, block_rows=300,
+                      run_blocks=block_runner(actors=2, cpus_per_actor=1), log=logs.append)
+    assert summary.blocks_done_before == 4 and logs[0] == "resuming: 4 of 10 blocks already done"
+    assert len(logs) == 1 + 6  # the six other blocks, each once
+    assert pq.read_table(dst).equals(expected)
+
+
 def _map_workers() -> list[int]:
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
