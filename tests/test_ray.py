@@ -56,6 +56,14 @@ def test_ray_job_gives_the_in_process_results(cluster, classifier, job, tmp_path
     assert pq.read_table(dst).equals(expected)
 
 
+def test_bad_pool_sizes_are_named(cluster, classifier):
+    ds = ray.data.from_items([{"text": "x"}])
+    with pytest.raises(ValueError, match="actors must be an integer >= 1"):
+        map_texts(ds, classifier, "classify", actors=0)
+    with pytest.raises(ValueError, match="cpus_per_actor must be > 0"):
+        map_texts(ds, classifier, "classify", cpus_per_actor=0)
+
+
 def test_actor_threads_follow_num_cpus(cluster, classifier):
     @ray.remote
     def threads_of_a_predictor():

@@ -58,6 +58,10 @@ def map_texts(dataset, model: str, task: str, *, actors: int = 1, cpus_per_actor
     reserving ``cpus_per_actor`` CPUs (its kernel threads). ``options``: ``BatchPredictor``'s.
     ``batch_size`` rows go to an actor at a time (None: whole blocks); the predictor pads them by
     length buckets. A failed actor is restarted and its batch retried (Ray Data's default)."""
+    if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:
+        raise ValueError(f"actors must be an integer >= 1, got {actors!r}")
+    if not cpus_per_actor > 0:
+        raise ValueError(f"cpus_per_actor must be > 0, got {cpus_per_actor!r}")
     return dataset.map_batches(RayBatchPredictor, fn_constructor_kwargs=dict(model=model, task=task, **options),
                                batch_format="pyarrow", batch_size=batch_size,
                                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor)
