@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -369,7 +370,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
             print(f"glm4rt: error: --ray-address needs the 'ray' extra (pip install 'glm4rt[ray]'): {e}",
                   file=sys.stderr)
             return 2
-        ray.init(address=None if args.ray_address == "local" else args.ray_address, log_to_driver=False)
+        if os.path.exists(args.model):  # the actors' working directory is not this one
+            options["model"] = os.path.abspath(args.model)
+        here = os.getcwd()
+        # Ray puts the driver's working directory first on its workers' sys.path: a glm4rt source
+        # checkout there (uncompiled) would shadow the installed package in every actor.
+        os.chdir(tempfile.gettempdir())
+        try:
+            ray.init(address=None if args.ray_address == "local" else args.ray_address, log_to_driver=False)
+        finally:
+            os.chdir(here)
         run_blocks = block_runner(actors=args.actors, cpus_per_actor=args.cpus_per_actor)
     summary = run_job(args.input, args.output, args.task, options, block_rows=args.block_rows,
                       run_blocks=run_blocks, log=lambda s: print(f"glm4rt: {s}", file=sys.stderr, flush=True))

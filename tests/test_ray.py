@@ -26,9 +26,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             configure_logging=False)
+def cluster(tmp_path_factory):
+    # Ray puts the driver's working directory on its workers' sys.path: from the source tree (the
+    # README's test command) the uncompiled glm4rt/ there would shadow the installed package.
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ray_driver"))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False)
+    finally:
+        os.chdir(here)
     yield
     ray.shutdown()
 
@@ -83,7 +90,8 @@ def test_cli_batch_on_the_running_cluster(cluster, classifier, job, tmp_path):
     src, expected = job
     dst = str(tmp_path / "out.parquet")
     address = ray.get_runtime_context().gcs_address
-    res = subprocess.run(glm4rt_command("batch", "--model", classifier, "--input", src, "--output", dst,
+    # From this directory (the source tree, in CI), with the model as a relative path.
+    res = subprocess.run(glm4rt_command("batch", "--model", os.path.relpath(classifier), "--input", src, "--output", dst,
                                         "--task", "classify", "--block-rows", "500", "--ray-address", address,
                                         "--actors", "2", "--cpus-per-actor", "1"),
                          capture_output=True, text=True, timeout=600)
